@@ -1,0 +1,3 @@
+from wasi_tool.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Command-line interface: parses flags, calls one library function, renders with rich."""

@@ -1,0 +1,38 @@
+"""The `wasi-tool` Typer application."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from wasi_tool._version import __version__
+from wasi_tool.cli.compress import compress
+
+app = typer.Typer(
+    name="wasi-tool",
+    help="Fine-tune pretrained transformers on edge CPUs with a fraction of the memory.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+app.command()(compress)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wasi-tool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """wasi-tool: compress, fine-tune, export and benchmark transformers for edge CPUs."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,105 @@
+"""What every command shares: loading flags, defaults from config dataclasses, error handling."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from wasi_tool.errors import WasiToolError
+from wasi_tool.models.loading import ModelSource
+
+# Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def default(config_cls: type, name: str) -> Any:
+    """The default of dataclass field ``name``: CLI defaults are read, never copied by hand."""
+    for f in dataclasses.fields(config_cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    raise KeyError(name)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a WasiToolError into one line on stderr and exit code 1."""
+    try:
+        yield
+    except WasiToolError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+
+
+Checkpoint = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Checkpoint: .safetensors, .pt/.pth state dict, or a wasi-tool artifact directory.",
+        show_default=False,
+    ),
+]
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        help="timm architecture, e.g. vit_base_patch32_224 (if the checkpoint does not say)."
+    ),
+]
+NumClasses = Annotated[
+    int | None,
+    typer.Option(help="Classes of the checkpoint's head (read from the weights if not given)."),
+]
+ImgSize = Annotated[
+    int | None, typer.Option(help="Input size, when it differs from the arch default.")
+]
+TrustPickle = Annotated[
+    bool, typer.Option(help="Allow pickled checkpoints (can run code: only for trusted files).")
+]
+RandomInit = Annotated[
+    bool, typer.Option(help="No checkpoint: a randomly initialised --arch (for trying the tool).")
+]
+Seed = Annotated[int, typer.Option(help="Seed for --random-init.")]
+
+
+def model_source(
+    checkpoint: Path | None,
+    arch: str | None,
+    num_classes: int | None,
+    img_size: int | None,
+    trust_pickle: bool,
+    random_init: bool,
+    seed: int,
+) -> ModelSource:
+    return ModelSource(
+        checkpoint=checkpoint,
+        arch=arch,
+        num_classes=num_classes,
+        img_size=img_size,
+        trust_pickle=trust_pickle,
+        random_init=random_init,
+        seed=seed,
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"

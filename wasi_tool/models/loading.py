@@ -1,0 +1,276 @@
+"""Loading a model from a checkpoint, a wasi-tool artifact, or a random init; all offline.
+
+Code in a checkpoint never runs unless the caller sets ``trust_pickle``: ``.pt``/``.pth``
+files are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wasi_tool import artifacts
+from wasi_tool.errors import WasiToolError
+from wasi_tool.models.registry import arch_of, build_model, check_arch, default_classifier
+from wasi_tool.nn.factored import FactoredLinear
+from wasi_tool.nn.swap import set_submodule
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from: the loading flags shared by every command."""
+
+    checkpoint: Path | None = None
+    arch: str | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    trust_pickle: bool = False
+    random_init: bool = False
+    seed: int = 0
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode plus what is needed to rebuild it and to say where it came from."""
+
+    model: nn.Module
+    arch: str | None
+    model_kwargs: dict[str, Any]
+    source: dict[str, Any]
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_model(src: ModelSource) -> LoadedModel:
+    """Load the model ``src`` describes; every failure is a WasiToolError."""
+    if src.num_classes is not None and src.num_classes < 1:
+        raise WasiToolError(f"num_classes must be >= 1, got {src.num_classes}")
+    if src.img_size is not None and src.img_size < 1:
+        raise WasiToolError(f"img_size must be >= 1, got {src.img_size}")
+    if src.random_init:
+        return _random_init(src)
+    if src.checkpoint is None:
+        raise WasiToolError("no checkpoint given (or pass --random-init with --arch)")
+    path = Path(src.checkpoint)
+    if not path.exists():
+        raise WasiToolError(f"no such file or directory: {path}")
+    if path.is_dir():
+        if not artifacts.is_artifact_dir(path):
+            raise WasiToolError(
+                f"{path} is a directory but not a wasi-tool artifact (no manifest.json)"
+            )
+        return load_artifact(path, expect_arch=src.arch)
+    if path.suffix == ".safetensors":
+        tensors, meta = artifacts.load_weights(path)
+        if meta.get("format") == artifacts.WEIGHTS_FORMAT:
+            return _from_wasi_weights(path, tensors, meta, src.arch)
+        arch = src.arch or meta.get("arch")
+        return _from_state_dict(tensors, arch, src, _source(path, "safetensors"))
+    if path.suffix in TORCH_SUFFIXES:
+        return _from_torch_file(path, src)
+    raise WasiToolError(
+        f"unsupported checkpoint {path.name}: expected .safetensors, "
+        f"{'/'.join(TORCH_SUFFIXES)} or a wasi-tool artifact directory"
+    )
+
+
+def load_artifact(directory: Path, expect_arch: str | None = None) -> LoadedModel:
+    """Rebuild the model of a wasi-tool artifact directory (its weights are hash-checked)."""
+    manifest = artifacts.read_manifest(directory)
+    artifacts.verify_files(directory, manifest, [artifacts.WEIGHTS])
+    weights = directory / artifacts.WEIGHTS
+    tensors, meta = artifacts.load_weights(weights)
+    loaded = _from_wasi_weights(weights, tensors, meta, expect_arch)
+    loaded.source = {
+        **manifest["source"],
+        "parent": {
+            "path": str(directory),
+            "sha256": manifest["files"][artifacts.WEIGHTS]["sha256"],
+        },
+    }
+    loaded.stages = list(manifest["stages"])
+    return loaded
+
+
+def weights_metadata(loaded: LoadedModel) -> dict[str, Any]:
+    """The safetensors ``__metadata__`` that lets ``load_model`` rebuild ``loaded.model``."""
+    if loaded.arch is None:
+        raise WasiToolError(
+            "cannot write an artifact: the model has no timm architecture name (pass --arch)"
+        )
+    factored = {
+        name: [m.out_features, m.in_features, m.rank, m.bias is not None]
+        for name, m in loaded.model.named_modules()
+        if isinstance(m, FactoredLinear)
+    }
+    return {
+        "format": artifacts.WEIGHTS_FORMAT,
+        "format_version": str(artifacts.FORMAT_VERSION),
+        "arch": loaded.arch,
+        "model_kwargs": loaded.model_kwargs,
+        "factored": factored,
+    }
+
+
+def _source(path: Path, kind: str) -> dict[str, Any]:
+    return {"kind": kind, "path": str(path), "sha256": artifacts.sha256_file(path)}
+
+
+def _random_init(src: ModelSource) -> LoadedModel:
+    if src.arch is None:
+        raise WasiToolError("--random-init needs --arch")
+    if src.checkpoint is not None:
+        raise WasiToolError("give either a checkpoint or --random-init, not both")
+    torch.manual_seed(src.seed)
+    model = build_model(src.arch, num_classes=src.num_classes, img_size=src.img_size)
+    source = {"kind": "random-init", "path": None, "sha256": None, "seed": src.seed}
+    return LoadedModel(model, src.arch, _kwargs_of(model, src.img_size), source)
+
+
+def _kwargs_of(model: nn.Module, img_size: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int):
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    return kwargs
+
+
+def _from_wasi_weights(
+    path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], expect_arch: str | None
+) -> LoadedModel:
+    try:
+        version = int(meta.get("format_version", "-1"))
+        arch = meta["arch"]
+        kwargs = json.loads(meta["model_kwargs"])
+        factored = json.loads(meta["factored"])
+        if not isinstance(kwargs, dict) or not isinstance(factored, dict):
+            raise ValueError("model_kwargs and factored must be JSON objects")
+        shapes = {
+            name: (int(spec[0]), int(spec[1]), int(spec[2]), bool(spec[3]))
+            for name, spec in factored.items()
+        }
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise WasiToolError(f"{path}: malformed wasi-tool metadata ({exc})") from None
+    if version != artifacts.FORMAT_VERSION:
+        raise WasiToolError(f"{path}: weights format_version {version} is not supported")
+    if expect_arch is not None and expect_arch != arch:
+        raise WasiToolError(f"{path} holds a {arch} model, not {expect_arch}")
+    check_arch(arch)
+    model = build_model(arch, **kwargs)
+    for name, (out_f, in_f, rank, bias) in shapes.items():
+        try:
+            set_submodule(model, name, FactoredLinear(in_f, out_f, rank, bias=bias))
+        except (AttributeError, ValueError) as exc:
+            raise WasiToolError(f"{path}: cannot rebuild factored layer {name}: {exc}") from None
+    _load_state_dict(model, tensors, arch)
+    source = _source(path, "wasi-tool-weights")
+    return LoadedModel(model.eval(), arch, dict(kwargs), source)
+
+
+def _from_torch_file(path: Path, src: ModelSource) -> LoadedModel:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "can still be loaded" not in text:
+            raise WasiToolError(
+                f"cannot read checkpoint {path}: not a PyTorch file, or corrupt"
+            ) from None
+        if not src.trust_pickle:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = f" (it contains {found.group(1)})" if found else ""
+            raise WasiToolError(
+                f"{path} holds pickled Python objects, not only tensors{what}; loading it can run "
+                "code. Pass --trust-pickle only if you trust its source"
+            ) from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # arbitrary pickles fail in arbitrary ways
+            raise WasiToolError(f"cannot unpickle {path}: {exc2}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise WasiToolError(f"cannot read checkpoint {path}: {exc}") from None
+
+    if isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj), None)
+        if isinstance(inner, (Mapping, nn.Module)):
+            arch_hint = obj.get("arch") if isinstance(obj.get("arch"), str) else None
+            obj = inner
+        else:
+            arch_hint = None
+    else:
+        arch_hint = None
+    if isinstance(obj, nn.Module):
+        return _from_module(obj, path, src)
+    if not isinstance(obj, Mapping):
+        raise WasiToolError(f"{path} holds a {type(obj).__name__}, not a state dict or a model")
+    return _from_state_dict(dict(obj), src.arch or arch_hint, src, _source(path, "state-dict"))
+
+
+def _from_module(model: nn.Module, path: Path, src: ModelSource) -> LoadedModel:
+    arch = src.arch or arch_of(model)
+    kwargs = _kwargs_of(model, src.img_size)
+    if arch is not None:
+        # Make sure the artifact can be rebuilt from (arch, kwargs) alone.
+        _check_fit(build_model(arch, **kwargs), model.state_dict(), arch)
+    return LoadedModel(model.eval(), arch, kwargs, _source(path, "pickled-module"))
+
+
+def _from_state_dict(
+    state: dict[str, Any], arch: str | None, src: ModelSource, source: dict[str, Any]
+) -> LoadedModel:
+    if arch is None:
+        raise WasiToolError(f"{source['path']} does not name its architecture; pass --arch")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WasiToolError(f"checkpoint entry {bad[0]!r} is not a tensor; expected a state dict")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    check_arch(arch)
+    num_classes = src.num_classes
+    head = default_classifier(arch)
+    if num_classes is None and head is not None and f"{head}.weight" in state:
+        num_classes = int(state[f"{head}.weight"].shape[0])
+    model = build_model(arch, num_classes=num_classes, img_size=src.img_size)
+    _load_state_dict(model, state, arch)
+    return LoadedModel(model.eval(), arch, _kwargs_of(model, src.img_size), source)
+
+
+def _check_fit(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:
+    """Raise a readable WasiToolError when ``state`` does not fit ``model`` exactly."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape mismatch", mismatched),
+    ):
+        if items:
+            more = f" and {len(items) - 2} more" if len(items) > 2 else ""
+            problems.append(f"{len(items)} {label} ({'; '.join(items[:2])}{more})")
+    if problems:
+        hint = " (set --num-classes/--img-size if the model differs from the default)"
+        raise WasiToolError(f"weights do not fit {arch}: {', '.join(problems)}{hint}")
+
+
+def _load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:
+    _check_fit(model, state, arch)
+    model.load_state_dict(state, strict=True)

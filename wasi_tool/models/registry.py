@@ -1,0 +1,74 @@
+"""Building timm architectures by name, offline (never downloads weights)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from torch import nn
+
+from wasi_tool.errors import WasiToolError
+
+# Model constructor arguments wasi-tool records and passes back to timm.create_model.
+MODEL_KWARGS = ("num_classes", "img_size")
+
+
+def check_arch(arch: str) -> None:
+    """Raise WasiToolError naming close matches when timm has no architecture ``arch``."""
+    import timm
+
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+    raise WasiToolError(f"unknown architecture {arch!r}{hint}")
+
+
+def build_model(arch: str, **kwargs: Any) -> nn.Module:
+    """A randomly initialised timm model; ``kwargs`` from MODEL_KWARGS, None values dropped."""
+    import timm
+
+    check_arch(arch)
+    unknown = set(kwargs) - set(MODEL_KWARGS)
+    if unknown:
+        raise WasiToolError(f"unsupported model arguments: {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        model = timm.create_model(arch, pretrained=False, **given)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise WasiToolError(f"cannot build {arch} with {given}: {exc}") from None
+    return model.eval()
+
+
+def default_classifier(arch: str) -> str | None:
+    """The classifier's module name in timm's pretrained config of ``arch`` (e.g. ``head``)."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch)
+    except Exception:  # an arch with no pretrained cfg simply has no recorded classifier
+        return None
+    name = getattr(cfg, "classifier", None) if cfg is not None else None
+    if isinstance(name, (tuple, list)):
+        name = name[0] if name else None
+    return name if isinstance(name, str) else None
+
+
+def arch_of(model: nn.Module) -> str | None:
+    """The timm architecture name a model records about itself, if any."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict):
+        arch = cfg.get("architecture")
+        return arch if isinstance(arch, str) else None
+    return None
+
+
+def classifier_names(model: nn.Module) -> set[str]:
+    """Module names of the model's classifier head(s) (timm's get_classifier)."""
+    getter = getattr(model, "get_classifier", None)
+    if getter is None:
+        return set()
+    heads = getter()
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    ids = {id(h) for h in heads if isinstance(h, nn.Module)}
+    return {name for name, mod in model.named_modules() if id(mod) in ids and name}
