@@ -1,0 +1,136 @@
+"""CLI tests: the Typer layer forwards flags, renders, and turns errors into one line + exit 1."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from tests.conftest import TINY
+from wasi_tool import artifacts
+from wasi_tool.cli import compress as compress_cmd
+from wasi_tool.cli.app import app
+
+runner = CliRunner()
+TINY_FLAGS = ["--arch", TINY["arch"], "--img-size", "32"]
+
+
+def invoke(*args: str | Path) -> Any:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_and_version() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0 and "compress" in result.stdout
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("wasi-tool ")
+
+
+def test_compress_success_prints_table_and_writes_artifact(tmp_path: Path, tiny_pth: Path) -> None:
+    out = tmp_path / "run"
+    result = invoke("compress", tiny_pth, *TINY_FLAGS, "--eps", "0.5", "--out", out, "--plot")
+    assert result.exit_code == 0, result.stderr
+    assert "blocks.11.mlp.fc2" in result.stdout and "targets total" in result.stdout
+    assert "compression: targets" in result.stdout
+    assert artifacts.is_artifact_dir(out) and (out / "energy.png").stat().st_size > 1000
+
+
+def test_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_run(source: Any, config: Any, out: Path, **kw: Any) -> None:
+        seen.update(source=source, config=config, out=out, **kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(compress_cmd, "run_compress", fake_run)
+    invoke(
+        "compress", "ck.pth", "--arch", "deit_tiny_patch16_224", "--num-classes", "7",
+        "--targets", "attn", "--exclude", "blocks.0.*", "--exclude", "blocks.1.*",
+        "--rank-ratio", "0.3", "--force", "--out", tmp_path / "o", "--overwrite", "--plot",
+        "--trust-pickle",
+    )  # fmt: skip
+    src, cfg = seen["source"], seen["config"]
+    assert (src.checkpoint, src.arch, src.num_classes, src.trust_pickle) == (
+        Path("ck.pth"), "deit_tiny_patch16_224", 7, True,
+    )  # fmt: skip
+    assert (cfg.targets, cfg.exclude, cfg.eps, cfg.rank_ratio, cfg.force) == (
+        "attn", ["blocks.0.*", "blocks.1.*"], None, 0.3, True,
+    )  # fmt: skip
+    assert seen["out"] == tmp_path / "o" and seen["overwrite"] and seen["plot"]
+
+
+def _corrupt_safetensors(tmp: Path, tiny: nn.Module) -> Path:
+    good = tmp / "good.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(good))
+    bad = tmp / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[:1000])
+    return bad
+
+
+BAD_INPUTS = {
+    "missing file": (lambda tmp, pth, tiny: ["compress", tmp / "absent.pth", *TINY_FLAGS],
+                     "no such file"),
+    "corrupt safetensors": (lambda tmp, pth, tiny: ["compress", _corrupt_safetensors(tmp, tiny),
+                                                    *TINY_FLAGS], "cannot read safetensors"),
+    "eps zero": (lambda tmp, pth, tiny: ["compress", pth, *TINY_FLAGS, "--eps", "0"],
+                 "eps must be in (0, 1]"),
+    "eps above one": (lambda tmp, pth, tiny: ["compress", pth, *TINY_FLAGS, "--eps", "1.5"],
+                      "eps must be in (0, 1]"),
+    "eps nan": (lambda tmp, pth, tiny: ["compress", pth, *TINY_FLAGS, "--eps", "nan"],
+                "eps must be in (0, 1]"),
+    "unknown arch": (lambda tmp, pth, tiny: ["compress", pth, "--arch", "vit_tinyy_patch16_224"],
+                     "unknown architecture"),
+    "weights of another arch": (lambda tmp, pth, tiny: ["compress", pth, "--arch",
+                                                        "deit_small_patch16_224", "--img-size",
+                                                        "32"], "weights do not fit"),
+    "wrong class count": (lambda tmp, pth, tiny: ["compress", pth, *TINY_FLAGS,
+                                                  "--num-classes", "5"], "shape mismatch (head"),
+    "no target matches": (lambda tmp, pth, tiny: ["compress", pth, *TINY_FLAGS, "--targets",
+                                                  "decoder.*"], "no linear layer matches"),
+    "eps and rank ratio": (lambda tmp, pth, tiny: ["compress", pth, *TINY_FLAGS, "--eps", "0.5",
+                                                   "--rank-ratio", "0.5"], "not both"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_1_with_one_line_and_no_output_dir(
+    case: str, tmp_path: Path, tiny_pth: Path, tiny: nn.Module
+) -> None:
+    make_args, expected = BAD_INPUTS[case]
+    out = tmp_path / "runs" / "out"
+    result = invoke(*make_args(tmp_path, tiny_pth, tiny), "--out", out)
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = invoke("compress", "--random-init", *TINY_FLAGS, "--out", out)
+    assert result.exit_code == 1 and "--overwrite" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_compress_accepts_an_artifact(tmp_path: Path) -> None:
+    first = tmp_path / "a"
+    assert (
+        invoke(
+            "compress", "--random-init", *TINY_FLAGS, "--rank-ratio", "0.5", "--out", first
+        ).exit_code
+        == 0
+    )
+    result = invoke(
+        "compress", first, "--targets", "all", "--rank-ratio", "0.25", "--out", tmp_path / "b"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "48/48 factored" in result.stdout
+    stages = artifacts.read_manifest(tmp_path / "b")["stages"]
+    assert [s["config"]["targets"] for s in stages] == ["mlp", "all"]

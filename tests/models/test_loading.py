@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from tests.conftest import TINY, images
+from wasi_tool.errors import WasiToolError
+from wasi_tool.models import ModelSource, load_model
+
+
+def _source(path: Path | None, **kw: object) -> ModelSource:
+    return ModelSource(checkpoint=path, **kw)  # type: ignore[arg-type]
+
+
+def _same_logits(a: nn.Module, b: nn.Module) -> None:
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x), rtol=0, atol=0)
+
+
+def test_state_dict_pth_with_arch(tiny: nn.Module, tiny_pth: Path) -> None:
+    loaded = load_model(_source(tiny_pth, arch=TINY["arch"], img_size=32))
+    assert loaded.arch == TINY["arch"]
+    assert loaded.model_kwargs == {"num_classes": 10, "img_size": 32}  # classes read from head
+    assert loaded.source["kind"] == "state-dict" and len(loaded.source["sha256"]) == 64
+    _same_logits(loaded.model, tiny)
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_wrapped_checkpoint_naming_its_arch_needs_no_arch(
+    tmp_path: Path, tiny: nn.Module, wrapper: str
+) -> None:
+    path = tmp_path / "ckpt.pt"
+    sd = {f"module.{k}": v for k, v in tiny.state_dict().items()}  # DataParallel prefix
+    torch.save({wrapper: sd, "arch": TINY["arch"], "epoch": 3}, path)
+    loaded = load_model(_source(path, img_size=32))
+    _same_logits(loaded.model, tiny)
+
+
+def test_plain_safetensors(tmp_path: Path, tiny: nn.Module) -> None:
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path))
+    with pytest.raises(WasiToolError, match="pass --arch"):
+        load_model(_source(path, img_size=32))
+    _same_logits(load_model(_source(path, arch=TINY["arch"], img_size=32)).model, tiny)
+
+
+def test_weights_for_another_arch(tiny_pth: Path) -> None:
+    with pytest.raises(WasiToolError, match="weights do not fit deit_small_patch16_224"):
+        load_model(_source(tiny_pth, arch="deit_small_patch16_224", img_size=32))
+
+
+def test_wrong_img_size_is_a_shape_mismatch(tiny_pth: Path) -> None:
+    with pytest.raises(WasiToolError, match=r"shape mismatch \(pos_embed"):
+        load_model(_source(tiny_pth, arch=TINY["arch"]))
+
+
+def test_unknown_arch_suggests(tiny_pth: Path) -> None:
+    with pytest.raises(WasiToolError, match="did you mean vit_tiny_patch16_224"):
+        load_model(_source(tiny_pth, arch="vit_tiny_patch16_22"))
+
+
+def test_missing_file_and_bad_suffix(tmp_path: Path) -> None:
+    with pytest.raises(WasiToolError, match="no such file"):
+        load_model(_source(tmp_path / "nope.pth", arch=TINY["arch"]))
+    odd = tmp_path / "w.npy"
+    odd.write_bytes(b"123")
+    with pytest.raises(WasiToolError, match="unsupported checkpoint"):
+        load_model(_source(odd, arch=TINY["arch"]))
+    with pytest.raises(WasiToolError, match="not a wasi-tool artifact"):
+        load_model(_source(tmp_path, arch=TINY["arch"]))
+
+
+def test_corrupt_files(tmp_path: Path, tiny: nn.Module) -> None:
+    good = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(good))
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(WasiToolError, match="cannot read safetensors"):
+        load_model(_source(truncated, arch=TINY["arch"], img_size=32))
+    garbage = tmp_path / "g.pt"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(WasiToolError, match="not a PyTorch file, or corrupt"):
+        load_model(_source(garbage, arch=TINY["arch"]))
+
+
+def test_pickled_module_needs_trust(tmp_path: Path, tiny: nn.Module) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(tiny, path)
+    with pytest.raises(WasiToolError, match="--trust-pickle"):
+        load_model(_source(path))
+    loaded = load_model(_source(path, trust_pickle=True, img_size=32))
+    assert loaded.arch == TINY["arch"] and loaded.source["kind"] == "pickled-module"
+    _same_logits(loaded.model, tiny)
+
+
+def test_non_tensor_entries_need_trust(tmp_path: Path, tiny: nn.Module) -> None:
+    import argparse
+
+    path = tmp_path / "train.pth.tar".replace(".tar", "")
+    torch.save({"state_dict": tiny.state_dict(), "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(WasiToolError, match=r"argparse\.Namespace"):
+        load_model(_source(path, arch=TINY["arch"], img_size=32))
+
+
+def test_random_init_needs_arch() -> None:
+    with pytest.raises(WasiToolError, match="--random-init needs --arch"):
+        load_model(ModelSource(random_init=True))
+    with pytest.raises(WasiToolError, match="no checkpoint given"):
+        load_model(ModelSource())
