@@ -43,3 +43,14 @@ def test_to_linear_round_trip() -> None:
 def test_rank_out_of_range() -> None:
     with pytest.raises(ValueError):
         FactoredLinear(8, 4, rank=5)
+    with pytest.raises(ValueError, match="differ in K"):
+        FactoredLinear.from_factors(torch.zeros(4, 2), torch.zeros(3, 8))
+
+
+def test_from_factors_copies() -> None:
+    left, right, bias = torch.randn(6, 2), torch.randn(2, 5), torch.randn(6)
+    fl = FactoredLinear.from_factors(left, right, bias)
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(fl(x), x @ right.T @ left.T + bias)
+    left.zero_()
+    assert fl.L.abs().sum() > 0

@@ -1,16 +1,21 @@
+import pytest
 import torch
 
 from wasi_tool.ops import factored_spectrum, kept_energy, spectrum, truncate
 
 
-def test_full_rank_truncation_reconstructs_weight() -> None:
-    w = torch.randn(48, 32)
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])  # tall, and wide (via the transpose)
+def test_full_rank_truncation_reconstructs_weight(shape: tuple[int, int]) -> None:
+    w = torch.randn(*shape)
     spec = spectrum(w)
-    left, right = truncate(spec, 32, torch.float32)
+    k = min(shape)
+    assert spec.u.shape == (shape[0], k) and spec.vh.shape == (k, shape[1])
+    left, right = truncate(spec, k, torch.float32)
     assert left.is_contiguous() and right.is_contiguous()
     torch.testing.assert_close(left @ right, w)
-    torch.testing.assert_close(left.T @ left, torch.eye(32), atol=1e-5, rtol=0)
-    assert kept_energy(spec, 32) == 1.0
+    torch.testing.assert_close(left.T @ left, torch.eye(k), atol=1e-5, rtol=0)
+    torch.testing.assert_close(spec.s, torch.linalg.svdvals(w.double()))
+    assert kept_energy(spec, k) == 1.0
 
 
 def test_truncation_is_best_rank_k() -> None:

@@ -171,7 +171,9 @@ def _from_wasi_weights(
     model = build_model(arch, **kwargs)
     for name, (out_f, in_f, rank, bias) in shapes.items():
         try:
-            set_submodule(model, name, FactoredLinear(in_f, out_f, rank, bias=bias))
+            # skip_init: the weights come from the file, a random init would be wasted work.
+            layer = torch.nn.utils.skip_init(FactoredLinear, in_f, out_f, rank, bias=bias)
+            set_submodule(model, name, layer)
         except (AttributeError, ValueError) as exc:
             raise WasiToolError(f"{path}: cannot rebuild factored layer {name}: {exc}") from None
     _load_state_dict(model, tensors, arch)

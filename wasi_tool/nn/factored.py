@@ -35,8 +35,39 @@ class FactoredLinear(nn.Module):
         self.L = nn.Parameter(torch.empty(out_features, rank, **kw))  # type: ignore[arg-type]
         self.R = nn.Parameter(torch.empty(rank, in_features, **kw))  # type: ignore[arg-type]
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None  # type: ignore[arg-type]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A random orthonormal L and a Gaussian R (as for a fresh layer; SVD overwrites both)."""
         nn.init.orthogonal_(self.L)
-        nn.init.normal_(self.R, std=in_features**-0.5)
+        nn.init.normal_(self.R, std=self.in_features**-0.5)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    @classmethod
+    def from_factors(
+        cls, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> FactoredLinear:
+        """A layer holding copies of ``left`` (O x K), ``right`` (K x I) and ``bias``.
+
+        Built with ``skip_init``: the random init of a fresh layer (a QR of O x K) is skipped.
+        """
+        (out_features, rank), in_features = left.shape, right.shape[1]
+        if right.shape[0] != rank:
+            raise ValueError(
+                f"factor shapes {tuple(left.shape)} and {tuple(right.shape)} differ in K"
+            )
+        new = torch.nn.utils.skip_init(
+            cls,
+            in_features,
+            out_features,
+            rank,
+            bias=bias is not None,
+            device=left.device,
+            dtype=left.dtype,
+        )
+        new.load_factors(left, right, bias)
+        return new
 
     @classmethod
     def from_linear(
@@ -45,30 +76,12 @@ class FactoredLinear(nn.Module):
         """Best rank-K approximation of ``linear`` by truncated SVD (exact at full rank)."""
         weight = linear.weight
         spec = spec if spec is not None else spectrum(weight)
-        new = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            bias=linear.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        new.load_factors(*truncate(spec, rank, weight.dtype), linear.bias)
-        return new
+        return cls.from_factors(*truncate(spec, rank, weight.dtype), linear.bias)
 
     def truncated(self, rank: int, spec: Spectrum | None = None) -> FactoredLinear:
         """A new FactoredLinear of a lower rank, computed from the factors alone."""
         spec = spec if spec is not None else self.spectrum()
-        new = type(self)(
-            self.in_features,
-            self.out_features,
-            rank,
-            bias=self.bias is not None,
-            device=self.L.device,
-            dtype=self.L.dtype,
-        )
-        new.load_factors(*truncate(spec, rank, self.L.dtype), self.bias)
-        return new
+        return type(self).from_factors(*truncate(spec, rank, self.L.dtype), self.bias)
 
     @torch.no_grad()
     def load_factors(

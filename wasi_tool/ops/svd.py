@@ -17,9 +17,17 @@ class Spectrum:
 
 
 def spectrum(weight: torch.Tensor) -> Spectrum:
-    """Thin SVD of a dense O x I weight, computed in float64."""
-    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
-    return Spectrum(u, s, vh)
+    """Thin SVD of a dense O x I weight, computed in float64.
+
+    LAPACK is about twice as fast on a tall matrix as on a wide one (measured on 768 x 3072),
+    so a wide weight is decomposed through its transpose: W^T = U s Vh gives W = Vh^T s U^T.
+    """
+    w = weight.detach().to(torch.float64)
+    if w.shape[0] >= w.shape[1]:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return Spectrum(u, s, vh)
+    ut, s, vht = torch.linalg.svd(w.T.contiguous(), full_matrices=False)
+    return Spectrum(vht.T, s, ut.T)
 
 
 def factored_spectrum(left: torch.Tensor, right: torch.Tensor) -> Spectrum:
