@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from wasi_tool.ops.tucker import (
+    lowrank_weight_grad_factors,
+    mode_gram_apply,
+    mode_product,
+    orth,
+    random_basis,
+    subspace_step,
+    tucker_compress,
+    tucker_core,
+    tucker_expand,
+)
+
+SHAPES = [(6, 5, 7), (3, 4, 5, 6)]
+
+
+def unfold(t: torch.Tensor, mode: int) -> torch.Tensor:
+    return t.movedim(mode, 0).reshape(t.shape[mode], -1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mode_product_and_gram_match_unfoldings(shape: tuple[int, ...]) -> None:
+    t = torch.randn(*shape, dtype=torch.float64)
+    for mode, dim in enumerate(shape):
+        u = torch.randn(dim, 3, dtype=torch.float64)
+        expected = (u.T @ unfold(t, mode)).reshape(
+            3, *[d for i, d in enumerate(shape) if i != mode]
+        )
+        torch.testing.assert_close(
+            mode_product(t, u, mode, transpose=True), expected.movedim(0, mode)
+        )
+        torch.testing.assert_close(
+            mode_gram_apply(t, u, mode), unfold(t, mode) @ unfold(t, mode).T @ u
+        )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_rank_tucker_is_exact(shape: tuple[int, ...]) -> None:
+    t = torch.randn(*shape, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    bases = [random_basis(d, d, gen, torch.float64) for d in shape]
+    core, new = tucker_compress(t, bases)
+    assert core.shape == t.shape
+    torch.testing.assert_close(tucker_expand(core, new), t)
+
+
+def test_subspace_iteration_converges_to_the_dominant_subspace() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # A (B, N, C) tensor whose mode-3 unfolding has a clear rank-4 dominant part.
+    signal = torch.randn(200, 4, dtype=torch.float64, generator=gen) @ torch.randn(
+        4, 32, dtype=torch.float64, generator=gen
+    )
+    t = (signal + 0.01 * torch.randn(200, 32, dtype=torch.float64, generator=gen)).reshape(
+        10, 20, 32
+    )
+    u = random_basis(32, 4, gen, torch.float64)
+    for _ in range(20):
+        u = subspace_step(t, u, 2)
+    top = torch.linalg.svd(unfold(t, 2), full_matrices=False).U[:, :4]
+    # Same subspace: the projectors agree.
+    torch.testing.assert_close(u @ u.T, top @ top.T, atol=1e-8, rtol=0)
+
+
+def test_core_order_does_not_change_the_result() -> None:
+    t = torch.randn(8, 6, 10, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    bases = [
+        random_basis(d, r, gen, torch.float64) for d, r in zip(t.shape, (2, 5, 3), strict=True)
+    ]
+    naive = t
+    for mode, u in enumerate(bases):
+        naive = mode_product(naive, u, mode, transpose=True)
+    torch.testing.assert_close(tucker_core(t, bases), naive)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lowrank_gradient_factors_equal_dense_gradient(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(2)
+    t = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    ranks = [max(1, d - 2) for d in shape]
+    bases = [random_basis(d, r, gen, torch.float64) for d, r in zip(shape, ranks, strict=True)]
+    core, bases = tucker_compress(t, bases)
+    approx = tucker_expand(core, bases)
+    dy = torch.randn(*shape[:-1], 9, dtype=torch.float64, generator=gen)
+    p, u = lowrank_weight_grad_factors(dy, core, bases)
+    dense = dy.reshape(-1, 9).T @ approx.reshape(-1, shape[-1])
+    torch.testing.assert_close(p @ u.T, dense)
+    # ||G||_F = ||P||_F because U has orthonormal columns.
+    torch.testing.assert_close(torch.linalg.matrix_norm(p), torch.linalg.matrix_norm(dense))
+
+
+def test_orth_is_orthonormal_and_deterministic() -> None:
+    x = torch.randn(12, 4, dtype=torch.float64)
+    q = orth(x)
+    torch.testing.assert_close(q.T @ q, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(orth(x), q)
+    assert (torch.diagonal(q.T @ x) > 0).all()

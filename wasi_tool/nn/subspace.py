@@ -1,0 +1,212 @@
+"""Training-time linears: WASILinear (factored weight, WSI update; optional ASI activations)
+and ASILinear (dense weight, ASI activations)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wasi_tool.autograd import ASIFunction, GradSink, WASIFunction, WSIFunction
+from wasi_tool.nn.factored import FactoredLinear
+from wasi_tool.ops.tucker import random_basis, subspace_step, tucker_compress
+from wasi_tool.ops.wsi import UPDATE_FORMS, UpdateForm, wsi_update
+
+INIT_ITERS = 2  # extra subspace iterations from the Gaussian start, on the first batch only
+
+
+class ActivationBases:
+    """Per-mode bases U_m (D_m x r_m) of one layer's input, warm-started across steps.
+
+    Ranks are fixed per layer; a mode smaller than its rank (a short last batch) uses
+    r_m = D_m. A mode whose size changes (batch 64, then a last batch of 10) starts again from
+    a seeded Gaussian basis, refined by INIT_ITERS iterations: for the batch mode that loses
+    nothing, since one batch's basis says nothing about the next batch's samples.
+    """
+
+    def __init__(self, ranks: Sequence[int], seed: int = 0) -> None:
+        if not ranks or any(int(r) < 1 for r in ranks):
+            raise ValueError(f"activation ranks must be positive, got {tuple(ranks)}")
+        self.ranks = tuple(int(r) for r in ranks)
+        self.seed = seed
+        self.bases: list[torch.Tensor] | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One ASI step on ``x``: (core, bases); the bases are kept as the next warm start."""
+        if x.ndim != len(self.ranks):
+            raise ValueError(
+                f"activation has {x.ndim} modes {tuple(x.shape)} but {len(self.ranks)} ranks "
+                f"{self.ranks} were given"
+            )
+        x = x.detach().contiguous()
+        starts = []
+        for mode, dim in enumerate(x.shape):
+            rank = min(self.ranks[mode], dim)
+            old = self.bases[mode] if self.bases is not None else None
+            if old is not None and old.shape == (dim, rank) and old.dtype == x.dtype:
+                starts.append(old)
+                continue
+            u = random_basis(dim, rank, self._generator, x.dtype).to(x.device)
+            for _ in range(INIT_ITERS):
+                u = subspace_step(x, u, mode)
+            starts.append(u)
+        core, bases = tucker_compress(x, starts)
+        self.bases = bases
+        return core, bases
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "ranks": list(self.ranks),
+            "bases": self.bases,
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.bases = state["bases"]  # type: ignore[assignment]
+        self._generator.set_state(state["generator"])  # type: ignore[arg-type]
+
+
+class WASILinear(nn.Module):
+    """A rank-K linear trained by WSI, holding only L (O x K), R (K x I) and the bias.
+
+    In training mode (with grad enabled) the input is Tucker-compressed by ASI when
+    ``act_ranks`` is given (method ``wasi``), or saved whole when it is None (method ``wsi``).
+    Backward hands the weight-gradient factors to ``self.sink``; ``subspace_step`` then applies
+    the factor-only update. L and R never receive a ``.grad``. Eval forward: (x R^T) L^T + b.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        act_ranks: Sequence[int] | None = None,
+        bias: bool = True,
+        form: UpdateForm = "projection",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if form not in UPDATE_FORMS:
+            raise ValueError(f"unknown WSI update form {form!r}; choose from {UPDATE_FORMS}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.L = nn.Parameter(torch.empty(out_features, rank))
+        self.R = nn.Parameter(torch.empty(rank, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.form: UpdateForm = form
+        self.act = ActivationBases(act_ranks, seed) if act_ranks is not None else None
+        self.sink = GradSink()
+
+    @classmethod
+    def from_factored(
+        cls,
+        layer: FactoredLinear,
+        act_ranks: Sequence[int] | None = None,
+        form: UpdateForm = "projection",
+        seed: int = 0,
+    ) -> WASILinear:
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            layer.rank,
+            act_ranks,
+            bias=layer.bias is not None,
+            form=form,
+            seed=seed,
+        ).to(device=layer.L.device, dtype=layer.L.dtype)
+        with torch.no_grad():
+            new.L.copy_(layer.L)
+            new.R.copy_(layer.R)
+            if new.bias is not None and layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+    def to_factored(self) -> FactoredLinear:
+        """The plain FactoredLinear with these factors (for artifacts and export)."""
+        return FactoredLinear.from_factors(self.L.detach(), self.R.detach(), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return F.linear(F.linear(x, self.R), self.L, self.bias)
+        if self.act is None:
+            return WSIFunction.apply(x, self.L, self.R, self.bias, self.sink)
+        core, bases = self.act.compress(x)
+        return WASIFunction.apply(x, self.L, self.R, self.bias, self.sink, core, *bases)
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """||G||_F^2 of the pending gradient: ||P||_F^2, since U has orthonormal columns."""
+        if self.sink.p is None:
+            return torch.zeros((), dtype=self.L.dtype)
+        return self.sink.p.pow(2).sum()
+
+    @torch.no_grad()
+    def subspace_step(self, lr: float, weight_decay: float = 0.0, clip_coef: float = 1.0) -> None:
+        """Apply the pending gradient with one WSI power iteration; clears the sink."""
+        if self.sink.p is None:
+            return
+        left, right = wsi_update(
+            self.L, self.R, self.sink.p, self.sink.u, lr, weight_decay, clip_coef, self.form
+        )
+        self.L.copy_(left)
+        self.R.copy_(right)
+        self.sink.clear()
+
+    def extra_repr(self) -> str:
+        acts = self.act.ranks if self.act is not None else "full"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, act_ranks={acts}, form={self.form}"
+        )
+
+
+class ASILinear(nn.Module):
+    """A dense linear whose saved activation is Tucker-compressed (method ``asi``).
+
+    The weight gradient P U^T is returned to autograd as a dense ``weight.grad`` so a stock
+    optimiser applies it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        act_ranks: Sequence[int],
+        bias: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.act = ActivationBases(act_ranks, seed)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, act_ranks: Sequence[int], seed: int = 0) -> ASILinear:
+        new = cls(
+            layer.in_features, layer.out_features, act_ranks, layer.bias is not None, seed
+        ).to(device=layer.weight.device, dtype=layer.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(layer.weight)
+            if new.bias is not None and layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.load_state_dict(self.state_dict())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return F.linear(x, self.weight, self.bias)
+        core, bases = self.act.compress(x)
+        return ASIFunction.apply(x, self.weight, self.bias, core, *bases)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"act_ranks={self.act.ranks}"
+        )

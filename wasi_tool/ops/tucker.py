@@ -1,0 +1,126 @@
+"""Tucker compression of activations by warm-started subspace iteration (ASI, method.md 3-4).
+
+Every mode-m operation views the tensor as (pre, D_m, post), a free reshape of a contiguous
+tensor, so no permuted copy is made: a mode product is one batched matmul, and the mode Gram
+applied to a basis, A_(m) A_(m)^T U, is two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def _split(shape: Sequence[int], mode: int) -> tuple[int, int, int]:
+    pre = math.prod(shape[:mode])
+    post = math.prod(shape[mode + 1 :])
+    return pre, shape[mode], post
+
+
+def mode_product(
+    t: torch.Tensor, u: torch.Tensor, mode: int, transpose: bool = False
+) -> torch.Tensor:
+    """t x_mode M with M = u^T (``transpose``: D_m -> r) or M = u (r -> D_m).
+
+    ``u`` is D_m x r. Returns a contiguous tensor with dimension ``mode`` replaced.
+    """
+    shape = list(t.shape)
+    pre, d, post = _split(shape, mode)
+    m = u.T if transpose else u  # (out, d)
+    out = m.shape[0]
+    if post == 1:  # last mode: one GEMM on the (pre, d) view
+        res = t.reshape(pre, d) @ m.T
+    elif pre == 1:  # first mode: one GEMM on the (d, post) view
+        res = m @ t.reshape(d, post)
+    else:
+        res = torch.matmul(m, t.reshape(pre, d, post))
+    shape[mode] = out
+    return res.reshape(shape)
+
+
+def mode_gram_apply(t: torch.Tensor, u: torch.Tensor, mode: int) -> torch.Tensor:
+    """A_(m) A_(m)^T U (D_m x r) without forming the unfolding or the D_m x D_m Gram."""
+    pre, d, post = _split(t.shape, mode)
+    z = mode_product(t, u, mode, transpose=True)  # (.., r, ..)
+    r = u.shape[1]
+    if post == 1:
+        return t.reshape(pre, d).T @ z.reshape(pre, r)
+    if pre == 1:
+        return t.reshape(d, post) @ z.reshape(r, post).T
+    return torch.matmul(t.reshape(pre, d, post), z.reshape(pre, r, post).transpose(1, 2)).sum(0)
+
+
+def orth(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``x`` (thin QR), signs fixed for determinism."""
+    q, r = torch.linalg.qr(x)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return q * signs
+
+
+def subspace_step(t: torch.Tensor, u: torch.Tensor, mode: int) -> torch.Tensor:
+    """One warm-started subspace iteration for mode ``mode``: orth(A_(m) A_(m)^T U)."""
+    return orth(mode_gram_apply(t, u, mode))
+
+
+def random_basis(
+    dim: int, rank: int, generator: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
+    """A seeded Gaussian D x r start with orthonormal columns."""
+    g = torch.randn(dim, rank, generator=generator, dtype=torch.float32).to(dtype)
+    return orth(g)
+
+
+def compress_order(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
+    """Modes ordered by how much each shrinks the tensor (largest reduction first)."""
+    return sorted(range(len(shape)), key=lambda m: ranks[m] / shape[m])
+
+
+def tucker_core(t: torch.Tensor, bases: Sequence[torch.Tensor]) -> torch.Tensor:
+    """S = A x_1 U_1^T x_2 U_2^T ... (r_1 x r_2 x ...), shrinking the cheapest way."""
+    ranks = [u.shape[1] for u in bases]
+    core = t
+    for mode in compress_order(t.shape, ranks):
+        core = mode_product(core, bases[mode], mode, transpose=True)
+    return core
+
+
+def tucker_expand(core: torch.Tensor, bases: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """S x_1 U_1 x_2 U_2 ... for the modes whose basis is given (None leaves that mode as is)."""
+    out = core
+    for mode, u in enumerate(bases):
+        if u is not None:
+            out = mode_product(out, u, mode)
+    return out
+
+
+def tucker_compress(
+    t: torch.Tensor, bases: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One ASI step: refresh every mode's basis by one subspace iteration, then the core.
+
+    Args:
+        t: the activation (B, N, C) or (B, H, W, C); not modified.
+        bases: per-mode warm starts U_m (D_m x r_m) with orthonormal columns.
+
+    Returns:
+        (core S, new bases). Callers run this under ``torch.no_grad()``.
+    """
+    new = [subspace_step(t, u, mode) for mode, u in enumerate(bases)]
+    return tucker_core(t, new), new
+
+
+def lowrank_weight_grad_factors(
+    grad_out: torch.Tensor, core: torch.Tensor, bases: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of G = dY_flat^T A~_flat for the Tucker-compressed activation A~ (method.md 3).
+
+    M = S expanded on every mode but the last (shape (..., r_last)); P = dY_flat^T M_flat (O x r).
+    G = P U_last^T, never formed. Returns (P, U_last).
+    """
+    m = tucker_expand(core, [*bases[:-1], None])
+    r = m.shape[-1]
+    p = grad_out.reshape(-1, grad_out.shape[-1]).T @ m.reshape(-1, r)
+    return p, bases[-1]
