@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from wasi_tool.ops.tucker import (
+    compress_order,
     lowrank_weight_grad_factors,
     mode_gram_apply,
     mode_product,
@@ -36,12 +37,13 @@ def test_mode_product_and_gram_match_unfoldings(shape: tuple[int, ...]) -> None:
         )
 
 
+@pytest.mark.parametrize("order", ["sequential", "parallel"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_full_rank_tucker_is_exact(shape: tuple[int, ...]) -> None:
+def test_full_rank_tucker_is_exact(shape: tuple[int, ...], order: str) -> None:
     t = torch.randn(*shape, dtype=torch.float64)
     gen = torch.Generator().manual_seed(0)
     bases = [random_basis(d, d, gen, torch.float64) for d in shape]
-    core, new = tucker_compress(t, bases)
+    core, new = tucker_compress(t, bases, order)
     assert core.shape == t.shape
     torch.testing.assert_close(tucker_expand(core, new), t)
 
@@ -61,6 +63,27 @@ def test_subspace_iteration_converges_to_the_dominant_subspace() -> None:
     top = torch.linalg.svd(unfold(t, 2), full_matrices=False).U[:, :4]
     # Same subspace: the projectors agree.
     torch.testing.assert_close(u @ u.T, top @ top.T, atol=1e-8, rtol=0)
+
+
+def test_sequential_sweep_projects_each_mode_on_the_partial_core() -> None:
+    gen = torch.Generator().manual_seed(4)
+    t = torch.randn(8, 6, 10, dtype=torch.float64, generator=gen)
+    ranks = (3, 2, 4)
+    starts = [random_basis(d, r, gen, torch.float64) for d, r in zip(t.shape, ranks, strict=True)]
+    core, new = tucker_compress(t, starts, "sequential")
+    # compress_order visits mode 1 (r/D = 2/6), then 0 (3/8), then 2 (4/10).
+    assert compress_order(t.shape, ranks) == [1, 0, 2]
+    u1 = subspace_step(t, starts[1], 1)
+    y = mode_product(t, u1, 1, transpose=True)
+    u0 = subspace_step(y, starts[0], 0)
+    y = mode_product(y, u0, 0, transpose=True)
+    u2 = subspace_step(y, starts[2], 2)
+    torch.testing.assert_close(new[1], u1)
+    torch.testing.assert_close(new[0], u0)
+    torch.testing.assert_close(new[2], u2)
+    torch.testing.assert_close(core, mode_product(y, u2, 2, transpose=True))
+    with pytest.raises(ValueError, match="unknown ASI order"):
+        tucker_compress(t, starts, "random")
 
 
 def test_core_order_does_not_change_the_result() -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from wasi_tool.autograd import ASIFunction, GradSink, WASIFunction, WSIFunction
 from wasi_tool.nn.factored import FactoredLinear
-from wasi_tool.ops.tucker import random_basis, subspace_step, tucker_compress
+from wasi_tool.ops.tucker import ASI_ORDERS, random_basis, subspace_step, tucker_compress
 from wasi_tool.ops.wsi import UPDATE_FORMS, UpdateForm, wsi_update
 
 INIT_ITERS = 2  # extra subspace iterations from the Gaussian start, on the first batch only
@@ -26,11 +26,14 @@ class ActivationBases:
     nothing, since one batch's basis says nothing about the next batch's samples.
     """
 
-    def __init__(self, ranks: Sequence[int], seed: int = 0) -> None:
+    def __init__(self, ranks: Sequence[int], seed: int = 0, order: str = "sequential") -> None:
         if not ranks or any(int(r) < 1 for r in ranks):
             raise ValueError(f"activation ranks must be positive, got {tuple(ranks)}")
+        if order not in ASI_ORDERS:
+            raise ValueError(f"unknown ASI order {order!r}; choose from {ASI_ORDERS}")
         self.ranks = tuple(int(r) for r in ranks)
         self.seed = seed
+        self.order = order
         self.bases: list[torch.Tensor] | None = None
         self._generator = torch.Generator().manual_seed(seed)
 
@@ -54,7 +57,7 @@ class ActivationBases:
             for _ in range(INIT_ITERS):
                 u = subspace_step(x, u, mode)
             starts.append(u)
-        core, bases = tucker_compress(x, starts)
+        core, bases = tucker_compress(x, starts, self.order)
         self.bases = bases
         return core, bases
 
@@ -88,6 +91,7 @@ class WASILinear(nn.Module):
         bias: bool = True,
         form: UpdateForm = "projection",
         seed: int = 0,
+        act_order: str = "sequential",
     ) -> None:
         super().__init__()
         if form not in UPDATE_FORMS:
@@ -97,7 +101,7 @@ class WASILinear(nn.Module):
         self.R = nn.Parameter(torch.empty(rank, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.form: UpdateForm = form
-        self.act = ActivationBases(act_ranks, seed) if act_ranks is not None else None
+        self.act = ActivationBases(act_ranks, seed, act_order) if act_ranks is not None else None
         self.sink = GradSink()
 
     @classmethod
@@ -107,6 +111,7 @@ class WASILinear(nn.Module):
         act_ranks: Sequence[int] | None = None,
         form: UpdateForm = "projection",
         seed: int = 0,
+        act_order: str = "sequential",
     ) -> WASILinear:
         new = cls(
             layer.in_features,
@@ -116,6 +121,7 @@ class WASILinear(nn.Module):
             bias=layer.bias is not None,
             form=form,
             seed=seed,
+            act_order=act_order,
         ).to(device=layer.L.device, dtype=layer.L.dtype)
         with torch.no_grad():
             new.L.copy_(layer.L)
@@ -176,17 +182,29 @@ class ASILinear(nn.Module):
         act_ranks: Sequence[int],
         bias: bool = True,
         seed: int = 0,
+        act_order: str = "sequential",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.act = ActivationBases(act_ranks, seed)
+        self.act = ActivationBases(act_ranks, seed, act_order)
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear, act_ranks: Sequence[int], seed: int = 0) -> ASILinear:
+    def from_linear(
+        cls,
+        layer: nn.Linear,
+        act_ranks: Sequence[int],
+        seed: int = 0,
+        act_order: str = "sequential",
+    ) -> ASILinear:
         new = cls(
-            layer.in_features, layer.out_features, act_ranks, layer.bias is not None, seed
+            layer.in_features,
+            layer.out_features,
+            act_ranks,
+            layer.bias is not None,
+            seed,
+            act_order,
         ).to(device=layer.weight.device, dtype=layer.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(layer.weight)

@@ -53,7 +53,20 @@ def mode_gram_apply(t: torch.Tensor, u: torch.Tensor, mode: int) -> torch.Tensor
 
 
 def orth(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the columns of ``x`` (thin QR), signs fixed for determinism."""
+    """Orthonormal basis Q of the columns of a tall ``x`` (D x r), with Q^T x upper triangular
+    and a positive diagonal (the unique thin QR), so the result is deterministic.
+
+    Cholesky QR with the Gram matrix in float64 (one GEMM, a Cholesky and a triangular solve)
+    is 2-7x faster here than Householder QR on the shapes WASI uses; float64 keeps it accurate
+    up to cond(x) ~ 1e6. A Gram matrix that is not positive definite (rank-deficient x) falls
+    back to Householder QR.
+    """
+    xd = x.to(torch.float64)
+    r, info = torch.linalg.cholesky_ex(xd.T @ xd, upper=True)
+    if int(info) == 0:
+        q = torch.linalg.solve_triangular(r, xd, upper=True, left=False)
+        if bool(torch.isfinite(q).all()):
+            return q.to(x.dtype)
     q, r = torch.linalg.qr(x)
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1
@@ -96,20 +109,37 @@ def tucker_expand(core: torch.Tensor, bases: Sequence[torch.Tensor | None]) -> t
     return out
 
 
+ASI_ORDERS: tuple[str, ...] = ("sequential", "parallel")
+
+
 def tucker_compress(
-    t: torch.Tensor, bases: Sequence[torch.Tensor]
+    t: torch.Tensor, bases: Sequence[torch.Tensor], order: str = "sequential"
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One ASI step: refresh every mode's basis by one subspace iteration, then the core.
 
     Args:
         t: the activation (B, N, C) or (B, H, W, C); not modified.
         bases: per-mode warm starts U_m (D_m x r_m) with orthonormal columns.
+        order: "parallel" iterates every mode on the full tensor, U_m <- orth(A_(m) A_(m)^T U_m)
+            (the reference code). "sequential" visits the modes largest-reduction first and
+            iterates each on the tensor already projected onto the modes before it (one sweep
+            of HOOI); the core falls out of the same sweep. Both are exact at full ranks;
+            sequential reads the full tensor 3 times instead of 2M + 1.
 
     Returns:
         (core S, new bases). Callers run this under ``torch.no_grad()``.
     """
-    new = [subspace_step(t, u, mode) for mode, u in enumerate(bases)]
-    return tucker_core(t, new), new
+    if order == "parallel":
+        new = [subspace_step(t, u, mode) for mode, u in enumerate(bases)]
+        return tucker_core(t, new), new
+    if order != "sequential":
+        raise ValueError(f"unknown ASI order {order!r}; choose from {ASI_ORDERS}")
+    new = list(bases)
+    core = t
+    for mode in compress_order(t.shape, [u.shape[1] for u in bases]):
+        new[mode] = subspace_step(core, bases[mode], mode)
+        core = mode_product(core, new[mode], mode, transpose=True)
+    return core, new
 
 
 def lowrank_weight_grad_factors(

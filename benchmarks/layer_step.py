@@ -1,0 +1,177 @@
+"""One WASI linear vs nn.Linear + SGD: a full training step, measured in one process.
+
+ViT-B/32 MLP shapes (B=64, N=50; 768->3072 and 3072->768), weight rank K = min(O, I)/4,
+activation ranks (B/4, N/4, 32). A step is forward, backward (with an input that requires grad,
+as inside a network) and the update. Timing: warm-up, then repeats alternating vanilla and
+wasi, median per method. Saved bytes: storages autograd saves (saved_tensors_hooks), each once,
+parameters left out. Weight memory: parameters plus their gradients (for WASI the pending
+gradient factors P, U instead of a .grad).
+
+    python benchmarks/layer_step.py --json layer_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wasi_tool.methods.optim import SubspaceSGD
+from wasi_tool.nn import FactoredLinear, WASILinear
+
+B, N = 64, 50
+SHAPES = [(768, 3072), (3072, 768)]  # (in, out): fc1, fc2
+
+
+def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    out.sum().backward()
+    return sum(seen.values())
+
+
+def weight_bytes(layer: nn.Module) -> int:
+    total = 0
+    for p in layer.parameters():
+        total += p.numel() * p.element_size()
+        if p.grad is not None:
+            total += p.grad.numel() * p.grad.element_size()
+    if isinstance(layer, WASILinear):
+        for t in (layer.sink.p, layer.sink.u):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def sgemm_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 2048**3 / statistics.median(times) / 1e9
+
+
+def measure(in_f: int, out_f: int, warmup: int, repeats: int) -> dict[str, float | int | str]:
+    torch.manual_seed(0)
+    dense = nn.Linear(in_f, out_f)
+    k = min(in_f, out_f) // 4
+    act_ranks = (B // 4, N // 4, 32)
+    wasi = WASILinear.from_factored(
+        FactoredLinear.from_linear(dense, k), act_ranks=act_ranks
+    ).train()
+    opt_d = torch.optim.SGD(dense.parameters(), lr=0.01, weight_decay=1e-4)
+    opt_w = SubspaceSGD(wasi, lr=0.01, weight_decay=1e-4, clip=None)
+    x = torch.randn(B, N, in_f)
+    # A dense upstream gradient, as in a network (the gradient of .sum() is a stride-0 view).
+    dy = torch.randn(B, N, out_f)
+
+    def step_dense() -> None:
+        opt_d.zero_grad(set_to_none=True)
+        dense(x.detach().requires_grad_()).backward(dy)
+        opt_d.step()
+
+    def step_wasi() -> None:
+        opt_w.zero_grad()
+        wasi(x.detach().requires_grad_()).backward(dy)
+        opt_w.step()
+
+    for _ in range(warmup):
+        step_dense()
+        step_wasi()
+    times: dict[str, list[float]] = {"vanilla": [], "wasi": []}
+    for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
+        for name, fn in (("vanilla", step_dense), ("wasi", step_wasi)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    t_v, t_w = statistics.median(times["vanilla"]), statistics.median(times["wasi"])
+
+    sb_v = saved_bytes(dense, x.detach().requires_grad_())
+    opt_w.zero_grad()
+    sb_w = saved_bytes(wasi, x.detach().requires_grad_())  # leaves pending factors, as at step
+    wb_v, wb_w = weight_bytes(dense), weight_bytes(wasi)
+    r1, r2, r3 = act_ranks
+    formula = 4 * (r1 * r2 * r3 + B * r1 + N * r2 + in_f * r3)
+    flops_v = 3 * 2 * B * N * in_f * out_f  # forward, dA, dW
+    return {
+        "shape": f"{in_f}->{out_f}",
+        "rank": k,
+        "act_ranks": list(act_ranks),
+        "vanilla_ms": round(t_v * 1e3, 2),
+        "wasi_ms": round(t_w * 1e3, 2),
+        "speedup": round(t_v / t_w, 3),
+        "vanilla_saved_bytes": sb_v,
+        "wasi_saved_bytes": sb_w,
+        "wasi_saved_bytes_formula": formula,
+        "saved_bytes_ratio": round(sb_v / sb_w, 2),
+        "vanilla_weight_bytes": wb_v,
+        "wasi_weight_bytes": wb_w,
+        "weight_mem_ratio": round(wb_v / wb_w, 3),
+        "vanilla_flops": flops_v,
+        "vanilla_gflops_per_s": round(flops_v / t_v / 1e9, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    rows = [measure(i, o, args.warmup, args.repeats) for i, o in SHAPES]
+    gemm = sgemm_gflops()
+    for r in rows:
+        print(
+            f"{r['shape']:>10}  vanilla {r['vanilla_ms']:7.1f} ms  wasi {r['wasi_ms']:7.1f} ms  "
+            f"speedup {r['speedup']:.2f}x  saved bytes {r['saved_bytes_ratio']:.1f}x fewer "
+            f"({r['wasi_saved_bytes']} vs formula {r['wasi_saved_bytes_formula']})  "
+            f"weights+grads {r['weight_mem_ratio']:.2f}x smaller"
+        )
+    summary = {
+        "speedup": min(float(r["speedup"]) for r in rows),
+        "saved_bytes_ratio": min(float(r["saved_bytes_ratio"]) for r in rows),
+        "weight_mem_ratio": min(float(r["weight_mem_ratio"]) for r in rows),
+    }
+    print(
+        f"worst of the two shapes: speedup {summary['speedup']:.2f}x, saved bytes "
+        f"{summary['saved_bytes_ratio']:.1f}x, weight memory {summary['weight_mem_ratio']:.2f}x; "
+        f"sgemm here {gemm:.0f} GFLOP/s"
+    )
+    if args.json:
+        payload = {
+            "benchmark": "layer_step",
+            **summary,
+            "targets": {"speedup": 2.0, "saved_bytes_ratio": 30.0, "weight_mem_ratio": 3.0},
+            "batch": B,
+            "tokens": N,
+            "threads": torch.get_num_threads(),
+            "sgemm_gflops": round(gemm, 1),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "rows": rows,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
