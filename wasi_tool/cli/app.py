@@ -8,6 +8,7 @@ import typer
 
 from wasi_tool._version import __version__
 from wasi_tool.cli.compress import compress
+from wasi_tool.cli.finetune import finetune
 
 app = typer.Typer(
     name="wasi-tool",
@@ -17,6 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command()(compress)
+app.command()(finetune)
 
 
 def _version(value: bool) -> None:

@@ -7,5 +7,15 @@ from wasi_tool.stages.compress import (
     compress_,
     run_compress,
 )
+from wasi_tool.stages.finetune import FinetuneConfig, FinetuneResult, run_finetune
 
-__all__ = ["CompressConfig", "CompressReport", "CompressResult", "compress_", "run_compress"]
+__all__ = [
+    "CompressConfig",
+    "CompressReport",
+    "CompressResult",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "compress_",
+    "run_compress",
+    "run_finetune",
+]

@@ -1,0 +1,191 @@
+"""`wasi-tool finetune`: train a checkpoint or artifact with WASI or a baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from wasi_tool.cli import common
+from wasi_tool.cli.common import console, default, human_bytes
+from wasi_tool.methods import METHODS
+from wasi_tool.stages.finetune import FinetuneConfig, FinetuneResult, run_finetune
+
+F = FinetuneConfig
+_STEP_FIELDS = (
+    "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}  {task.fields[ips]:.0f} img/s"
+)
+
+
+def _ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} takes comma-separated integers, got {text!r}") from None
+
+
+class RichProgress:
+    """Renders the training loop's reports with a rich progress bar per epoch."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(_STEP_FIELDS),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> RichProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        self.task = self.bar.add_task(
+            "train", total=steps, epoch=f"{epoch + 1}/{epochs}", loss=0.0, acc=0.0, ips=0.0
+        )
+
+    def step(self, loss: float, accuracy: float, images_per_second: float) -> None:
+        self.bar.update(self.task, advance=1, loss=loss, acc=accuracy, ips=images_per_second)
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        self.bar.console.print(
+            f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
+            f"{record['train_accuracy']:.3f} | test loss {record['test_loss']:.4f} acc "
+            f"{record['test_accuracy']:.3f} | {record['seconds']:.1f} s"
+        )
+
+    def note(self, message: str) -> None:
+        self.bar.console.print(f"[dim]{message}[/dim]")
+
+
+def finetune(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Artifact directory to write.", show_default=False)
+    ],
+    checkpoint: common.Checkpoint = None,
+    data: Annotated[
+        str,
+        typer.Option(
+            help="digits (built in), a .npz with x_train/y_train/x_test/y_test, a CIFAR batch "
+            "folder, or an image-folder tree root/<class>/*.jpg."
+        ),
+    ] = "digits",
+    method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")] = default(
+        F, "method"
+    ),
+    arch: common.Arch = None,
+    num_classes: common.NumClasses = None,
+    img_size: common.ImgSize = None,
+    trust_pickle: common.TrustPickle = False,
+    random_init: common.RandomInit = False,
+    seed_init: Annotated[int, typer.Option(help="Seed for --random-init.")] = 0,
+    targets: Annotated[
+        str | None,
+        typer.Option(help="Layers the method acts on (default: the factored layers, else mlp)."),
+    ] = default(F, "targets"),
+    eps: Annotated[
+        float, typer.Option(help="Weight rank rule for dense wsi/wasi targets.")
+    ] = default(F, "eps"),
+    act_ranks: Annotated[
+        str | None, typer.Option(help="Activation ranks per mode, e.g. 16,12,32 (B,N,C).")
+    ] = None,
+    act_eps: Annotated[
+        float | None, typer.Option(help="Activation ranks by energy on a calibration batch.")
+    ] = default(F, "act_eps"),
+    act_budget_mb: Annotated[
+        float | None, typer.Option(help="Activation ranks minimising gradient error within MiB.")
+    ] = default(F, "act_budget_mb"),
+    act_order: Annotated[
+        str, typer.Option(help="ASI mode order: sequential | parallel.")
+    ] = default(F, "act_order"),
+    update_form: Annotated[str, typer.Option(help="WSI update: projection | paper.")] = default(
+        F, "update_form"
+    ),
+    epochs: Annotated[int, typer.Option()] = default(F, "epochs"),
+    batch_size: Annotated[int, typer.Option()] = default(F, "batch_size"),
+    lr: Annotated[float, typer.Option()] = default(F, "lr"),
+    lr_min: Annotated[float, typer.Option(help="Cosine schedule floor.")] = default(F, "lr_min"),
+    momentum: Annotated[float, typer.Option()] = default(F, "momentum"),
+    weight_decay: Annotated[float, typer.Option()] = default(F, "weight_decay"),
+    clip: Annotated[float, typer.Option(help="Global gradient-norm clip (0: none).")] = default(
+        F, "clip"
+    ),
+    seed: Annotated[int, typer.Option(help="Training seed (data order, heads, bases).")] = default(
+        F, "seed"
+    ),
+    val_fraction: Annotated[
+        float, typer.Option(help="Held-out share without a test split.")
+    ] = default(F, "val_fraction"),
+    classes: Annotated[
+        str | None, typer.Option(help="Train on these classes only, e.g. 5,6,7.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Steps per epoch at most.")] = default(
+        F, "max_steps"
+    ),
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run from <out>.ckpt/.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out (and its checkpoints).")] = False,
+) -> None:
+    """Fine-tune with WASI (or vanilla/asi/wsi); write an artifact and metrics.json."""
+    with common.user_errors():
+        config = FinetuneConfig(
+            method=method,
+            targets=targets,
+            eps=eps,
+            act_ranks=_ints(act_ranks, "--act-ranks"),
+            act_eps=act_eps,
+            act_budget_mb=act_budget_mb,
+            act_order=act_order,
+            update_form=update_form,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            lr_min=lr_min,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            clip=clip if clip > 0 else None,
+            seed=seed,
+            val_fraction=val_fraction,
+            classes=_ints(classes, "--classes"),
+            max_steps=max_steps,
+        )
+        source = common.model_source(
+            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
+        )
+        with RichProgress() as progress:
+            result = run_finetune(
+                source, data, config, out, overwrite=overwrite, resume=resume, progress=progress
+            )
+    render(result)
+
+
+def render(result: FinetuneResult) -> None:
+    m = result.metrics
+    measured = m["measured"]
+    table = Table(title=f"{result.loaded.arch}: {m['method']} on {m['data']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    final = m["final"] or {}
+    table.add_row("test accuracy", f"{final.get('test_accuracy', float('nan')):.4f}")
+    table.add_row("targets", f"{len(m['targets'])} layers")
+    saved = measured["saved_bytes_per_step"]
+    table.add_row("saved for backward / step (all)", human_bytes(saved["total"] or 0))
+    table.add_row("saved for backward / step (targets)", human_bytes(saved["targets"] or 0))
+    table.add_row("median step", f"{measured['median_step_seconds'] * 1e3:.1f} ms")
+    table.add_row("peak RSS (process)", human_bytes(measured["peak_rss_bytes"]))
+    console.print(table)
+    console.print(
+        f"wrote {result.out}/ (model.safetensors, manifest.json, report.json, metrics.json)"
+    )

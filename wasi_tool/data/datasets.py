@@ -1,0 +1,330 @@
+"""Offline datasets: scikit-learn digits, .npz arrays, CIFAR python batches, image folders.
+
+Images are kept as uint8 (H, W, C) until a batch is formed; ``BatchTransform`` then resizes and
+normalises the whole batch at once to what the model expects.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from wasi_tool.errors import WasiToolError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class ArrayDataset(Dataset[tuple[torch.Tensor, int]]):
+    """uint8 images (N, H, W, C) in memory with integer labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.ndim == 3:  # grayscale (N, H, W)
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise WasiToolError(f"expected images shaped (N, H, W[, C]), got {images.shape}")
+        if len(images) != len(labels):
+            raise WasiToolError(f"{len(images)} images but {len(labels)} labels")
+        self.images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        return self.images[idx], int(self.labels[idx])
+
+
+class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
+    """``root/<class>/<image>`` files decoded on access to RGB uint8, resized to ``size``."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], size: int) -> None:
+        self.files, self.labels, self.size = list(files), list(labels), size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files[idx]
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
+                arr = np.asarray(rgb, dtype=np.uint8).copy()
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise WasiToolError(f"cannot read image {path}: {exc}") from None
+        return torch.from_numpy(arr), self.labels[idx]
+
+
+@dataclass
+class DataSplits:
+    """Train and evaluation sets, the class names, and a line saying what the data is."""
+
+    train: Dataset[tuple[torch.Tensor, int]]
+    test: Dataset[tuple[torch.Tensor, int]]
+    classes: list[str]
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class BatchTransform:
+    """uint8 (B, H, W, C) -> float (B, 3, S, S): to [0, 1], resize (bilinear), normalise."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded (train, held-out) index split with ceil(fraction * n) held out."""
+    if not 0.0 < fraction < 1.0:
+        raise WasiToolError(f"validation fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, math.ceil(fraction * n))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _digits(val_fraction: float, seed: int) -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 8x8, 17 grey levels
+    train_idx, test_idx = _split(len(images), val_fraction, seed)
+    return DataSplits(
+        ArrayDataset(images[train_idx], digits.target[train_idx]),
+        ArrayDataset(images[test_idx], digits.target[test_idx]),
+        [str(i) for i in range(10)],
+        f"scikit-learn digits: {len(train_idx)} train / {len(test_idx)} held-out 8x8 images",
+    )
+
+
+def _npz(path: Path) -> DataSplits:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data]
+            if missing:
+                raise WasiToolError(f"{path} lacks the arrays {', '.join(missing)}")
+            arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            names = [str(n) for n in data["label_names"]] if "label_names" in data else None
+    except (OSError, ValueError, EOFError) as exc:
+        raise WasiToolError(f"cannot read {path}: {exc}") from None
+    labels = np.concatenate([arrays["y_train"], arrays["y_test"]]).astype(np.int64)
+    if labels.size == 0 or labels.min() < 0:
+        raise WasiToolError(f"{path}: labels must be non-negative integers")
+    count = int(labels.max()) + 1
+    return DataSplits(
+        ArrayDataset(arrays["x_train"], arrays["y_train"]),
+        ArrayDataset(arrays["x_test"], arrays["y_test"]),
+        names if names is not None and len(names) >= count else [str(i) for i in range(count)],
+        f"{path.name}: {len(arrays['y_train'])} train / {len(arrays['y_test'])} test images",
+    )
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches (dicts of numpy arrays, lists, bytes) and nothing that runs code."""
+
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise WasiToolError(f"CIFAR batch refers to {module}.{name}; refusing to load it")
+        return super().find_class(module, name)
+
+
+def _cifar_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = _ArrayOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except WasiToolError:
+        raise
+    except Exception as exc:  # a corrupt pickle fails in many ways
+        raise WasiToolError(f"cannot read CIFAR batch {path}: {exc}") from None
+    if not isinstance(raw, dict) or "data" not in raw:
+        raise WasiToolError(f"{path} is not a CIFAR batch (no 'data')")
+    return raw
+
+
+def _cifar(root: Path) -> DataSplits:
+    def images(batch: dict[str, Any]) -> np.ndarray:
+        return (
+            np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        )
+
+    if (root / "data_batch_1").is_file():  # CIFAR-10
+        train = [
+            _cifar_file(root / f"data_batch_{i}")
+            for i in range(1, 6)
+            if (root / f"data_batch_{i}").is_file()
+        ]
+        test = _cifar_file(root / "test_batch")
+        key, meta_file, names_key = "labels", root / "batches.meta", "label_names"
+    else:  # CIFAR-100 (fine labels)
+        train, test = [_cifar_file(root / "train")], _cifar_file(root / "test")
+        key, meta_file, names_key = "fine_labels", root / "meta", "fine_label_names"
+    x_train = np.concatenate([images(b) for b in train])
+    y_train = np.concatenate([np.asarray(b[key]) for b in train])
+    count = int(max(y_train.max(), max(test[key]))) + 1
+    names = [str(i) for i in range(count)]
+    if meta_file.is_file():
+        with open(meta_file, "rb") as fh:  # the meta file has no 'data' key
+            meta = _ArrayOnlyUnpickler(fh, encoding="latin1").load()
+        names = [str(n) for n in meta.get(names_key, names)]
+    return DataSplits(
+        ArrayDataset(x_train, y_train),
+        ArrayDataset(images(test), np.asarray(test[key])),
+        names,
+        f"CIFAR batches in {root}: {len(y_train)} train / {len(test[key])} test images",
+    )
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                files.append(f)
+                labels.append(label)
+    return files, labels
+
+
+def _image_folders(root: Path, size: int, val_fraction: float, seed: int) -> DataSplits:
+    eval_dir = next((root / n for n in ("test", "val", "valid") if (root / n).is_dir()), None)
+    train_dir = root / "train" if (root / "train").is_dir() and eval_dir is not None else root
+    classes = [p.name for p in _class_dirs(train_dir)]
+    if not classes:
+        raise WasiToolError(f"{train_dir} has no class folders (expected root/<class>/*.jpg)")
+    files, labels = _scan(train_dir, classes)
+    if not files:
+        raise WasiToolError(
+            f"no images found under {train_dir} ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    if eval_dir is not None:
+        test_files, test_labels = _scan(eval_dir, classes)
+        if not test_files:
+            raise WasiToolError(f"no images found under {eval_dir}")
+        note = f"{len(files)} train / {len(test_files)} {eval_dir.name} images"
+    else:
+        tr, te = _split(len(files), val_fraction, seed)
+        test_files, test_labels = [files[i] for i in te], [labels[i] for i in te]
+        files, labels = [files[i] for i in tr], [labels[i] for i in tr]
+        note = f"{len(files)} train / {len(test_files)} held-out images"
+    return DataSplits(
+        ImageFolderDataset(files, labels, size),
+        ImageFolderDataset(test_files, test_labels, size),
+        classes,
+        f"image folders in {root}: {len(classes)} classes, {note}",
+    )
+
+
+class _Subset(Dataset[tuple[torch.Tensor, int]]):
+    def __init__(
+        self, base: Dataset[tuple[torch.Tensor, int]], indices: list[int], remap: dict[int, int]
+    ):
+        self.base, self.indices, self.remap = base, indices, remap
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[self.indices[idx]]
+        return image, self.remap[label]
+
+
+def _labels_of(ds: Dataset[tuple[torch.Tensor, int]]) -> list[int]:
+    if isinstance(ds, ArrayDataset):
+        return ds.labels.tolist()
+    if isinstance(ds, ImageFolderDataset):
+        return list(ds.labels)
+    return [ds[i][1] for i in range(len(ds))]  # type: ignore[arg-type]
+
+
+def select_classes(splits: DataSplits, keep: Sequence[int]) -> DataSplits:
+    """Only the classes ``keep`` (relabelled 0..len(keep)-1 in that order)."""
+    keep = list(dict.fromkeys(int(k) for k in keep))
+    bad = [k for k in keep if not 0 <= k < splits.num_classes]
+    if bad or not keep:
+        raise WasiToolError(f"classes {bad or keep} are not in 0..{splits.num_classes - 1}")
+    remap = {old: new for new, old in enumerate(keep)}
+
+    def sub(ds: Dataset[tuple[torch.Tensor, int]]) -> _Subset:
+        return _Subset(ds, [i for i, y in enumerate(_labels_of(ds)) if y in remap], remap)
+
+    return DataSplits(
+        sub(splits.train),
+        sub(splits.test),
+        [splits.classes[k] for k in keep],
+        f"{splits.description}; classes {','.join(map(str, keep))}",
+    )
+
+
+def load_data(
+    spec: str | Path,
+    size: int,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+) -> DataSplits:
+    """The dataset ``spec`` names: ``digits``, a ``.npz`` file, a CIFAR batch folder, or an
+    image-folder tree (``root/<class>/*``, or ``root/train|test/<class>/*``)."""
+    if str(spec) == "digits":
+        splits = _digits(val_fraction if val_fraction else 0.2, seed)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise WasiToolError(f"no such dataset: {path}")
+        if path.is_file() and path.suffix == ".npz":
+            splits = _npz(path)
+        elif path.is_dir() and ((path / "data_batch_1").is_file() or (path / "train").is_file()):
+            splits = _cifar(path)
+        elif path.is_dir():
+            splits = _image_folders(path, size, val_fraction, seed)
+        else:
+            raise WasiToolError(f"unsupported dataset {path}: expected digits, .npz, or a folder")
+    if classes:
+        splits = select_classes(splits, classes)
+    if len(splits.train) == 0 or len(splits.test) == 0:  # type: ignore[arg-type]
+        raise WasiToolError(f"dataset {spec} has an empty train or test split")
+    return splits

@@ -1,0 +1,182 @@
+"""Choosing per-layer activation ranks on calibration batches (method.md section 4).
+
+A one-time HOSVD of each target layer's input: per-mode singular values from the smaller Gram
+matrix of the mode unfolding (float64), ranks by the energy rule, or per-layer ranks chosen
+under a memory budget to minimise the summed weight-gradient error, by dynamic programming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from wasi_tool.errors import WasiToolError
+from wasi_tool.ops.accounting import tucker_elements
+from wasi_tool.ops.rank import rank_by_energy
+from wasi_tool.ops.tucker import tucker_core, tucker_expand
+
+BUDGET_EPS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the reference protocol's candidates
+MB = 1024 * 1024  # budgets are in MiB, as the reference code counts them
+
+
+def _unfold(a: torch.Tensor, mode: int) -> torch.Tensor:
+    return a.movedim(mode, 0).reshape(a.shape[mode], -1)
+
+
+def mode_svd(a: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, s) of the mode-``mode`` unfolding (float64), through its smaller Gram matrix."""
+    x = _unfold(a.detach().to(torch.float64), mode)
+    if x.shape[0] <= x.shape[1]:
+        evals, u = torch.linalg.eigh(x @ x.T)
+        evals, u = evals.flip(0), u.flip(1)
+        return u, evals.clamp_min(0).sqrt()
+    evals, v = torch.linalg.eigh(x.T @ x)
+    evals, v = evals.flip(0), v.flip(1)
+    s = evals.clamp_min(0).sqrt()
+    keep = s > s[0] * 1e-12 if s.numel() and s[0] > 0 else s > 0
+    u = (x @ v[:, keep]) / s[keep]
+    return u, s
+
+
+@dataclass
+class LayerSpectra:
+    """Per-mode bases and singular values of one layer's calibration input."""
+
+    shape: tuple[int, ...]
+    bases: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    def ranks(self, eps: float) -> tuple[int, ...]:
+        return tuple(
+            min(rank_by_energy(s, eps), u.shape[1])
+            for u, s in zip(self.bases, self.values, strict=True)
+        )
+
+
+def spectra(a: torch.Tensor) -> LayerSpectra:
+    pairs = [mode_svd(a, m) for m in range(a.ndim)]
+    return LayerSpectra(tuple(a.shape), [u for u, _ in pairs], [s for _, s in pairs])
+
+
+def capture(
+    model: nn.Module,
+    names: Sequence[str],
+    batch: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Inputs (and, with labels, output gradients) of the named layers on one batch."""
+    inputs: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def fwd(
+            mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name
+        ) -> None:
+            inputs[name] = args[0].detach()
+            if out.requires_grad:
+                out.register_hook(lambda g, name=name: grads.__setitem__(name, g.detach()))
+
+        handles.append(module.register_forward_hook(fwd))
+    was_training = model.training
+    try:
+        model.eval()  # no dropout / drop-path in calibration
+        if labels is None or loss_fn is None:
+            with torch.no_grad():
+                model(batch)
+        else:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(batch), labels).backward()
+            model.zero_grad(set_to_none=True)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {n: (inputs[n], grads.get(n)) for n in names}
+
+
+def ranks_by_eps(acts: dict[str, torch.Tensor], eps: float) -> dict[str, tuple[int, ...]]:
+    """Per-layer, per-mode ranks keeping ``eps`` of each mode's energy (one-time HOSVD)."""
+    return {name: spectra(a).ranks(eps) for name, a in acts.items()}
+
+
+def gradient_error(
+    a: torch.Tensor, dy: torch.Tensor, spec: LayerSpectra, ranks: Sequence[int]
+) -> float:
+    """||dW_lowrank - dW||_F on the calibration batch for a truncated HOSVD at ``ranks``."""
+    bases = [u[:, :r].to(torch.float64) for u, r in zip(spec.bases, ranks, strict=True)]
+    a64 = a.to(torch.float64)
+    approx = tucker_expand(tucker_core(a64, bases), bases)
+    diff = (a64 - approx).reshape(-1, a.shape[-1])
+    return float(torch.linalg.matrix_norm(dy.to(torch.float64).reshape(-1, dy.shape[-1]).T @ diff))
+
+
+@dataclass
+class BudgetChoice:
+    ranks: dict[str, tuple[int, ...]]
+    eps: dict[str, float]
+    memory_mb: float
+    error: float
+
+
+def ranks_under_budget(
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    budget_mb: float,
+    candidates: Sequence[float] = BUDGET_EPS,
+) -> BudgetChoice:
+    """Per-layer ranks minimising the summed gradient error within ``budget_mb`` MiB of
+    compressed activations (knapsack by DP over memory in units of 1e-3 MiB)."""
+    if budget_mb <= 0:
+        raise WasiToolError(f"activation budget must be positive, got {budget_mb} MB")
+    names = list(captured)
+    options: list[list[tuple[int, float, tuple[int, ...], float]]] = []
+    for name in names:
+        a, dy = captured[name]
+        if dy is None:
+            raise WasiToolError(f"no gradient reached {name} on the calibration batch")
+        spec = spectra(a)
+        seen: dict[tuple[int, ...], tuple[int, float, tuple[int, ...], float]] = {}
+        for eps in candidates:
+            ranks = spec.ranks(eps)
+            if ranks not in seen:
+                mem = tucker_elements(spec.shape, ranks) * 4 / MB
+                seen[ranks] = (int(mem * 1000) + 1, gradient_error(a, dy, spec, ranks), ranks, eps)
+        options.append(list(seen.values()))
+    capacity = int(budget_mb * 1000)
+    need = sum(min(o[0] for o in opts) for opts in options)
+    if need > capacity:
+        raise WasiToolError(
+            f"activation budget {budget_mb} MB is below the smallest choice "
+            f"({need / 1000:.3f} MB for the lowest candidate eps {min(candidates)})"
+        )
+    inf = np.inf
+    dp = np.full(capacity + 1, inf)
+    dp[0] = 0.0
+    picks = np.zeros((len(names), capacity + 1), dtype=np.int16)
+    for li, opts in enumerate(options):
+        new = np.full(capacity + 1, inf)
+        for ci, (mem, err, _, _) in enumerate(opts):
+            cand = np.full(capacity + 1, inf)
+            cand[mem:] = dp[: capacity + 1 - mem] + err
+            better = cand < new
+            new[better] = cand[better]
+            picks[li, better] = ci
+        dp = new
+    used = int(np.argmin(dp))  # the smallest memory reaching the minimum error
+    total_err = float(dp[used])
+    chosen: dict[str, tuple[int, ...]] = {}
+    eps_of: dict[str, float] = {}
+    for li in range(len(names) - 1, -1, -1):
+        mem, _, ranks, eps = options[li][picks[li, used]]
+        chosen[names[li]], eps_of[names[li]] = ranks, eps
+        used -= mem
+    memory = sum(tucker_elements(captured[n][0].shape, chosen[n]) * 4 / MB for n in names)
+    return BudgetChoice(
+        dict(reversed(chosen.items())), dict(reversed(eps_of.items())), memory, total_err
+    )
