@@ -134,3 +134,61 @@ def test_compress_accepts_an_artifact(tmp_path: Path) -> None:
     assert "48/48 factored" in result.stdout
     stages = artifacts.read_manifest(tmp_path / "b")["stages"]
     assert [s["config"]["targets"] for s in stages] == ["mlp", "all"]
+
+
+def test_finetune_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wasi_tool.cli import finetune as finetune_cmd
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(source: Any, data: Any, config: Any, out: Path, **kw: Any) -> None:
+        seen.update(source=source, data=data, config=config, out=out, **kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(finetune_cmd, "run_finetune", fake_run)
+    invoke(
+        "finetune", "runs/x", "--data", "cifar.npz", "--method", "asi", "--act-ranks", "8,4,16",
+        "--epochs", "2", "--batch-size", "16", "--lr", "0.1", "--lr-min", "0.01", "--clip", "0",
+        "--classes", "5,6", "--act-order", "parallel", "--out", tmp_path / "o", "--resume",
+    )  # fmt: skip
+    cfg = seen["config"]
+    assert (seen["source"].checkpoint, seen["data"], seen["out"], seen["resume"]) == (
+        Path("runs/x"), "cifar.npz", tmp_path / "o", True,
+    )  # fmt: skip
+    assert (cfg.method, cfg.act_ranks, cfg.epochs, cfg.batch_size, cfg.lr, cfg.lr_min) == (
+        "asi", [8, 4, 16], 2, 16, 0.1, 0.01,
+    )  # fmt: skip
+    assert (cfg.clip, cfg.classes, cfg.act_order, cfg.momentum, cfg.weight_decay) == (
+        None, [5, 6], "parallel", 0.0, 1e-4,
+    )  # fmt: skip
+
+
+def test_finetune_runs_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    result = invoke(
+        "finetune", "--random-init", *TINY_FLAGS, "--method", "wasi", "--act-ranks", "8,3,16",
+        "--epochs", "1", "--batch-size", "32", "--max-steps", "2", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "saved for backward / step (targets)" in result.stdout
+    assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--act-ranks", "8,x"], "comma-separated integers"),
+        (["--method", "lora"], "unknown method"),
+        (["--data", "/no/such/data"], "no such dataset"),
+        (["--act-eps", "1.5"], "act_eps must be in (0, 1]"),
+        (["--momentum", "0.9"], "momentum"),
+    ],
+)
+def test_finetune_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "runs" / "ft"
+    result = invoke("finetune", "--random-init", *TINY_FLAGS, *args, "--out", out)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()

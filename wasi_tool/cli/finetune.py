@@ -11,6 +11,7 @@ from rich.table import Table
 
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
+from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import METHODS
 from wasi_tool.stages.finetune import FinetuneConfig, FinetuneResult, run_finetune
 
@@ -26,7 +27,7 @@ def _ints(text: str | None, what: str) -> list[int] | None:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{what} takes comma-separated integers, got {text!r}") from None
+        raise WasiToolError(f"{what} takes comma-separated integers, got {text!r}") from None
 
 
 class RichProgress:
@@ -164,10 +165,18 @@ def finetune(
         source = common.model_source(
             checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
         )
-        with RichProgress() as progress:
-            result = run_finetune(
-                source, data, config, out, overwrite=overwrite, resume=resume, progress=progress
+        try:
+            with RichProgress() as progress:
+                result = run_finetune(
+                    source, data, config, out, overwrite=overwrite, resume=resume, progress=progress
+                )
+        except KeyboardInterrupt:
+            common.err_console.print(
+                f"interrupted: the last finished epoch is in {out}.ckpt/; continue with --resume",
+                markup=False,
+                highlight=False,
             )
+            raise typer.Exit(130) from None
     render(result)
 
 

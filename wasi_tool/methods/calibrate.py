@@ -131,7 +131,8 @@ def ranks_under_budget(
     candidates: Sequence[float] = BUDGET_EPS,
 ) -> BudgetChoice:
     """Per-layer ranks minimising the summed gradient error within ``budget_mb`` MiB of
-    compressed activations (knapsack by DP over memory in units of 1e-3 MiB)."""
+    compressed activations (knapsack by DP over memory in units of 1e-3 MiB, each layer's
+    memory rounded up so the budget is never exceeded)."""
     if budget_mb <= 0:
         raise WasiToolError(f"activation budget must be positive, got {budget_mb} MB")
     names = list(captured)
@@ -155,28 +156,41 @@ def ranks_under_budget(
             f"activation budget {budget_mb} MB is below the smallest choice "
             f"({need / 1000:.3f} MB for the lowest candidate eps {min(candidates)})"
         )
-    inf = np.inf
-    dp = np.full(capacity + 1, inf)
+    picks, total_err = knapsack([[(o[0], o[1]) for o in opts] for opts in options], capacity)
+    chosen = {name: options[li][picks[li]][2] for li, name in enumerate(names)}
+    eps_of = {name: options[li][picks[li]][3] for li, name in enumerate(names)}
+    memory = sum(tucker_elements(captured[n][0].shape, chosen[n]) * 4 / MB for n in names)
+    return BudgetChoice(chosen, eps_of, memory, total_err)
+
+
+def knapsack(
+    options: Sequence[Sequence[tuple[int, float]]], capacity: int
+) -> tuple[list[int], float]:
+    """Pick one (cost, error) option per group, total cost <= capacity, least summed error.
+
+    Dynamic programming over integer costs; among equal errors the smallest total cost wins.
+    Returns (the chosen index per group, the summed error).
+    """
+    dp = np.full(capacity + 1, np.inf)
     dp[0] = 0.0
-    picks = np.zeros((len(names), capacity + 1), dtype=np.int16)
-    for li, opts in enumerate(options):
-        new = np.full(capacity + 1, inf)
-        for ci, (mem, err, _, _) in enumerate(opts):
-            cand = np.full(capacity + 1, inf)
-            cand[mem:] = dp[: capacity + 1 - mem] + err
+    picks = np.zeros((len(options), capacity + 1), dtype=np.int32)
+    for gi, opts in enumerate(options):
+        new = np.full(capacity + 1, np.inf)
+        for ci, (cost, err) in enumerate(opts):
+            if cost > capacity:
+                continue
+            cand = np.full(capacity + 1, np.inf)
+            cand[cost:] = dp[: capacity + 1 - cost] + err
             better = cand < new
             new[better] = cand[better]
-            picks[li, better] = ci
+            picks[gi, better] = ci
         dp = new
-    used = int(np.argmin(dp))  # the smallest memory reaching the minimum error
-    total_err = float(dp[used])
-    chosen: dict[str, tuple[int, ...]] = {}
-    eps_of: dict[str, float] = {}
-    for li in range(len(names) - 1, -1, -1):
-        mem, _, ranks, eps = options[li][picks[li, used]]
-        chosen[names[li]], eps_of[names[li]] = ranks, eps
-        used -= mem
-    memory = sum(tucker_elements(captured[n][0].shape, chosen[n]) * 4 / MB for n in names)
-    return BudgetChoice(
-        dict(reversed(chosen.items())), dict(reversed(eps_of.items())), memory, total_err
-    )
+    if not np.isfinite(dp).any():
+        raise WasiToolError("no choice fits the budget")
+    used = int(np.argmin(dp))  # argmin returns the smallest cost reaching the minimum
+    total = float(dp[used])
+    chosen = [0] * len(options)
+    for gi in range(len(options) - 1, -1, -1):
+        chosen[gi] = int(picks[gi, used])
+        used -= options[gi][chosen[gi]][0]
+    return chosen, total

@@ -467,7 +467,7 @@ class _Run:
             loss = F.cross_entropy(logits, labels)
             if not torch.isfinite(loss):
                 raise WasiToolError(
-                    f"training diverged: loss is {float(loss)} at epoch {epoch + 1}, step "
+                    f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, step "
                     f"{step + 1}; the last good checkpoint is in {self.ckpt_dir}"
                 )
             self.opt.zero_grad()

@@ -1,0 +1,100 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wasi_tool.data import BatchTransform, load_data
+from wasi_tool.errors import WasiToolError
+
+
+def test_digits_split_is_seeded_and_disjoint() -> None:
+    a = load_data("digits", 32, val_fraction=0.2, seed=0)
+    b = load_data("digits", 32, val_fraction=0.2, seed=0)
+    assert len(a.train) + len(a.test) == 1797 and len(a.test) == 360
+    assert torch.equal(a.test.images, b.test.images)  # type: ignore[attr-defined]
+    assert a.num_classes == 10
+
+
+def test_batch_transform_shapes_and_normalisation() -> None:
+    t = BatchTransform(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    gray = torch.full((2, 8, 8, 1), 255, dtype=torch.uint8)
+    out = t(gray)
+    assert out.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out, torch.ones_like(out))
+
+
+def test_npz(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
+        y_train=np.arange(20) % 4,
+        x_test=rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8),
+        y_test=np.arange(8) % 4,
+    )
+    splits = load_data(path, 32)
+    assert (len(splits.train), len(splits.test), splits.num_classes) == (20, 8, 4)
+    sub = load_data(path, 32, classes=[2, 3])
+    assert len(sub.train) == 10 and sub.classes == ["2", "3"]
+    assert {y for _, y in sub.test} == {0, 1}  # type: ignore[attr-defined]
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((2, 4, 4, 3), dtype=np.uint8))
+    with pytest.raises(WasiToolError, match="lacks the arrays y_train, x_test, y_test"):
+        load_data(bad, 32)
+
+
+def test_cifar_batches_without_running_code(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(1, 3):
+        batch = {"data": rng.integers(0, 255, (6, 3072), dtype=np.uint8), "labels": [0, 1, 2] * 2}
+        (tmp_path / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    test = {"data": rng.integers(0, 255, (3, 3072), dtype=np.uint8), "labels": [0, 1, 2]}
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(test))
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({"label_names": ["a", "b", "c"]}))
+    splits = load_data(tmp_path, 32)
+    assert (len(splits.train), len(splits.test), splits.classes) == (12, 3, ["a", "b", "c"])
+    image, _ = splits.train[0]
+    assert image.shape == (32, 32, 3)
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (print, ("pwned",))
+
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({"data": Evil(), "labels": []}))
+    with pytest.raises(WasiToolError, match="refusing to load"):
+        load_data(tmp_path, 32)
+
+
+def _write_images(root: Path, sizes: dict[str, list[tuple[int, int, str]]]) -> None:
+    for cls, items in sizes.items():
+        (root / cls).mkdir(parents=True)
+        for k, (w, h, mode) in enumerate(items):
+            Image.new(mode, (w, h), color=k * 40).save(root / cls / f"{k}.png")
+
+
+def test_image_folders_mixed_sizes_and_grayscale(tmp_path: Path) -> None:
+    _write_images(tmp_path, {"cat": [(20, 30, "RGB"), (8, 8, "L")] * 3, "dog": [(40, 40, "L")] * 6})
+    splits = load_data(tmp_path, 24, val_fraction=0.25, seed=0)
+    assert splits.classes == ["cat", "dog"] and len(splits.test) == 3 and len(splits.train) == 9
+    for i in range(len(splits.train)):  # type: ignore[arg-type]
+        image, label = splits.train[i]
+        assert image.shape == (24, 24, 3) and image.dtype == torch.uint8 and label in (0, 1)
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(WasiToolError, match="no class folders"):
+        load_data(tmp_path, 24)
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(WasiToolError, match="no images found"):
+        load_data(tmp_path, 24)
+    (tmp_path / "empty_class" / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "empty_class" / "ok.png").write_bytes(b"")
+    splits = load_data(tmp_path, 24, val_fraction=0.5)
+    with pytest.raises(WasiToolError, match="cannot read image"):
+        [splits.train[i] for i in range(len(splits.train))]  # type: ignore[arg-type]
+    with pytest.raises(WasiToolError, match="no such dataset"):
+        load_data(tmp_path / "nope", 24)
