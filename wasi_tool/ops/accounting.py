@@ -5,6 +5,8 @@ FLOPs count 2 per multiply-add (method.md section 5); bias adds are left out on 
 
 from __future__ import annotations
 
+import math
+
 
 def dense_params(out_features: int, in_features: int, bias: bool) -> int:
     """Parameters of a dense O x I linear."""
@@ -28,10 +30,7 @@ def factored_flops_per_token(out_features: int, in_features: int, rank: int) -> 
 
 def tucker_elements(shape: tuple[int, ...] | list[int], ranks: tuple[int, ...] | list[int]) -> int:
     """Elements stored for a Tucker-compressed activation: prod r_m + sum D_m r_m."""
-    core = 1
-    for r in ranks:
-        core *= r
-    return core + sum(d * r for d, r in zip(shape, ranks, strict=True))
+    return math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks, strict=True))
 
 
 def layer_memory_elements(
@@ -47,9 +46,7 @@ def layer_memory_elements(
     vanilla saves the whole input; asi/wasi save the Tucker core and bases; wsi/wasi keep the
     weight as K (O + I) factor elements, vanilla/asi as O I.
     """
-    full_act = 1
-    for d in act_shape:
-        full_act *= d
+    full_act = math.prod(act_shape)
     compressed = method in ("asi", "wasi")
     factored = method in ("wsi", "wasi")
     if compressed and act_ranks is None:
@@ -77,9 +74,7 @@ def layer_step_flops(
     update: the WSI power iteration from factors (vanilla/asi updates are elementwise, not
     counted). The one-time SVD of compress is not part of a step.
     """
-    tokens = 1
-    for d in act_shape[:-1]:
-        tokens *= d
+    tokens = math.prod(act_shape[:-1])
     o, i = out_features, in_features
     numel = tokens * i
     factored = method in ("wsi", "wasi")
@@ -93,20 +88,14 @@ def layer_step_flops(
         iters = sum(4 * numel * r for r in act_ranks)
         core, size = 0, list(act_shape)
         for mode in sorted(range(len(size)), key=lambda m: act_ranks[m] / size[m]):
-            elems = 1
-            for d in size:
-                elems *= d
-            core += 2 * elems * act_ranks[mode]
+            core += 2 * math.prod(size) * act_ranks[mode]
             size[mode] = act_ranks[mode]
         parts["compress"] = iters + core
         r_last = act_ranks[-1]
         expand, size = 0, list(act_ranks)
         for mode in range(len(size) - 1):
             size[mode] = act_shape[mode]
-            elems = 1
-            for d in size:
-                elems *= d
-            expand += 2 * elems * act_ranks[mode]
+            expand += 2 * math.prod(size) * act_ranks[mode]
         d_w = expand + 2 * tokens * o * r_last + (0 if factored else 2 * o * r_last * i)
     else:
         d_w = 2 * tokens * o * i

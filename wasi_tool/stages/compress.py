@@ -6,12 +6,13 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from wasi_tool import artifacts
+from wasi_tool.config import StageConfig
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model, weights_metadata
 from wasi_tool.models.targets import select_targets, split_patterns
@@ -32,7 +33,7 @@ DEFAULT_EPS = 0.8
 
 
 @dataclass
-class CompressConfig:
+class CompressConfig(StageConfig):
     """How to factor a model.
 
     Args:
@@ -45,6 +46,8 @@ class CompressConfig:
         rank_ratio: instead of eps, K = ceil(rank_ratio * min(O, I)).
         force: factor a layer even when its rank would not save FLOPs (K >= O*I/(O+I)).
     """
+
+    stage: ClassVar[str] = "compress"
 
     targets: str = "mlp"
     exclude: list[str] = field(default_factory=list)
@@ -62,17 +65,6 @@ class CompressConfig:
         if not split_patterns(self.targets):
             raise WasiToolError("targets is empty")
         self.exclude = split_patterns(self.exclude)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise WasiToolError(f"unknown compress setting(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 @dataclass

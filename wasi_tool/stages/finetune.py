@@ -7,7 +7,6 @@ clip 2.0), evaluates and checkpoints each epoch, and writes an artifact plus met
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -15,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from wasi_tool import artifacts
+from wasi_tool.config import StageConfig
 from wasi_tool.data import BatchTransform, DataSplits, load_data
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import SavedBytesMeter, peak_rss_bytes
@@ -42,7 +42,7 @@ METRICS = "metrics.json"
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(StageConfig):
     """How to fine-tune.
 
     Args:
@@ -63,6 +63,8 @@ class FinetuneConfig:
         classes: train on these classes only (relabelled 0..n-1).
         max_steps: stop each epoch after this many steps (quick runs).
     """
+
+    stage: ClassVar[str] = "finetune"
 
     method: str = "wasi"
     targets: str | None = None
@@ -130,17 +132,6 @@ class FinetuneConfig:
             )
         if not 0.0 < self.val_fraction < 1.0:
             raise WasiToolError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise WasiToolError(f"unknown finetune setting(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 class Progress(Protocol):
