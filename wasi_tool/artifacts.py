@@ -229,13 +229,14 @@ def write_artifact(
     """Write a complete artifact directory atomically and return its path.
 
     ``manifest`` is completed with format, version, creation time and file hashes.
-    ``extra(staging_dir)`` may add files (plots) before the hashes are taken.
+    ``extra(staging_dir)`` may add files (plots, ONNX) before the hashes are taken; ``report``
+    may be a callable, called after ``extra``, for figures that ``extra`` produces.
     """
     with atomic_directory(out, overwrite) as staging:
         save_weights(staging / WEIGHTS, tensors, weights_meta)
-        write_json(staging / REPORT, report)
         if extra is not None:
             extra(staging)
+        write_json(staging / REPORT, report() if callable(report) else report)
         full = {
             "format": ARTIFACT_FORMAT,
             "format_version": FORMAT_VERSION,

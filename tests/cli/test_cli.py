@@ -192,3 +192,40 @@ def test_finetune_bad_input(tmp_path: Path, args: list[str], message: str) -> No
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert "Traceback" not in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_export_of_a_corrupt_artifact_is_one_line(tmp_path: Path) -> None:
+    art = tmp_path / "a"
+    assert (
+        invoke(
+            "compress", "--random-init", *TINY_FLAGS, "--rank-ratio", "0.5", "--out", art
+        ).exit_code
+        == 0
+    )
+    blob = bytearray((art / "model.safetensors").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (art / "model.safetensors").write_bytes(bytes(blob))
+    result = invoke("export", art, "--onnx", "--out", tmp_path / "e")
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "does not match its sha256" in lines[0]
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wasi_tool.cli import export as export_cmd
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(source: Any, config: Any, out: Path, **kw: Any) -> None:
+        seen.update(source=source, config=config, out=out, **kw)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(export_cmd, "run_export", fake_run)
+    invoke("export", "runs/x", "--safetensors", "--merge", "--out", tmp_path / "o")
+    assert (seen["config"].onnx, seen["config"].merge) == (False, True)
+    invoke(
+        "export", "runs/x", "--int8", "--ort-opt", "all", "--atol", "1e-3", "--out", tmp_path / "o"
+    )
+    cfg = seen["config"]
+    assert (cfg.onnx, cfg.int8, cfg.ort_opt, cfg.atol) == (True, True, "all", 1e-3)

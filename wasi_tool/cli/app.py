@@ -8,6 +8,7 @@ import typer
 
 from wasi_tool._version import __version__
 from wasi_tool.cli.compress import compress
+from wasi_tool.cli.export import export
 from wasi_tool.cli.finetune import finetune
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
 )
 app.command()(compress)
 app.command()(finetune)
+app.command()(export)
 
 
 def _version(value: bool) -> None:
