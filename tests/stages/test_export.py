@@ -107,3 +107,15 @@ def test_mismatch_beyond_atol_fails_and_writes_nothing(
 def test_config_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(WasiToolError, match=message):
         ExportConfig(**kwargs)
+
+
+def test_fine_tuned_deit_exports(tmp_path: Path) -> None:
+    from wasi_tool.stages import FinetuneConfig, run_finetune
+
+    src = ModelSource(random_init=True, arch="deit_tiny_patch16_224", img_size=32)
+    cfg = FinetuneConfig(method="wasi", act_ranks=[4, 3, 8], epochs=1, batch_size=16, max_steps=1)
+    tuned = run_finetune(src, "digits", cfg, tmp_path / "ft").out
+    result = run_export(ModelSource(checkpoint=tuned), ExportConfig(), tmp_path / "e")
+    assert all(r.passed for r in result.checks)
+    stages = json.loads((result.out / "manifest.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["compress", "finetune", "export"]
