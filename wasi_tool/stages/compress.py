@@ -14,7 +14,7 @@ from torch import nn
 from wasi_tool import artifacts
 from wasi_tool.config import StageConfig
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.loading import LoadedModel, ModelSource, load_model, weights_metadata
+from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.models.targets import select_targets, split_patterns
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
@@ -28,6 +28,7 @@ from wasi_tool.ops import (
     saves_flops,
     spectrum,
 )
+from wasi_tool.stages.common import write_stage_artifact
 
 DEFAULT_EPS = 0.8
 
@@ -238,14 +239,6 @@ def run_compress(
     artifacts.check_output_dir(out, overwrite)
     loaded = load_model(source)
     report = compress_(loaded.model, config)
-    loaded.stages = [*loaded.stages, {"stage": "compress", "config": config.to_dict()}]
-    manifest = {
-        "source": loaded.source,
-        "model": {"arch": loaded.arch, "kwargs": loaded.model_kwargs},
-        "stages": loaded.stages,
-        "layers": [r.to_dict() for r in report.layers],
-    }
-    meta = {**weights_metadata(loaded), "stages": loaded.stages}
 
     def add_plot(staging: Path) -> None:
         if plot:
@@ -254,14 +247,13 @@ def run_compress(
             eps = config.eps if config.rank_ratio is None else None
             plot_energy(report.layers, eps, staging / "energy.png")
 
-    artifacts.write_artifact(
+    files = write_stage_artifact(
+        loaded,
         out,
-        loaded.model.state_dict(),
-        meta,
-        manifest,
+        [{"stage": "compress", "config": config.to_dict()}],
+        [r.to_dict() for r in report.layers],
         report.to_dict(),
         extra=add_plot,
         overwrite=overwrite,
     )
-    files = artifacts.read_manifest(out)["files"]
     return CompressResult(loaded, report, out, files)

@@ -13,9 +13,10 @@ from torch import nn
 from wasi_tool import artifacts, onnxio
 from wasi_tool.config import StageConfig
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.loading import LoadedModel, ModelSource, load_model, weights_metadata
+from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
+from wasi_tool.stages.common import write_stage_artifact
 from wasi_tool.stages.finetune import batch_transform
 
 ONNX_FILE = "model.onnx"
@@ -200,30 +201,22 @@ def run_export(
                     f"{low[0].inputs} is below --min-agreement {config.min_agreement}"
                 )
 
-    loaded.stages = [*loaded.stages, {"stage": "export", "config": config.to_dict()}]
-    manifest = {
-        "source": loaded.source,
-        "model": {"arch": loaded.arch, "kwargs": loaded.model_kwargs},
-        "stages": loaded.stages,
-        "layers": [
-            {
-                "name": n,
-                "out_features": m.out_features,
-                "in_features": m.in_features,
-                "rank": m.rank,
-            }
-            for n, m in model.named_modules()
-            if isinstance(m, FactoredLinear)
-        ],
-        "outputs": roles,
-    }
-    meta = {**weights_metadata(loaded), "stages": loaded.stages}
-
     def report() -> dict[str, Any]:
         return {"stage": "export", "outputs": roles, "checks": [r.__dict__ for r in checks]}
 
-    artifacts.write_artifact(
-        out, model.state_dict(), meta, manifest, report, extra=write_onnx, overwrite=overwrite
+    layers = [
+        {"name": n, "out_features": m.out_features, "in_features": m.in_features, "rank": m.rank}
+        for n, m in model.named_modules()
+        if isinstance(m, FactoredLinear)
+    ]
+    files = write_stage_artifact(
+        loaded,
+        out,
+        [{"stage": "export", "config": config.to_dict()}],
+        layers,
+        report,
+        extra=write_onnx,
+        overwrite=overwrite,
+        outputs=roles,
     )
-    files = artifacts.read_manifest(out)["files"]
     return ExportResult(loaded, out, checks, files, roles)

@@ -28,13 +28,14 @@ from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import SavedBytesMeter, peak_rss_bytes
 from wasi_tool.methods import LayerOptions, SubspaceSGD, finalize_, get_method, prepare_
 from wasi_tool.methods.calibrate import MB, capture, ranks_by_eps, ranks_under_budget
-from wasi_tool.models.loading import LoadedModel, ModelSource, load_model, weights_metadata
+from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.models.targets import select_targets
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.subspace import ASILinear, WASILinear
 from wasi_tool.ops import accounting, check_eps
 from wasi_tool.ops.tucker import ASI_ORDERS
 from wasi_tool.ops.wsi import UPDATE_FORMS
+from wasi_tool.stages.common import write_stage_artifact
 from wasi_tool.stages.compress import CompressConfig, compress_
 
 CHECKPOINT = "last.pt"
@@ -579,42 +580,24 @@ def run_finetune(
     metrics = run.metrics()
     finalize_(run.model)
     run.model.eval()
-    loaded = run.loaded
-    stage = {"stage": "finetune", "config": config.to_dict(), "data": run.data.description}
+    stages = [{"stage": "finetune", "config": config.to_dict(), "data": run.data.description}]
     if run.compress_report is not None:
-        loaded.stages = [
-            *loaded.stages,
-            {"stage": "compress", "config": run.compress_report["config"]},
-        ]
-    loaded.stages = [*loaded.stages, stage]
-    manifest = {
-        "source": loaded.source,
-        "model": {"arch": loaded.arch, "kwargs": loaded.model_kwargs},
-        "stages": loaded.stages,
-        "layers": [
-            {
-                "name": n,
-                "rank": metrics["weight_ranks"].get(n),
-                "act_ranks": metrics["act_ranks"].get(n),
-            }
-            for n in run.targets
-        ],
-    }
-    meta = {**weights_metadata(loaded), "stages": loaded.stages}
+        stages.insert(0, {"stage": "compress", "config": run.compress_report["config"]})
+    layers = [
+        {
+            "name": n,
+            "rank": metrics["weight_ranks"].get(n),
+            "act_ranks": metrics["act_ranks"].get(n),
+        }
+        for n in run.targets
+    ]
 
     def add_metrics(staging: Path) -> None:
         artifacts.write_json(staging / METRICS, metrics)
 
     report = {"stage": "finetune", "final": metrics["final"], "measured": metrics["measured"]}
-    artifacts.write_artifact(
-        out,
-        loaded.model.state_dict(),
-        meta,
-        manifest,
-        report,
-        extra=add_metrics,
-        overwrite=overwrite,
+    files = write_stage_artifact(
+        run.loaded, out, stages, layers, report, extra=add_metrics, overwrite=overwrite
     )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    files = artifacts.read_manifest(out)["files"]
-    return FinetuneResult(loaded, out, metrics, files)
+    return FinetuneResult(run.loaded, out, metrics, files)
