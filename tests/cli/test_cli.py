@@ -229,3 +229,39 @@ def test_export_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.Monk
     )
     cfg = seen["config"]
     assert (cfg.onnx, cfg.int8, cfg.ort_opt, cfg.atol) == (True, True, "all", 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["absent.onnx"], "no such ONNX file"),
+        (["{junk}"], "not a readable ONNX model"),
+        (["{junk}", "--device", "pi9"], "unknown device profile"),
+        (["{junk}", "--ssh", "bad host@x"], "--ssh takes user@host[:port]"),
+        ([], "give an ONNX model, or --train CHECKPOINT"),
+        (["--train", "absent.pth", "--arch", "vit_tiny_patch16_224"], "no such file"),
+        (["--train", "x.pth", "--method", "sgd"], "unknown method"),
+    ],
+)
+def test_bench_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage" * 100)
+    args = [a.replace("{junk}", str(junk)) for a in args]
+    result = invoke("bench", *args, "--json", tmp_path / "out.json")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_bench_runs_locally_and_writes_json(tmp_path: Path) -> None:
+    from tests.bench.test_bench import tiny_onnx
+
+    a, b = tiny_onnx(tmp_path / "a.onnx"), tiny_onnx(tmp_path / "b.onnx", seed=1)
+    out = tmp_path / "bench.json"
+    result = invoke("bench", a, "--vs", b, "--device", "pi5", "--repeats", "3", "--json", out)
+    assert result.exit_code == 0, result.stderr
+    assert "not a pi5" in result.stdout and "p99 ms" in result.stdout
+    import json
+
+    assert json.loads(out.read_text())["profile"]["name"] == "pi5"

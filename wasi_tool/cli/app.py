@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from wasi_tool._version import __version__
+from wasi_tool.cli.bench import bench
 from wasi_tool.cli.compress import compress
 from wasi_tool.cli.export import export
 from wasi_tool.cli.finetune import finetune
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command()(compress)
 app.command()(finetune)
 app.command()(export)
+app.command()(bench)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,185 @@
+"""`wasi-tool bench`: onnxruntime latency (device profiles, local or SSH) or training steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from wasi_tool.bench import (
+    PROFILES,
+    InferenceBenchConfig,
+    SSHTarget,
+    TrainBenchConfig,
+    get_profile,
+    run_inference_bench,
+    run_train_bench,
+)
+from wasi_tool.cli import common
+from wasi_tool.cli.common import console, human_bytes
+from wasi_tool.errors import WasiToolError
+
+
+def bench(
+    model: Annotated[
+        Path | None,
+        typer.Argument(help="ONNX model to time (inference bench).", show_default=False),
+    ] = None,
+    vs: Annotated[
+        str | None,
+        typer.Option(help="Compare with: another ONNX file, or with --train a method name."),
+    ] = None,
+    device: Annotated[str, typer.Option(help=f"Device profile: {', '.join(PROFILES)}.")] = "host",
+    ssh: Annotated[
+        str | None, typer.Option(help="Run on a device: user@host[:port] (python3 + onnxruntime).")
+    ] = None,
+    ssh_key: Annotated[Path | None, typer.Option(help="Identity file for --ssh.")] = None,
+    remote_python: Annotated[
+        str, typer.Option(help="Interpreter on the device that has onnxruntime.")
+    ] = "python3",
+    known_hosts: Annotated[
+        Path | None, typer.Option(help="known_hosts file for --ssh (host keys are checked).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Batch (default 1 for inference, 32 for --train).")
+    ] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warm-up runs/steps (10 / 3).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed inference runs per model.")] = 50,
+    train: Annotated[
+        Path | None, typer.Option(help="Training bench of this checkpoint or artifact.")
+    ] = None,
+    method: Annotated[str, typer.Option(help="Method for --train.")] = "wasi",
+    steps: Annotated[int, typer.Option(help="Timed training steps.")] = 20,
+    targets: Annotated[str | None, typer.Option(help="Target layers for --train.")] = None,
+    act_ranks: Annotated[
+        str | None, typer.Option(help="Activation ranks for --train (default B/4, N/4, 32).")
+    ] = None,
+    arch: common.Arch = None,
+    num_classes: common.NumClasses = None,
+    img_size: common.ImgSize = None,
+    random_init: common.RandomInit = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write every figure here.")
+    ] = None,
+) -> None:
+    """Time an ONNX model on a device profile (locally or over SSH), or training steps."""
+    with common.user_errors():
+        if train is not None or random_init:
+            result = _train(
+                train, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
+                num_classes, img_size, random_init,
+            )  # fmt: skip
+        else:
+            if model is None:
+                raise WasiToolError("give an ONNX model, or --train CHECKPOINT")
+            profile = get_profile(device)
+            config = InferenceBenchConfig(
+                batch_size=batch_size or 1, warmup=10 if warmup is None else warmup, repeats=repeats
+            )
+            target = (
+                SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python) if ssh else None
+            )
+            with console.status("benchmarking..."):
+                result = run_inference_bench(
+                    model, Path(vs) if vs else None, profile, config, target
+                )
+            render_inference(result)
+        if json_path is not None:
+            try:
+                json_path.write_text(json.dumps(result, indent=2) + "\n")
+            except OSError as exc:
+                raise WasiToolError(f"cannot write {json_path}: {exc.strerror}") from None
+
+
+def _train(
+    train: Path | None, vs: str | None, method: str, steps: int, batch_size: int | None,
+    warmup: int | None, targets: str | None, act_ranks: str | None, arch: str | None,
+    num_classes: int | None, img_size: int | None, random_init: bool,
+) -> dict[str, Any]:  # fmt: skip
+    try:
+        ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None
+    except ValueError:
+        raise WasiToolError(
+            f"--act-ranks takes comma-separated integers, got {act_ranks!r}"
+        ) from None
+    config = TrainBenchConfig(
+        checkpoint=str(train) if train else None,
+        arch=arch,
+        num_classes=num_classes,
+        img_size=img_size,
+        random_init=random_init,
+        method=method,
+        targets=targets,
+        act_ranks=ranks,
+        batch_size=batch_size or 32,
+        steps=steps,
+        warmup=3 if warmup is None else warmup,
+    )
+    with console.status("timing training steps (a fresh process per method)..."):
+        result = run_train_bench(config, vs)
+    render_train(result)
+    return result
+
+
+def render_inference(result: dict[str, Any]) -> None:
+    prof = result["profile"]
+    title = (
+        f"onnxruntime {result['onnxruntime']}: batch {result['batch']}, {result['threads']} "
+        f"threads, {prof['name']} profile"
+    )
+    table = Table(title=title)
+    cols = ("model", "file", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "img/s", "+RSS")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in result["models"].values():
+        table.add_row(
+            Path(m["path"]).name if len(result["models"]) == 1 else m["path"],
+            human_bytes(m["file_bytes"]),
+            *(f"{m[k]:.2f}" for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms")),
+            f"{m['images_per_second']:.1f}",
+            human_bytes(m["rss_growth_bytes"]),
+        )
+    if "ratios" in result:
+        r = result["ratios"]
+        speed = r["p50_speedup_vs"]
+        pace = f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
+        table.add_section()
+        table.add_row(
+            "model vs --vs", f"{1 / r['file_size_ratio_vs']:.2f}x the size", pace,
+            "", "", "", "", "", "",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        f"ran on: {result['ran_on']['note']}; {prof['description']} "
+        f"(process peak RSS {human_bytes(result['peak_rss_bytes'])})"
+    )
+
+
+def render_train(result: dict[str, Any]) -> None:
+    table = Table(title="training step (forward, backward, update), synthetic input")
+    for col in ("method", "input", "median step", "saved / step", "in targets", "peak RSS"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, m in result["methods"].items():
+        table.add_row(
+            name,
+            "x".join(map(str, m["input"])),
+            f"{m['median_step_seconds'] * 1e3:.1f} ms",
+            human_bytes(m["saved_bytes_total"]),
+            human_bytes(m["saved_bytes_targets"]),
+            human_bytes(m["peak_rss_bytes"]),
+        )
+    if "ratios" in result:
+        r = result["ratios"]
+        table.add_section()
+        table.add_row(
+            f"{next(iter(result['methods']))} vs --vs",
+            "",
+            f"{r['step_speedup_vs']:.2f}x faster",
+            f"{r['saved_bytes_ratio_vs']:.1f}x fewer",
+            f"{r['target_saved_bytes_ratio_vs']:.1f}x fewer",
+            f"{r['peak_rss_ratio_vs']:.2f}x less",
+        )
+    console.print(table)
