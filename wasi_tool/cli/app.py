@@ -11,6 +11,7 @@ from wasi_tool.cli.bench import bench
 from wasi_tool.cli.compress import compress
 from wasi_tool.cli.export import export
 from wasi_tool.cli.finetune import finetune
+from wasi_tool.cli.run import run
 
 app = typer.Typer(
     name="wasi-tool",
@@ -23,6 +24,7 @@ app.command()(compress)
 app.command()(finetune)
 app.command()(export)
 app.command()(bench)
+app.command()(run)
 
 
 def _version(value: bool) -> None:

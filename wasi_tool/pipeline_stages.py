@@ -1,0 +1,268 @@
+"""How each pipeline stage kind runs: the library functions the CLI commands call, plus the
+report that compares the stages of a run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from wasi_tool import artifacts
+from wasi_tool.bench import (
+    InferenceBenchConfig,
+    TrainBenchConfig,
+    get_profile,
+    run_inference_bench,
+    run_train_bench,
+)
+from wasi_tool.errors import WasiToolError
+from wasi_tool.models.loading import ModelSource
+from wasi_tool.pipeline import StageSpec
+from wasi_tool.stages.compress import CompressConfig, run_compress
+from wasi_tool.stages.export import ExportConfig, run_export
+from wasi_tool.stages.finetune import FinetuneConfig, run_finetune
+
+BENCH_FILE = "bench.json"
+
+
+def _source(spec: StageSpec, run_dir: Path) -> ModelSource:
+    if spec.input is not None:
+        return ModelSource(checkpoint=run_dir / spec.input)
+    return ModelSource(**spec.source)
+
+
+def run_stage(spec: StageSpec, run_dir: Path, out: Path, progress: Any = None) -> None:
+    """Run one stage, replacing ``out`` atomically."""
+    opts = spec.options
+    if spec.kind == "compress":
+        cfg = CompressConfig.from_dict(spec.config)
+        run_compress(_source(spec, run_dir), cfg, out, overwrite=True, plot=bool(opts.get("plot")))
+    elif spec.kind == "finetune":
+        cfg_f = FinetuneConfig.from_dict(spec.config)
+        run_finetune(
+            _source(spec, run_dir), opts["data"], cfg_f, out, overwrite=True, progress=progress
+        )
+    elif spec.kind == "export":
+        run_export(_source(spec, run_dir), ExportConfig.from_dict(spec.config), out, overwrite=True)
+    elif spec.kind == "bench":
+        result = _bench(spec, run_dir)
+        with artifacts.atomic_directory(out, overwrite=True) as staging:
+            artifacts.write_json(staging / BENCH_FILE, result)
+    elif spec.kind == "report":
+        names = list(opts.get("stages") or [])
+        with artifacts.atomic_directory(out, overwrite=True) as staging:
+            write_report(run_dir, names, staging, str(opts.get("title", "wasi-tool report")))
+    else:  # load_pipeline rejects other kinds
+        raise WasiToolError(f"unknown stage kind {spec.kind!r}")
+
+
+def _bench(spec: StageSpec, run_dir: Path) -> dict[str, Any]:
+    opts = spec.options
+    if spec.input is None:
+        raise WasiToolError(f"bench stage {spec.name!r} needs an input stage")
+    if opts.get("train"):
+        cfg = TrainBenchConfig(
+            checkpoint=str(run_dir / spec.input),
+            method=str(opts.get("method", "wasi")),
+            batch_size=int(opts.get("batch_size", 32)),
+            steps=int(opts.get("steps", 10)),
+            warmup=int(opts.get("warmup", 2)),
+        )
+        result = run_train_bench(cfg, opts.get("vs"))
+        result["kind"] = "train"
+        return result
+    vs = opts.get("vs")
+    result = run_inference_bench(
+        run_dir / spec.input / "model.onnx",
+        run_dir / vs / "model.onnx" if vs else None,
+        get_profile(str(opts.get("device", "host"))),
+        InferenceBenchConfig(
+            batch_size=int(opts.get("batch_size", 1)),
+            warmup=int(opts.get("warmup", 10)),
+            repeats=int(opts.get("repeats", 50)),
+        ),
+    )
+    result["kind"] = "inference"
+    result["stages"] = [spec.input, *([vs] if vs else [])]
+    return result
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _mb(n: float | None) -> str:
+    return "" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict[str, Any]:
+    """Compare the named stages' outputs: report.md, report.json and PNG plots in ``out``."""
+    finetunes: list[tuple[str, dict[str, Any]]] = []
+    compresses: list[tuple[str, dict[str, Any], Path]] = []
+    trains: list[tuple[str, dict[str, Any]]] = []
+    inferences: list[tuple[str, dict[str, Any]]] = []
+    exports: list[tuple[str, Path]] = []
+    for name in names:
+        d = run_dir / name
+        if (d / "metrics.json").is_file():
+            finetunes.append((name, json.loads((d / "metrics.json").read_text())))
+        elif (d / BENCH_FILE).is_file():
+            b = json.loads((d / BENCH_FILE).read_text())
+            (trains if b.get("kind") == "train" else inferences).append((name, b))
+        elif (d / "model.onnx").is_file():
+            exports.append((name, d))
+        elif (d / artifacts.REPORT).is_file():
+            rep = json.loads((d / artifacts.REPORT).read_text())
+            if rep.get("stage") == "compress":
+                compresses.append((name, rep, d))
+    lines = [f"# {title}", ""]
+    summary: dict[str, Any] = {"finetune": {}, "train_bench": {}, "inference": {}, "export": {}}
+    base = next((m for _, m in finetunes if m["method"] == "vanilla"), None)
+    if finetunes:
+        lines += [
+            "## Fine-tuning (measured in the run)",
+            "",
+            _row(
+                "stage",
+                "method",
+                "test acc",
+                "median step",
+                "saved / step",
+                "in targets",
+                "vs vanilla (targets)",
+            ),
+            _row(*["---"] * 7),
+        ]
+        for name, m in finetunes:
+            meas = m["measured"]
+            saved = meas["saved_bytes_per_step"]
+            ratio = ""
+            if base is not None and saved["targets"]:
+                fewer = base["measured"]["saved_bytes_per_step"]["targets"] / saved["targets"]
+                ratio = f"{fewer:.1f}x fewer"
+            acc = m["final"]["test_accuracy"] if m["final"] else float("nan")
+            step = f"{meas['median_step_seconds'] * 1e3:.1f} ms"
+            lines.append(
+                _row(
+                    name,
+                    m["method"],
+                    f"{acc:.4f}",
+                    step,
+                    _mb(saved["total"]),
+                    _mb(saved["targets"]),
+                    ratio,
+                )
+            )
+            summary["finetune"][name] = {"method": m["method"], "test_accuracy": acc, **saved}
+        lines.append("")
+    for name, b in trains:
+        lines += [
+            f"## Training step, a fresh process per method ({name})",
+            "",
+            _row("method", "median step", "peak RSS", "saved / step", "in targets"),
+            _row(*["---"] * 5),
+        ]
+        for method, r in b["methods"].items():
+            lines.append(
+                _row(
+                    method,
+                    f"{r['median_step_seconds'] * 1e3:.1f} ms",
+                    _mb(r["peak_rss_bytes"]),
+                    _mb(r["saved_bytes_total"]),
+                    _mb(r["saved_bytes_targets"]),
+                )
+            )
+        if "ratios" in b:
+            r = b["ratios"]
+            lines.append(
+                _row(
+                    "ratio",
+                    f"{r['step_speedup_vs']:.2f}x faster",
+                    f"{r['peak_rss_ratio_vs']:.2f}x less",
+                    f"{r['saved_bytes_ratio_vs']:.1f}x fewer",
+                    f"{r['target_saved_bytes_ratio_vs']:.1f}x fewer",
+                )
+            )
+        summary["train_bench"][name] = b.get("ratios", {})
+        lines.append("")
+    for name, b in inferences:
+        lines += [
+            f"## Inference, onnxruntime ({name}: {b['ran_on']['note']}, batch {b['batch']}, "
+            f"{b['threads']} threads)",
+            "",
+            _row("model", "file", "p50", "p90"),
+            _row(*["---"] * 4),
+        ]
+        for key, stage in zip(("a", "b"), b.get("stages", []), strict=False):
+            m = b["models"][key]
+            p50, p90 = f"{m['p50_ms']:.2f} ms", f"{m['p90_ms']:.2f} ms"
+            lines.append(_row(stage, _mb(m["file_bytes"]), p50, p90))
+        if "ratios" in b:
+            r = b["ratios"]
+            size = f"{1 / r['file_size_ratio_vs']:.2f}x the size"
+            lines.append(_row("ratio", size, f"{r['p50_speedup_vs']:.2f}x faster", ""))
+        summary["inference"][name] = b.get("ratios", {})
+        lines.append("")
+    for name, d in exports:
+        summary["export"][name] = {"onnx_bytes": (d / "model.onnx").stat().st_size}
+    plots = _plots(finetunes, compresses, out)
+    if plots:
+        lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
+    (out / "report.md").write_text("\n".join(lines))
+    artifacts.write_json(out / "report.json", summary)
+    return summary
+
+
+def _plots(
+    finetunes: list[tuple[str, dict[str, Any]]],
+    compresses: list[tuple[str, dict[str, Any], Path]],
+    out: Path,
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for name, _, d in compresses:
+        if (d / "energy.png").is_file():
+            shutil.copyfile(d / "energy.png", out / f"energy-{name}.png")
+            made.append(f"energy-{name}.png")
+    for name, rep, _ in compresses:
+        fig, ax = plt.subplots(figsize=(8, 3))
+        layers = rep["layers"]
+        ax.bar(range(len(layers)), [r["rank"] / r["full_rank"] for r in layers])
+        ax.set_xticks(range(len(layers)), [r["name"] for r in layers], rotation=90, fontsize=6)
+        ax.set_ylabel("rank / min(O, I)")
+        ax.set_title(f"rank per layer ({name})")
+        fig.tight_layout()
+        fig.savefig(out / f"ranks-{name}.png", dpi=110)
+        plt.close(fig)
+        made.append(f"ranks-{name}.png")
+    if finetunes:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for name, m in finetunes:
+            epochs = [e["epoch"] for e in m["epochs"]]
+            ax.plot(epochs, [e["test_accuracy"] for e in m["epochs"]], marker="o", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "training.png", dpi=110)
+        plt.close(fig)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+        names = [n for n, _ in finetunes]
+        a1.bar(names, [m["final"]["test_accuracy"] if m["final"] else 0 for _, m in finetunes])
+        a1.set_title("test accuracy")
+        saved = [
+            (m["measured"]["saved_bytes_per_step"]["targets"] or 0) / 1e6 for _, m in finetunes
+        ]
+        a2.bar(names, saved)
+        a2.set_title("saved for backward in targets (MB/step)")
+        fig.tight_layout()
+        fig.savefig(out / "memory-accuracy.png", dpi=110)
+        plt.close(fig)
+        made += ["training.png", "memory-accuracy.png"]
+    return made
