@@ -17,6 +17,7 @@ from wasi_tool.bench import (
     run_train_bench,
 )
 from wasi_tool.errors import WasiToolError
+from wasi_tool.measure import pace
 from wasi_tool.models.loading import ModelSource
 from wasi_tool.pipeline import StageSpec
 from wasi_tool.stages.compress import CompressConfig, run_compress
@@ -178,7 +179,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             lines.append(
                 _row(
                     "ratio",
-                    f"{r['step_speedup_vs']:.2f}x faster",
+                    pace(r["step_speedup_vs"]),
                     f"{r['peak_rss_ratio_vs']:.2f}x less",
                     f"{r['saved_bytes_ratio_vs']:.1f}x fewer",
                     f"{r['target_saved_bytes_ratio_vs']:.1f}x fewer",
@@ -201,7 +202,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
         if "ratios" in b:
             r = b["ratios"]
             size = f"{1 / r['file_size_ratio_vs']:.2f}x the size"
-            lines.append(_row("ratio", size, f"{r['p50_speedup_vs']:.2f}x faster", ""))
+            lines.append(_row("ratio", size, pace(r["p50_speedup_vs"]), ""))
         summary["inference"][name] = b.get("ratios", {})
         lines.append("")
     for name, d in exports:

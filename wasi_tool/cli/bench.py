@@ -21,6 +21,7 @@ from wasi_tool.bench import (
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, human_bytes
 from wasi_tool.errors import WasiToolError
+from wasi_tool.measure import pace
 
 
 def bench(
@@ -144,13 +145,9 @@ def render_inference(result: dict[str, Any]) -> None:
         )
     if "ratios" in result:
         r = result["ratios"]
-        speed = r["p50_speedup_vs"]
-        pace = f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
         table.add_section()
-        table.add_row(
-            "model vs --vs", f"{1 / r['file_size_ratio_vs']:.2f}x the size", pace,
-            "", "", "", "", "", "",
-        )  # fmt: skip
+        size = f"{1 / r['file_size_ratio_vs']:.2f}x the size"
+        table.add_row("model vs --vs", size, pace(r["p50_speedup_vs"]), *[""] * 6)
     console.print(table)
     console.print(
         f"ran on: {result['ran_on']['note']}; {prof['description']} "
@@ -177,7 +174,7 @@ def render_train(result: dict[str, Any]) -> None:
         table.add_row(
             f"{next(iter(result['methods']))} vs --vs",
             "",
-            f"{r['step_speedup_vs']:.2f}x faster",
+            pace(r["step_speedup_vs"]),
             f"{r['saved_bytes_ratio_vs']:.1f}x fewer",
             f"{r['target_saved_bytes_ratio_vs']:.1f}x fewer",
             f"{r['peak_rss_ratio_vs']:.2f}x less",
