@@ -120,14 +120,13 @@ def _umask() -> int:
     return current
 
 
-def _makedirs_tracked(path: Path) -> list[Path]:
-    """mkdir -p, returning the directories it created (deepest last)."""
-    created: list[Path] = []
+def _makedirs_tracked(path: Path, created: list[Path]) -> None:
+    """mkdir -p, appending each directory it creates to ``created`` (deepest last), so a
+    caller can remove them even when a later mkdir fails."""
     for parent in reversed([path, *path.parents]):
         if not parent.exists():
             parent.mkdir()
             created.append(parent)
-    return created
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -148,10 +147,18 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     check_output_dir(out, overwrite)
+    created: list[Path] = []
+
+    def remove_created() -> None:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
     try:
-        created = _makedirs_tracked(out.parent.resolve())
+        _makedirs_tracked(out.parent.resolve(), created)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as exc:
+        remove_created()
         raise WasiToolError(f"cannot create output {out}: {exc.strerror or exc}") from None
     try:
         yield staging
@@ -170,9 +177,7 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
         _fsync_path(out.parent)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        for directory in reversed(created):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+        remove_created()
         if isinstance(exc, OSError):
             raise WasiToolError(f"cannot write {out}: {exc.strerror or exc}") from None
         raise

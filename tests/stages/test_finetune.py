@@ -122,9 +122,38 @@ def test_divergence_is_a_clear_error(tmp_path: Path) -> None:
     cfg = FinetuneConfig(
         method="vanilla", epochs=1, batch_size=32, max_steps=20, lr=1e12, lr_min=1e12, clip=None
     )
-    with pytest.raises(WasiToolError, match="training diverged"):
+    with pytest.raises(WasiToolError, match=r"training diverged: .* at epoch 1, step \d+") as err:
         run_finetune(SRC, "digits", cfg, tmp_path / "d")
+    assert "first non-finite output: " in str(err.value) or "gradient in " in str(err.value)
     assert not (tmp_path / "d").exists()
+
+
+def test_divergence_names_the_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wasi_tool.nn import WASILinear
+
+    original = WASILinear.forward
+
+    def poisoned(self: WASILinear, x: torch.Tensor) -> torch.Tensor:
+        out = original(self, x)
+        if self is poisoned_layer[0]:
+            out = out + float("nan")
+        return out
+
+    poisoned_layer: list[Any] = []
+    monkeypatch.setattr(WASILinear, "forward", poisoned)
+
+    cfg = FinetuneConfig(method="wasi", act_ranks=[8, 3, 16], epochs=1, batch_size=16, max_steps=2)
+    import wasi_tool.stages.finetune as ft
+
+    real_prepare = ft.prepare_
+
+    def prepare_and_pick(model: Any, *args: Any) -> None:
+        real_prepare(model, *args)
+        poisoned_layer.append(model.get_submodule("blocks.3.mlp.fc2"))
+
+    monkeypatch.setattr(ft, "prepare_", prepare_and_pick)
+    with pytest.raises(WasiToolError, match=r"first non-finite output: blocks\.3\.mlp\.fc2\)"):
+        run_finetune(SRC, "digits", cfg, tmp_path / "n")
 
 
 @pytest.mark.parametrize(

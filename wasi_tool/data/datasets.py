@@ -135,8 +135,10 @@ def _npz(path: Path) -> DataSplits:
                 raise WasiToolError(f"{path} lacks the arrays {', '.join(missing)}")
             arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
             names = [str(n) for n in data["label_names"]] if "label_names" in data else None
-    except (OSError, ValueError, EOFError) as exc:
-        raise WasiToolError(f"cannot read {path}: {exc}") from None
+    except WasiToolError:
+        raise
+    except Exception as exc:  # OSError, ValueError, zipfile.BadZipFile, pickle refusals...
+        raise WasiToolError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     labels = np.concatenate([arrays["y_train"], arrays["y_test"]]).astype(np.int64)
     if labels.size == 0 or labels.min() < 0:
         raise WasiToolError(f"{path}: labels must be non-negative integers")

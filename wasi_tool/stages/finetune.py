@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +253,43 @@ def _layer_accounting(
     return rows
 
 
+@torch.no_grad()
+def first_non_finite_output(model: nn.Module, x: torch.Tensor) -> str:
+    """The first leaf module (in execution order) whose output has a NaN or inf."""
+    found: list[str] = []
+
+    def hook(name: str) -> Any:
+        def check(mod: nn.Module, args: Any, out: Any) -> None:
+            if not found and isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+                found.append(name)
+
+        return check
+
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in model.named_modules()
+        if n and not any(True for _ in m.children())
+    ]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else "none found again (the input itself?)"
+
+
+def first_non_finite_grad(model: nn.Module) -> str | None:
+    """Name of the first parameter (or WASI layer's gradient factor) that is not finite."""
+    for name, module in model.named_modules():
+        pending = module.sink.p if isinstance(module, WASILinear) else None
+        if pending is not None and not bool(torch.isfinite(pending).all()):
+            return f"{name} (WASI gradient factor P)"
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return name
+    return None
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
@@ -331,6 +370,9 @@ class _Run:
         self.saved_targets: list[int] = []
         self.act_shapes: dict[str, tuple[int, ...]] = {}
         self.start_epoch = 0
+        self.resume_step = 0  # steps of start_epoch already done (a checkpoint made by Ctrl-C)
+        self.partial = [0.0, 0.0, 0.0, 0.0]
+        self.stop_requested = False
 
     def _calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         order = _epoch_order(len(self.data.train), self.config.seed, 0)  # type: ignore[arg-type]
@@ -373,10 +415,16 @@ class _Run:
             if isinstance(m, (WASILinear, ASILinear)) and m.act is not None
         }
 
-    def save_checkpoint(self, epoch: int) -> None:
+    def save_checkpoint(
+        self, epoch: int, step: int = 0, partial: list[float] | None = None
+    ) -> None:
+        """State after epoch index ``epoch`` finished and ``step`` steps of the next one
+        (``partial``: that epoch's loss sum, correct count, samples seen, seconds so far)."""
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         state = {
             "epoch": epoch,
+            "step": step,
+            "partial": partial or [0.0, 0.0, 0.0, 0.0],
             "config": self.config.to_dict(),
             "data": self.data_spec,
             "model": self.model.state_dict(),
@@ -417,7 +465,12 @@ class _Run:
         self.saved_targets = list(state["saved_targets"])
         self.act_shapes = {k: tuple(v) for k, v in state["act_shapes"].items()}
         self.start_epoch = int(state["epoch"]) + 1
-        self.progress.note(f"resumed after epoch {self.start_epoch} from {path}")
+        self.resume_step = int(state["step"])
+        self.partial = [float(v) for v in state["partial"]]
+        where = f"epoch {self.start_epoch}" + (
+            f", step {self.resume_step}" if self.resume_step else ""
+        )
+        self.progress.note(f"resumed after {where} from {path}")
 
     # -- training ---------------------------------------------------------------------------
     def _record_shapes(self) -> list[Any]:
@@ -429,15 +482,24 @@ class _Run:
             for n in self.targets
         ]
 
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True  # acted on at the end of the current step
+
     def train(self) -> None:
+        """Train the remaining epochs; Ctrl-C finishes the step, checkpoints it, and raises
+        KeyboardInterrupt, so a resumed run continues from exactly that step."""
         cfg = self.config
         meter = SavedBytesMeter(self.model, self.targets)
         shape_hooks = self._record_shapes()
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._request_stop) if in_main else None
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
                 self._train_epoch(epoch, meter)
                 self.save_checkpoint(epoch)
         finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
             meter.remove()
             for h in shape_hooks:
                 h.remove()
@@ -447,28 +509,35 @@ class _Run:
         self.model.train()
         order = _epoch_order(len(self.data.train), cfg.seed, epoch)  # type: ignore[arg-type]
         self.progress.start_epoch(epoch, cfg.epochs, self.steps_per_epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
-        start = time.perf_counter()
+        skip = self.resume_step if epoch == self.start_epoch else 0
+        loss_sum, correct, seen, before = self.partial if skip else (0.0, 0, 0, 0.0)
+        start = time.perf_counter() - before
         for step, (images, labels) in enumerate(_loader(self.data.train, cfg.batch_size, order)):
             if step >= self.steps_per_epoch:
                 break
+            if step < skip:  # done before the interruption; the order is the same
+                continue
             x = self.transform(images)
             t0 = time.perf_counter()
             with meter:
                 logits = self.model(x)
             loss = F.cross_entropy(logits, labels)
+            where = f"epoch {epoch + 1}, step {step + 1}"
             if not torch.isfinite(loss):
                 raise WasiToolError(
-                    f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, step "
-                    f"{step + 1}; the last good checkpoint is in {self.ckpt_dir}"
+                    f"training diverged: loss is {float(loss.detach())} at {where} (first "
+                    f"non-finite output: {first_non_finite_output(self.model, x)}); the last good "
+                    f"checkpoint is in {self.ckpt_dir}"
                 )
             self.opt.zero_grad()
             loss.backward()
-            self.opt.step()
-            if not math.isfinite(self.opt.last_grad_norm):
+            bad = first_non_finite_grad(self.model)
+            if bad is not None:
                 raise WasiToolError(
-                    f"training diverged: non-finite gradient at epoch {epoch + 1}, step {step + 1}"
+                    f"training diverged: non-finite gradient in {bad} at {where}; the last good "
+                    f"checkpoint is in {self.ckpt_dir}"
                 )
+            self.opt.step()
             self.sched.step()
             elapsed = time.perf_counter() - t0
             self.step_times.append(elapsed)
@@ -480,6 +549,10 @@ class _Run:
             correct += batch_correct
             seen += len(labels)
             self.progress.step(batch_loss, batch_correct / len(labels), len(labels) / elapsed)
+            if self.stop_requested:
+                spent = time.perf_counter() - start
+                self.save_checkpoint(epoch - 1, step + 1, [loss_sum, correct, seen, spent])
+                raise KeyboardInterrupt
         test = evaluate(self.model, self.data.test, self.transform, cfg.batch_size)
         record = {
             "epoch": epoch + 1,

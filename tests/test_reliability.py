@@ -1,0 +1,291 @@
+# ruff: noqa: E501  (the corpus below is a table: one case per line reads best)
+"""Reliability: interruption and resume (Ctrl-C mid-epoch, a real SIGKILL) and a corpus of
+malformed inputs, each one line on stderr, exit 1, no traceback and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from tests.bench.test_bench import tiny_onnx
+from tests.conftest import TINY, tiny_model
+from wasi_tool import artifacts
+from wasi_tool.cli.app import app
+from wasi_tool.models import ModelSource
+from wasi_tool.stages import CompressConfig, FinetuneConfig, run_compress, run_finetune
+
+SRC = ModelSource(random_init=True, arch=TINY["arch"], img_size=32)
+CFG = FinetuneConfig(method="wasi", act_ranks=[8, 3, 16], epochs=2, batch_size=16, max_steps=4)
+CLI_TRAIN = [
+    "--random-init", "--arch", TINY["arch"], "--img-size", "32", "--method", "wasi",
+    "--act-ranks", "8,3,16", "--epochs", "3", "--batch-size", "16", "--max-steps", "4",
+]  # fmt: skip
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return artifacts.load_weights(out / "model.safetensors")[0]
+
+
+def _same(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def _epochs(out: Path) -> list[dict[str, Any]]:
+    records = json.loads((out / "metrics.json").read_text())["epochs"]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+class SigintAt:
+    """Sends this process a real SIGINT after the given step (counted over the run)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.steps = at, 0
+
+    def start_epoch(self, *args: Any) -> None:
+        pass
+
+    def step(self, *args: Any) -> None:
+        self.steps += 1
+        if self.steps == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resume_is_exact(tmp_path: Path) -> None:
+    straight = run_finetune(SRC, "digits", CFG, tmp_path / "a").out
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(SRC, "digits", CFG, tmp_path / "b", progress=SigintAt(6))  # epoch 2, step 2
+    state = torch.load(tmp_path / "b.ckpt" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 2)
+    resumed = run_finetune(SRC, "digits", CFG, tmp_path / "b", resume=True).out
+    _same(straight, resumed)
+    assert _epochs(straight) == _epochs(resumed)
+
+
+def test_cli_ctrl_c_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wasi_tool.cli import finetune as finetune_cmd
+
+    original = finetune_cmd.RichProgress.step
+    calls = {"n": 0}
+
+    def step(self: Any, *args: Any) -> None:
+        original(self, *args)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(finetune_cmd.RichProgress, "step", step)
+    result = CliRunner().invoke(app, ["finetune", *CLI_TRAIN, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 130
+    assert "continue with --resume" in result.stderr
+    assert torch.load(tmp_path / "o.ckpt" / "last.pt", weights_only=True)["step"] == 2
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "wasi_tool", "finetune", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path: Path) -> None:
+    assert _cli(*CLI_TRAIN, "--out", tmp_path / "a").returncode == 0
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "wasi_tool", "finetune", *CLI_TRAIN, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "b.ckpt" / "last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(float(np.random.default_rng().uniform(0.0, 1.0)))  # any moment after that
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert ckpt.exists() and not out.exists()
+    resumed = _cli(*CLI_TRAIN, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _same(tmp_path / "a", out)
+    assert _epochs(tmp_path / "a") == _epochs(out)
+
+
+# -- the corpus of malformed inputs ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("corpus")
+    model = tiny_model()
+    f: dict[str, Path] = {}
+    f["pth"] = d / "tiny.pth"
+    torch.save(model.state_dict(), f["pth"])
+    good = d / "good.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(good))
+    f["truncated"] = d / "truncated.safetensors"
+    f["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    art = run_compress(SRC, CompressConfig(rank_ratio=0.5), d / "artifact").out
+    f["artifact"] = art
+    for name, edit in {
+        "flipped": None,
+        "version": lambda m: {**m, "format_version": 99},
+        "missing": lambda m: {k: v for k, v in m.items() if k != "layers"},
+        "notjson": "garbage",
+    }.items():
+        copy = d / f"art-{name}"
+        copy.mkdir()
+        for p in art.iterdir():
+            (copy / p.name).write_bytes(p.read_bytes())
+        manifest = json.loads((copy / "manifest.json").read_text())
+        if name == "flipped":
+            blob = bytearray((copy / "model.safetensors").read_bytes())
+            blob[len(blob) // 2] ^= 0x01
+            (copy / "model.safetensors").write_bytes(bytes(blob))
+        elif name == "notjson":
+            (copy / "manifest.json").write_text("{not json")
+        else:
+            (copy / "manifest.json").write_text(json.dumps(edit(manifest)))  # type: ignore[operator]
+        f[f"art-{name}"] = copy
+    f["randpt"] = d / "random.pt"
+    f["randpt"].write_bytes(np.random.default_rng(0).bytes(4096))
+    f["pickled"] = d / "whole.pt"
+    torch.save(model, f["pickled"])
+    f["npy"] = d / "weights.npy"
+    f["npy"].write_bytes(b"\x93NUMPY")
+    f["plaindir"] = d / "plaindir"
+    f["plaindir"].mkdir()
+    f["emptydata"] = d / "emptydata"
+    f["emptydata"].mkdir()
+    (d / "badimages" / "cat").mkdir(parents=True)
+    for k in range(4):
+        (d / "badimages" / "cat" / f"{k}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    f["badimages"] = d / "badimages"
+    f["npzkeys"] = d / "keys.npz"
+    np.savez(f["npzkeys"], images=np.zeros((2, 8, 8), dtype=np.uint8))
+    f["npzjunk"] = d / "junk.npz"
+    f["npzjunk"].write_bytes(b"PK\x03\x04 definitely not a zip")
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (os.system, ("touch /tmp/wasi-tool-pwned",))
+
+    (d / "cifar").mkdir()
+    (d / "cifar" / "data_batch_1").write_bytes(pickle.dumps({"data": Evil(), "labels": [0]}))
+    (d / "cifar" / "test_batch").write_bytes(pickle.dumps({"data": Evil(), "labels": [0]}))
+    f["cifar"] = d / "cifar"
+    f["toml_syntax"] = d / "syntax.toml"
+    f["toml_syntax"].write_text('[pipeline]\nname = "x\n')
+    f["toml_key"] = d / "key.toml"
+    f["toml_key"].write_text(
+        '[[stages]]\nname = "c"\nkind = "compress"\nsource = { random_init = true, '
+        'arch = "vit_tiny_patch16_224" }\nepsilon = 0.5\n'
+    )
+    f["junkonnx"] = d / "junk.onnx"
+    f["junkonnx"].write_bytes(np.random.default_rng(1).bytes(3000))
+    f["onnx"] = tiny_onnx(d / "tiny.onnx")
+    f["afile"] = d / "afile"
+    f["afile"].write_text("a regular file")
+    return f
+
+
+T = ["--arch", TINY["arch"], "--img-size", "32"]
+CASES: dict[str, tuple[list[str], str]] = {
+    "missing checkpoint": (["compress", "{d}/absent.pth", *T], "no such file"),
+    "truncated safetensors": (["compress", "{truncated}", *T], "cannot read safetensors"),
+    "bit-flipped weights": (["compress", "{art-flipped}"], "does not match its sha256"),
+    "random bytes as .pt": (["compress", "{randpt}", *T], "not a PyTorch file, or corrupt"),
+    "pickled module": (["compress", "{pickled}"], "--trust-pickle"),
+    "unsupported suffix": (["compress", "{npy}", *T], "unsupported checkpoint"),
+    "directory, no manifest": (["compress", "{plaindir}", *T], "not a wasi-tool artifact"),
+    "manifest wrong version": (["compress", "{art-version}"], "format_version 99 is not supported"),
+    "manifest missing keys": (["compress", "{art-missing}"], "missing key 'layers'"),
+    "manifest not json": (["compress", "{art-notjson}"], "cannot read"),
+    "eps 0": (["compress", "{pth}", *T, "--eps", "0"], "eps must be in (0, 1]"),
+    "eps 1.5": (["compress", "{pth}", *T, "--eps", "1.5"], "eps must be in (0, 1]"),
+    "eps nan": (["compress", "{pth}", *T, "--eps", "nan"], "eps must be in (0, 1]"),
+    "rank larger than the layer": (["compress", "{pth}", *T, "--rank-ratio", "2"], "rank_ratio must be in (0, 1]"),
+    "weights of another arch": (["compress", "{pth}", "--arch", "deit_small_patch16_224", "--img-size", "32"], "weights do not fit"),
+    "wrong number of classes": (["compress", "{pth}", *T, "--num-classes", "7"], "shape mismatch (head"),
+    "unknown arch": (["compress", "{pth}", "--arch", "vit_tiny_patch16_2244"], "unknown architecture"),
+    "output path under a file": (["compress", "{pth}", *T, "--out", "{afile}/out"], "cannot create output"),
+    "empty dataset folder": (["finetune", "--random-init", *T, "--data", "{emptydata}"], "no class folders"),
+    "unreadable image": (["finetune", "--random-init", *T, "--data", "{badimages}", "--val-fraction", "0.5"], "cannot read image"),
+    "npz without keys": (["finetune", "--random-init", *T, "--data", "{npzkeys}"], "lacks the arrays"),
+    "npz that is not a zip": (["finetune", "--random-init", *T, "--data", "{npzjunk}"], "cannot read"),
+    "CIFAR batch with code": (["finetune", "--random-init", *T, "--data", "{cifar}"], "refusing to load"),
+    "bad act ranks": (["finetune", "--random-init", *T, "--act-ranks", "8,;3"], "comma-separated integers"),
+    "resume with nothing to resume": (["finetune", "--random-init", *T, "--resume"], "nothing to resume"),
+    "export opset 13": (["export", "{artifact}", "--opset", "13"], "opset must be >= 17"),
+    "export a corrupt artifact": (["export", "{art-flipped}"], "does not match its sha256"),
+    "TOML syntax error": (["run", "{toml_syntax}"], "TOML syntax error"),
+    "TOML unknown key": (["run", "{toml_key}"], "key.toml:5: unknown key 'epsilon'"),
+    "missing recipe": (["run", "{d}/absent.toml"], "no such recipe"),
+    "bad --set": (["run", "{toml_key}", "--set", "oops"], "unknown key"),
+    "random bytes as ONNX": (["bench", "{junkonnx}"], "not a readable ONNX model"),
+    "missing ONNX": (["bench", "{d}/absent.onnx"], "no such ONNX file"),
+    "unknown device profile": (["bench", "{onnx}", "--device", "pi9"], "unknown device profile"),
+    "ssh target with shell metacharacters": (["bench", "{onnx}", "--ssh", "pi@host; rm -rf ~"], "--ssh takes user@host[:port]"),
+    "ssh target with spaces": (["bench", "{onnx}", "--ssh", "p i@my host"], "--ssh takes user@host[:port]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_malformed_input_corpus(case: str, files: dict[str, Path], tmp_path: Path) -> None:
+    args, expected = CASES[case]
+    subs = {**{k: str(v) for k, v in files.items()}, "d": str(files["pth"].parent)}
+    argv = [a.format(**subs) if "{" in a else a for a in args]
+    out = tmp_path / "runs" / "out"
+    if "--out" not in argv:
+        argv += ["--out", str(out)] if argv[0] != "bench" else ["--json", str(out)]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1, (case, result.output)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (case, result.stderr)
+    assert expected in lines[0], (case, lines[0])
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+    assert not Path("/tmp/wasi-tool-pwned").exists()
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 30
+
+
+def test_full_disk_and_read_only_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import tempfile
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    for patch, message in (
+        ((artifacts, "save_weights", no_space), "No space left on device"),
+        ((tempfile, "mkdtemp", read_only), "Read-only file system"),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(*patch)
+            out = tmp_path / "runs" / "out"
+            result = CliRunner().invoke(app, ["compress", "--random-init", *T, "--out", str(out)])
+        assert result.exit_code == 1 and message in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+        assert not (tmp_path / "runs").exists()
