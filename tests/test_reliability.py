@@ -197,6 +197,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         '[[stages]]\nname = "c"\nkind = "compress"\nsource = { random_init = true, '
         'arch = "vit_tiny_patch16_224" }\nepsilon = 0.5\n'
     )
+    f["toml_ok"] = d / "ok.toml"
+    f["toml_ok"].write_text(f["toml_key"].read_text().replace("epsilon", "eps"))
     f["junkonnx"] = d / "junk.onnx"
     f["junkonnx"].write_bytes(np.random.default_rng(1).bytes(3000))
     f["onnx"] = tiny_onnx(d / "tiny.onnx")
@@ -237,7 +239,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     "TOML syntax error": (["run", "{toml_syntax}"], "TOML syntax error"),
     "TOML unknown key": (["run", "{toml_key}"], "key.toml:5: unknown key 'epsilon'"),
     "missing recipe": (["run", "{d}/absent.toml"], "no such recipe"),
-    "bad --set": (["run", "{toml_key}", "--set", "oops"], "unknown key"),
+    "bad --set": (["run", "{toml_ok}", "--set", "oops"], "--set takes stage.key=value"),
+    "--set of an unknown setting": (["run", "{toml_ok}", "--set", "c.speed=2"], "has no setting 'speed'"),
     "random bytes as ONNX": (["bench", "{junkonnx}"], "not a readable ONNX model"),
     "missing ONNX": (["bench", "{d}/absent.onnx"], "no such ONNX file"),
     "unknown device profile": (["bench", "{onnx}", "--device", "pi9"], "unknown device profile"),
