@@ -4,8 +4,8 @@ ViT-B/32 MLP shapes (B=64, N=50; 768->3072 and 3072->768), weight rank K = min(O
 activation ranks (B/4, N/4, 32). A step is forward, backward (with an input that requires grad,
 as inside a network) and the update. Timing: warm-up, then repeats alternating vanilla and
 wasi, median per method. Saved bytes: storages autograd saves (saved_tensors_hooks), each once,
-parameters left out. Weight memory: parameters plus their gradients (for WASI the pending
-gradient factors P, U instead of a .grad).
+parameters left out (wasi_tool.measure.SavedBytesMeter). Weight memory: parameters plus their
+gradients (for WASI the pending gradient factors P, U instead of a .grad).
 
     python benchmarks/layer_step.py --json layer_step.json
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wasi_tool.measure import SavedBytesMeter
 from wasi_tool.methods.optim import SubspaceSGD
 from wasi_tool.nn import FactoredLinear, WASILinear
 
@@ -30,19 +31,12 @@ SHAPES = [(768, 3072), (3072, 768)]  # (in, out): fc1, fc2
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes autograd saves for one forward (wasi_tool.measure: each storage once, no params)."""
+    meter = SavedBytesMeter(layer)
+    with meter:
         out = layer(x)
     out.sum().backward()
-    return sum(seen.values())
+    return meter.total
 
 
 def weight_bytes(layer: nn.Module) -> int:
