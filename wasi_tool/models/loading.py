@@ -19,6 +19,7 @@ from torch import nn
 
 from wasi_tool import artifacts
 from wasi_tool.errors import WasiToolError
+from wasi_tool.models import hf
 from wasi_tool.models.registry import arch_of, build_model, check_arch, default_classifier
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
@@ -49,6 +50,7 @@ class LoadedModel:
     model_kwargs: dict[str, Any]
     source: dict[str, Any]
     stages: list[dict[str, Any]] = field(default_factory=list)
+    tokenizer_dir: Path | None = None  # Hugging Face models: where the tokenizer files are
 
 
 def load_model(src: ModelSource) -> LoadedModel:
@@ -64,10 +66,13 @@ def load_model(src: ModelSource) -> LoadedModel:
     path = Path(src.checkpoint)
     if not path.exists():
         raise WasiToolError(f"no such file or directory: {path}")
+    if hf.is_hf_dir(path) or (src.arch == hf.HF_ARCH and hf.is_hf_dir(path.parent)):
+        return _from_hf_dir(path if path.is_dir() else path.parent, src)
     if path.is_dir():
         if not artifacts.is_artifact_dir(path):
             raise WasiToolError(
-                f"{path} is a directory but not a wasi-tool artifact (no manifest.json)"
+                f"{path} is a directory but not a wasi-tool artifact (no manifest.json) nor a "
+                "Hugging Face model (no config.json)"
             )
         return load_artifact(path, expect_arch=src.arch)
     if path.suffix == ".safetensors":
@@ -99,6 +104,8 @@ def load_artifact(directory: Path, expect_arch: str | None = None) -> LoadedMode
         },
     }
     loaded.stages = list(manifest["stages"])
+    if hf.tokenizer_files(directory):
+        loaded.tokenizer_dir = directory
     return loaded
 
 
@@ -126,9 +133,18 @@ def _source(path: Path, kind: str) -> dict[str, Any]:
     return {"kind": kind, "path": str(path), "sha256": artifacts.sha256_file(path)}
 
 
+def _from_hf_dir(directory: Path, src: ModelSource) -> LoadedModel:
+    model = hf.load_dir(directory, src.num_classes, src.seed)
+    weights = next(directory / f for f in hf.WEIGHT_FILES if (directory / f).is_file())
+    source = {**_source(weights, "hf-dir"), "directory": str(directory)}
+    return LoadedModel(model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=directory)
+
+
 def _random_init(src: ModelSource) -> LoadedModel:
     if src.arch is None:
         raise WasiToolError("--random-init needs --arch")
+    if src.arch == hf.HF_ARCH:
+        raise WasiToolError("--arch hf needs a model directory with a config.json")
     if src.checkpoint is not None:
         raise WasiToolError("give either a checkpoint or --random-init, not both")
     torch.manual_seed(src.seed)
@@ -167,8 +183,11 @@ def _from_wasi_weights(
         raise WasiToolError(f"{path}: weights format_version {version} is not supported")
     if expect_arch is not None and expect_arch != arch:
         raise WasiToolError(f"{path} holds a {arch} model, not {expect_arch}")
-    check_arch(arch)
-    model = build_model(arch, **kwargs)
+    if arch == hf.HF_ARCH:
+        model = hf.build(kwargs)
+    else:
+        check_arch(arch)
+        model = build_model(arch, **kwargs)
     for name, (out_f, in_f, rank, bias) in shapes.items():
         try:
             # skip_init: the weights come from the file, a random init would be wasted work.

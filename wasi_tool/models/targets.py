@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
 
 from torch import nn
@@ -11,12 +12,29 @@ from wasi_tool.errors import WasiToolError
 from wasi_tool.models.registry import classifier_names
 from wasi_tool.nn.factored import FactoredLinear
 
-# Presets over timm's module names (ViT, DeiT, Swin, and most timm transformers).
+# Block outputs of BERT-family encoders: "layer.<n>.output.dense", not the attention's
+# "layer.<n>.attention.output.dense" (a "*" would span the dots).
+_BERT_MLP_OUT = ("*layer.[0-9].output.dense", "*layer.[0-9][0-9].output.dense")
+
+# Presets over module names: timm (ViT, DeiT, Swin, ...) and Hugging Face transformers
+# (BERT/RoBERTa/MiniLM, DistilBERT, Llama/Mistral/Qwen2).
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
-    "mlp": ("*mlp.fc1", "*mlp.fc1_g", "*mlp.fc1_x", "*mlp.fc2"),
-    "attn": ("*attn.qkv", "*attn.q", "*attn.kv", "*attn.k", "*attn.v", "*attn.proj"),
+    "mlp": (
+        *("*mlp.fc1", "*mlp.fc1_g", "*mlp.fc1_x", "*mlp.fc2"),
+        *("*intermediate.dense", *_BERT_MLP_OUT),
+        *("*ffn.lin1", "*ffn.lin2"),
+        *("*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj"),
+    ),
+    "attn": (
+        *("*attn.qkv", "*attn.q", "*attn.kv", "*attn.k", "*attn.v", "*attn.proj"),
+        *("*attention.self.query", "*attention.self.key", "*attention.self.value"),
+        "*attention.output.dense",
+        *("*attention.q_lin", "*attention.k_lin", "*attention.v_lin", "*attention.out_lin"),
+        *("*self_attn.q_proj", "*self_attn.k_proj", "*self_attn.v_proj", "*self_attn.o_proj"),
+    ),
     "all": ("*",),
 }
+_LAST = re.compile(r"^(.*)@last(\d+)$")
 
 LINEAR_TYPES = (nn.Linear, FactoredLinear)
 
@@ -27,25 +45,51 @@ def split_patterns(spec: str | Sequence[str]) -> list[str]:
     return [p.strip() for item in items for p in item.split(",") if p.strip()]
 
 
+def block_of(name: str) -> str | None:
+    """The block a module belongs to: its name up to the first numeric part
+    (``bert.encoder.layer.3`` for ``bert.encoder.layer.3.output.dense``; ``blocks.11``)."""
+    parts = name.split(".")
+    for k, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: k + 1])
+    return None
+
+
 def select_targets(model: nn.Module, targets: str, exclude: Sequence[str] = ()) -> list[str]:
     """Names of the linear layers matched by ``targets`` and not by ``exclude``, in model order.
 
-    ``targets`` is a preset (mlp, attn, all), or comma-separated globs over module names. The
-    classifier head is left out unless a pattern names it exactly.
+    ``targets`` is a preset (mlp, attn, all), or comma-separated globs over module names; an
+    item may end in ``@lastN`` to keep only its matches in the model's last N blocks (blocks
+    are numbered module lists: ``layer.3``, ``layers.21``, ``blocks.11``), e.g. ``mlp@last2``.
+    The classifier head is left out unless a pattern names it exactly.
     """
-    patterns: list[str] = []
+    linears = [name for name, mod in model.named_modules() if isinstance(mod, LINEAR_TYPES)]
+    blocks = list(dict.fromkeys(b for b in map(block_of, linears) if b is not None))
+    groups: list[tuple[tuple[str, ...], set[str] | None]] = []
     for item in split_patterns(targets):
-        patterns.extend(TARGET_PRESETS.get(item, (item,)))
+        last = _LAST.match(item)
+        allowed: set[str] | None = None
+        if last is not None:
+            item, count = last.group(1), int(last.group(2))
+            if count < 1 or not blocks:
+                raise WasiToolError(
+                    f"targets {item}@last{count}: "
+                    + ("N must be >= 1" if count < 1 else "this model has no numbered blocks")
+                )
+            allowed = set(blocks[-count:])
+        groups.append((TARGET_PRESETS.get(item, (item,)), allowed))
+    patterns = [p for group, _ in groups for p in group]
     if not patterns:
         raise WasiToolError("targets is empty")
     excludes = split_patterns(exclude)
     heads = classifier_names(model)
-    linears = [name for name, mod in model.named_modules() if isinstance(mod, LINEAR_TYPES)]
     chosen = []
     for name in linears:
         is_head = name in heads or any(name.startswith(h + ".") for h in heads)
-        matched = (
-            name in patterns if is_head else any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        matched = any(
+            (name in group if is_head else any(fnmatch.fnmatchcase(name, p) for p in group))
+            and (allowed is None or block_of(name) in allowed)
+            for group, allowed in groups
         )
         if matched and not any(fnmatch.fnmatchcase(name, p) for p in excludes):
             chosen.append(name)

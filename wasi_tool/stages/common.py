@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from wasi_tool import artifacts
+from wasi_tool.models import hf
 from wasi_tool.models.loading import LoadedModel, weights_metadata
 
 
@@ -36,8 +37,14 @@ def write_stage_artifact(
         **manifest_extra,
     }
     meta = {**weights_metadata(loaded), "stages": loaded.stages}
+
+    def add_files(staging: Path) -> None:
+        hf.copy_tokenizer(loaded.tokenizer_dir, staging)  # a text model travels with its tokenizer
+        if extra is not None:
+            extra(staging)
+
     artifacts.write_artifact(
-        out, loaded.model.state_dict(), meta, manifest, report, extra=extra, overwrite=overwrite
+        out, loaded.model.state_dict(), meta, manifest, report, extra=add_files, overwrite=overwrite
     )
     files: dict[str, Any] = artifacts.read_manifest(out)["files"]
     return files
