@@ -22,6 +22,7 @@ from torch import nn
 from wasi_tool.errors import WasiToolError
 
 INPUT = "pixel_values"
+TEXT_INPUT = "input_ids"  # (batch, seq) int64 token ids of a Hugging Face text model
 OUTPUT = "logits"
 TWO_GB = 2**31
 ORT_LEVELS = ("basic", "extended", "all")
@@ -46,20 +47,28 @@ def _quiet() -> Iterator[None]:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 18) -> Path:
-    """Export ``model`` (eval mode) with a dynamic batch axis; external data beyond 2 GB."""
+    """Export ``model`` (eval mode) with a dynamic batch axis; external data beyond 2 GB.
+
+    Integer ``example`` inputs are token ids: input ``input_ids``, dynamic batch and sequence.
+    """
     if opset < 17:
         raise WasiToolError(f"opset must be >= 17, got {opset}")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if example.dtype.is_floating_point:
+        name, dims = INPUT, {0: batch}
+    else:
+        name, dims = TEXT_INPUT, {0: batch, 1: torch.export.Dim("seq", min=2, max=4096)}
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
                 model.eval(),
                 (example,),
-                input_names=[INPUT],
+                input_names=[name],
                 output_names=[OUTPUT],
                 opset_version=opset,
                 dynamo=True,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                dynamic_shapes=(dims,),
                 verbose=False,
             )
             assert program is not None
@@ -94,7 +103,8 @@ def session(path: Path, threads: int | None = None) -> object:
 
 
 def run(sess: object, x: np.ndarray) -> np.ndarray:
-    return np.asarray(sess.run(None, {INPUT: x})[0])  # type: ignore[attr-defined]
+    name = sess.get_inputs()[0].name  # type: ignore[attr-defined]
+    return np.asarray(sess.run(None, {name: x})[0])  # type: ignore[attr-defined]
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:

@@ -22,10 +22,11 @@ class InferenceBenchConfig:
     batch_size: int = 1
     warmup: int = 10
     repeats: int = 50
+    seq_len: int = 128  # tokens per input of a text model (ignored for images)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.warmup < 0 or self.repeats < 1:
-            raise WasiToolError("batch size and repeats must be >= 1, warm-up >= 0")
+        if self.batch_size < 1 or self.warmup < 0 or self.repeats < 1 or self.seq_len < 2:
+            raise WasiToolError("batch size and repeats must be >= 1, warm-up >= 0, seq len >= 2")
 
 
 def _check_model(path: Path) -> None:
@@ -54,6 +55,7 @@ def _runner_args(
         "--graph-opt", profile.graph_opt,
         "--warmup", str(config.warmup),
         "--repeats", str(config.repeats),
+        "--seq-len", str(config.seq_len),
     ]  # fmt: skip
 
 

@@ -79,11 +79,16 @@ def _session(path: str, threads: int, mode: str, opt: str):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def _input(sess, batch: int):
+def _input(sess, batch: int, seq_len: int = 128):
     import numpy as np
 
     inp = sess.get_inputs()[0]
     dims = list(inp.shape)
+    if inp.type == "tensor(int64)" and len(dims) == 2:  # token ids (batch, seq) of a text model
+        if isinstance(dims[1], int):
+            seq_len = dims[1]
+        ids = np.random.default_rng(0).integers(1000, 2000, size=(batch, seq_len), dtype=np.int64)
+        return inp.name, ids
     if not dims or any(not isinstance(d, int) for d in dims[1:]):
         raise SystemExit(f"error: input {inp.name} has shape {dims}; only the batch may be dynamic")
     if isinstance(dims[0], int) and dims[0] != batch:
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens, for text models")
     args = parser.parse_args(argv)
     try:
         import onnxruntime as ort
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             sessions[key] = _session(path, threads, args.execution_mode, args.graph_opt)
         except Exception as exc:
             raise SystemExit(f"error: onnxruntime cannot load {path}: {exc}") from None
-        feeds[key] = dict([_input(sessions[key], args.batch)])
+        feeds[key] = dict([_input(sessions[key], args.batch, args.seq_len)])
         sessions[key].run(None, feeds[key])
         rss_growth[key] = _current_rss_bytes() - before
     for _ in range(args.warmup):
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "schema": SCHEMA,
         "batch": args.batch,
+        "seq_len": args.seq_len,
         "threads": threads,
         "execution_mode": args.execution_mode,
         "graph_opt": args.graph_opt,

@@ -35,6 +35,7 @@ class TrainBenchConfig:
     eps: float = 0.8
     act_ranks: list[int] | None = None
     batch_size: int = 32
+    seq_len: int = 128  # tokens per input of a text model
     steps: int = 20
     warmup: int = 3
     seed: int = 0
@@ -60,6 +61,7 @@ def measure(config: TrainBenchConfig) -> dict[str, Any]:
     from wasi_tool.measure import SavedBytesMeter, peak_rss_bytes
     from wasi_tool.methods import LayerOptions, SubspaceSGD, get_method, prepare_
     from wasi_tool.methods.calibrate import capture
+    from wasi_tool.models import hf
     from wasi_tool.models.loading import ModelSource, load_model
     from wasi_tool.nn.factored import FactoredLinear
     from wasi_tool.stages.compress import CompressConfig, compress_
@@ -76,9 +78,12 @@ def measure(config: TrainBenchConfig) -> dict[str, Any]:
     )
     loaded = load_model(src)
     model = loaded.model
-    size = model_input_size(loaded)
     classes = int(getattr(model, "num_classes", 1000) or 1000)
-    x = torch.randn(config.batch_size, 3, size, size)
+    if hf.is_hf(model):  # a text model: random token ids
+        x = hf.random_token_ids(model, config.batch_size, config.seq_len)
+    else:
+        size = model_input_size(loaded)
+        x = torch.randn(config.batch_size, 3, size, size)
     y = torch.randint(0, classes, (config.batch_size,))
     spec = get_method(config.method)
     targets = choose_targets(model, config.targets)
@@ -114,7 +119,7 @@ def measure(config: TrainBenchConfig) -> dict[str, Any]:
         "schema": SCHEMA,
         "method": config.method,
         "arch": loaded.arch,
-        "input": [config.batch_size, 3, size, size],
+        "input": list(x.shape),
         "targets": len(targets),
         "act_ranks_first_target": list(ranks[targets[0]]) if spec.compressed_activations else None,
         "steps": config.steps,

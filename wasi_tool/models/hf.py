@@ -68,7 +68,7 @@ class _LogitsMixin(nn.Module):
 
     config: Any
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         if attention_mask is None:
@@ -76,9 +76,7 @@ class _LogitsMixin(nn.Module):
             attention_mask = (
                 torch.ones_like(input_ids) if pad is None else (input_ids != pad).long()
             )
-        out = super().forward(  # type: ignore[misc]
-            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
-        )
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         logits: torch.Tensor = out.logits
         return logits
 
@@ -153,7 +151,8 @@ def _prepare_config(config: Any, num_classes: int | None) -> Any:
 
 
 def _adopt(model: nn.Module) -> nn.Module:
-    model.__class__ = _with_mixin(type(model))
+    cls: Any = type(model)
+    model.__class__ = _with_mixin(cls)
     return model.eval()
 
 
@@ -201,7 +200,7 @@ def build(kwargs: dict[str, Any]) -> nn.Module:
     config = _prepare_config(config, kwargs.get("num_classes"))
     cls = _seq_cls_class(config)
     try:
-        model = cls(config)  # type: ignore[operator]
+        model = cls(config)
     except Exception as exc:
         raise WasiToolError(f"cannot build {cls.__name__} from the config: {exc}") from None
     return _adopt(model.float())
@@ -209,10 +208,11 @@ def build(kwargs: dict[str, Any]) -> nn.Module:
 
 def model_kwargs(model: nn.Module) -> dict[str, Any]:
     """What ``build`` needs: the transformers config (JSON) and the class count."""
-    config = model.config.to_dict()  # type: ignore[operator, union-attr]
+    hf_config: Any = model.config
+    config = hf_config.to_dict()
     skip = ("transformers_version",)
     keep = {k: v for k, v in config.items() if not k.startswith("_") and k not in skip}
-    return {"hf_config": keep, "num_classes": int(model.config.num_labels)}  # type: ignore[union-attr]
+    return {"hf_config": keep, "num_classes": int(hf_config.num_labels)}
 
 
 def tokenizer_files(directory: Path | None) -> list[Path]:
@@ -246,8 +246,8 @@ def random_token_ids(
     model: nn.Module, batch: int, seq_len: int = DEFAULT_SEQ_LEN, gen: torch.Generator | None = None
 ) -> torch.Tensor:
     """(batch, seq_len) token ids that avoid the padding id, for checks and benchmarks."""
-    vocab = int(model.config.vocab_size)  # type: ignore[union-attr]
-    pad = model.config.pad_token_id  # type: ignore[union-attr]
+    config: Any = model.config
+    vocab, pad = int(config.vocab_size), config.pad_token_id
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
     if pad is not None:
         ids[ids == pad] = (int(pad) + 1) % vocab

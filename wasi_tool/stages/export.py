@@ -13,6 +13,7 @@ from torch import nn
 from wasi_tool import artifacts, onnxio
 from wasi_tool.config import StageConfig
 from wasi_tool.errors import WasiToolError
+from wasi_tool.models import hf
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
@@ -105,8 +106,12 @@ def merge_(model: nn.Module) -> int:
 
 
 def _check_inputs(loaded: LoadedModel, config: ExportConfig) -> list[tuple[str, torch.Tensor]]:
-    transform = batch_transform(loaded)
     gen = torch.Generator().manual_seed(config.seed)
+    if hf.is_hf(loaded.model):
+        from wasi_tool.data.text import check_inputs
+
+        return check_inputs(loaded, config.check_batch, gen, config.data, config.check_images)
+    transform = batch_transform(loaded)
     size = transform.size
     sets = [
         (f"random batch {b}", torch.randn(b, 3, size, size, generator=gen))

@@ -25,11 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from wasi_tool import artifacts
 from wasi_tool.config import StageConfig
-from wasi_tool.data import BatchTransform, DataSplits, load_data
+from wasi_tool.data import BatchTransform, DataSplits
+from wasi_tool.data.text import TokenBatch, load_task_data
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import SavedBytesMeter, peak_rss_bytes
 from wasi_tool.methods import LayerOptions, SubspaceSGD, finalize_, get_method, prepare_
 from wasi_tool.methods.calibrate import MB, capture, ranks_by_eps, ranks_under_budget
+from wasi_tool.models import hf
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.models.targets import select_targets
 from wasi_tool.nn.factored import FactoredLinear
@@ -178,6 +180,8 @@ def model_input_size(loaded: LoadedModel) -> int:
 
 
 def batch_transform(loaded: LoadedModel) -> BatchTransform:
+    if hf.is_hf(loaded.model):  # text: token ids go to the model as they are
+        return TokenBatch()
     cfg = getattr(loaded.model, "pretrained_cfg", {}) or {}
     mean = cfg.get("mean", (0.485, 0.456, 0.406))
     std = cfg.get("std", (0.229, 0.224, 0.225))
@@ -323,8 +327,8 @@ class _Run:
         self.loaded = load_model(source)
         model = self.loaded.model
         self.transform = batch_transform(self.loaded)
-        self.data: DataSplits = load_data(
-            data, self.transform.size, config.val_fraction, config.seed, config.classes
+        self.data: DataSplits = load_task_data(
+            self.loaded, data, self.transform.size, config.val_fraction, config.seed, config.classes
         )
         self.data_spec = str(data)
         head_classes = getattr(model, "num_classes", None)
