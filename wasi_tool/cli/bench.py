@@ -49,6 +49,9 @@ def bench(
     ] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs/steps (10 / 3).")] = None,
     repeats: Annotated[int, typer.Option(help="Timed inference runs per model.")] = 50,
+    seq_len: Annotated[
+        int, typer.Option(help="Tokens per input of a text model (inference bench).")
+    ] = 128,
     train: Annotated[
         Path | None, typer.Option(help="Training bench of this checkpoint or artifact.")
     ] = None,
@@ -78,7 +81,10 @@ def bench(
                 raise WasiToolError("give an ONNX model, or --train CHECKPOINT")
             profile = get_profile(device)
             config = InferenceBenchConfig(
-                batch_size=batch_size or 1, warmup=10 if warmup is None else warmup, repeats=repeats
+                batch_size=batch_size or 1,
+                warmup=10 if warmup is None else warmup,
+                repeats=repeats,
+                seq_len=seq_len,
             )
             target = (
                 SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python) if ssh else None
