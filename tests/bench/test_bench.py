@@ -228,10 +228,15 @@ def test_ssh_host_key_is_checked(sshd: dict[str, object], tmp_path: Path) -> Non
 def test_train_bench_schema() -> None:
     cfg = TrainBenchConfig(
         random_init=True, arch="vit_tiny_patch16_224", img_size=32, num_classes=10,
-        method="wasi", batch_size=32, steps=2, warmup=1,
+        method="wasi,bsr,lora", batch_size=32, steps=2, warmup=1,
     )  # fmt: skip
     result = run_train_bench(cfg, vs="vanilla")
-    assert set(result["methods"]) == {"wasi", "vanilla"}
+    assert list(result["methods"]) == ["wasi", "bsr", "lora", "vanilla"]
+    assert set(result["ratios_by_method"]) == {"wasi", "bsr", "lora"}
+    bsr, lora = result["methods"]["bsr"], result["methods"]["lora"]
+    assert bsr["bsr"]["trained_blocks"] == [3, 7, 11] and bsr["targets"] == 6
+    assert lora["trainable_parameters"] == 24 * 8 * (768 + 192) + 10 * 192 + 10
+    assert bsr["saved_bytes_total"] < result["methods"]["vanilla"]["saved_bytes_total"]
     wasi, vanilla = result["methods"]["wasi"], result["methods"]["vanilla"]
     assert wasi["input"] == [32, 3, 32, 32] and wasi["targets"] == 24
     assert wasi["act_ranks_first_target"] == [8, 1, 32]  # (B/4, N/4, min(32, C)) for (32, 5, 192)

@@ -163,6 +163,38 @@ def test_finetune_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.Mo
     )  # fmt: skip
 
 
+def test_bsr_and_lora_flags_reach_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wasi_tool.cli import finetune as finetune_cmd
+
+    seen: list[Any] = []
+
+    def fake_run(source: Any, data: Any, config: Any, out: Path, **kw: Any) -> None:
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(finetune_cmd, "run_finetune", fake_run)
+    invoke(
+        "finetune", "ckpt", "--method", "bsr+wasi", "--bsr-blocks", "3,7,11", "--drop-at", "3,6,9",
+        "--keep-rate", "0.7", "--no-fuse", "--out", tmp_path / "o",
+    )  # fmt: skip
+    invoke(
+        "finetune", "ckpt", "--method", "lora", "--lora-rank", "4", "--lora-alpha", "8",
+        "--lora-dropout", "0.1", "--out", tmp_path / "o",
+    )  # fmt: skip
+    bsr_cfg, lora_cfg = seen
+    assert (bsr_cfg.method, bsr_cfg.bsr_blocks, bsr_cfg.drop_at) == (
+        "bsr+wasi",
+        [3, 7, 11],
+        [3, 6, 9],
+    )
+    assert (bsr_cfg.keep_rate, bsr_cfg.fuse) == (0.7, False)
+    assert (lora_cfg.method, lora_cfg.lora_rank, lora_cfg.lora_alpha, lora_cfg.lora_dropout) == (
+        "lora", 4, 8.0, 0.1,
+    )  # fmt: skip
+
+
 def test_finetune_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "ft"
     result = invoke(
@@ -178,7 +210,11 @@ def test_finetune_runs_and_reports(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--act-ranks", "8,x"], "comma-separated integers"),
-        (["--method", "lora"], "unknown method"),
+        (["--method", "dora"], "unknown method"),
+        (["--method", "bsr", "--keep-rate", "0"], "keep_rate must be in (0, 1]"),
+        (["--method", "bsr", "--bsr-blocks", "3,99"], "bsr blocks [99] out of range"),
+        (["--method", "bsr", "--drop-at", "a"], "comma-separated integers"),
+        (["--method", "lora", "--lora-rank", "0"], "lora_rank must be >= 1"),
         (["--data", "/no/such/data"], "no such dataset"),
         (["--act-eps", "1.5"], "act_eps must be in (0, 1]"),
         (["--momentum", "0.9"], "momentum"),

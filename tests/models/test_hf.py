@@ -229,3 +229,26 @@ def test_cli_compress_hf_dir_and_errors(tiny_bert_dir: Path, tmp_path: Path) -> 
     res = runner.invoke(app, ["compress", str(bad), "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "has a config.json but no weights" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_bsr_and_lora_on_text_models(tiny_bert_dir: Path, llama_dir: Path) -> None:
+    """BSR selects Hugging Face blocks (no CLS token dropping: block selection only, said so);
+    LoRA wraps HF linears and keeps the head trainable."""
+    from wasi_tool.methods import bsr
+    from wasi_tool.methods.lora import apply_lora_, merge_lora_
+
+    bert = load_model(ModelSource(checkpoint=tiny_bert_dir, num_classes=3)).model
+    plan = bsr.plan_bsr(bert, trained=[1])
+    assert plan.trained_names == ["bert.encoder.layer.1"] and plan.drop_at == []
+    assert "block selection only" in plan.notes[0]
+    trained = bsr.apply_bsr_(bert, plan)
+    assert trained == ["bert.encoder.layer.1", "bert.pooler", "classifier"]
+    llama = load_model(ModelSource(checkpoint=llama_dir, num_classes=3)).model
+    assert bsr.find_blocks(llama) == ["model.layers.0", "model.layers.1"]
+    ids = torch.randint(3, 64, (2, 7))
+    ref = llama(ids)
+    targets = select_targets(llama, "mlp")
+    apply_lora_(llama, targets, rank=2, alpha=4)
+    torch.testing.assert_close(llama(ids), ref)
+    assert all(p.requires_grad for p in llama.get_classifier().parameters())
+    assert merge_lora_(llama) == len(targets)

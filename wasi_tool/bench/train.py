@@ -39,10 +39,34 @@ class TrainBenchConfig:
     steps: int = 20
     warmup: int = 3
     seed: int = 0
+    bsr_blocks: list[int] | None = None
+    drop_at: list[int] | None = None
+    keep_rate: float = 0.5
+    fuse: bool = True
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
             raise WasiToolError("batch size and steps must be >= 1, warm-up >= 0")
+
+    def method_config(self, method: str | None = None) -> Any:
+        """The finetune settings of ``method`` (default: this config's) for these fields."""
+        from wasi_tool.stages.finetune import FinetuneConfig
+
+        return FinetuneConfig(
+            method=method or self.method,
+            targets=self.targets,
+            eps=self.eps,
+            act_ranks=self.act_ranks,
+            seed=self.seed,
+            bsr_blocks=self.bsr_blocks,
+            drop_at=self.drop_at,
+            keep_rate=self.keep_rate,
+            fuse=self.fuse,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+        )
 
 
 def _default_act_ranks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -59,13 +83,11 @@ def measure(config: TrainBenchConfig) -> dict[str, Any]:
 
     from wasi_tool.bench.runner import percentile
     from wasi_tool.measure import SavedBytesMeter, peak_rss_bytes
-    from wasi_tool.methods import LayerOptions, SubspaceSGD, get_method, prepare_
+    from wasi_tool.methods import SubspaceSGD
     from wasi_tool.methods.calibrate import capture
     from wasi_tool.models import hf
     from wasi_tool.models.loading import ModelSource, load_model
-    from wasi_tool.nn.factored import FactoredLinear
-    from wasi_tool.stages.compress import CompressConfig, compress_
-    from wasi_tool.stages.finetune import choose_targets, model_input_size
+    from wasi_tool.stages.finetune import model_input_size, prepare_for_training
 
     torch.manual_seed(config.seed)
     src = ModelSource(
@@ -85,19 +107,15 @@ def measure(config: TrainBenchConfig) -> dict[str, Any]:
         size = model_input_size(loaded)
         x = torch.randn(config.batch_size, 3, size, size)
     y = torch.randint(0, classes, (config.batch_size,))
-    spec = get_method(config.method)
-    targets = choose_targets(model, config.targets)
-    if spec.factored_weight:
-        dense = [n for n in targets if not isinstance(model.get_submodule(n), FactoredLinear)]
-        if dense:
-            compress_(model, CompressConfig(targets=",".join(dense), eps=config.eps, force=True))
-    shapes = {n: tuple(a.shape) for n, (a, _) in capture(model, targets, x).items()}
-    ranks = {
-        n: tuple(config.act_ranks) if config.act_ranks else _default_act_ranks(shapes[n])
-        for n in targets
-    }
-    options = {n: LayerOptions(ranks[n] if spec.compressed_activations else None) for n in targets}
-    prepare_(model, config.method, targets, options)
+
+    def default_ranks(targets: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+        if config.act_ranks:
+            return {n: tuple(config.act_ranks) for n in targets}, {"rule": "explicit"}
+        shapes = {n: tuple(a.shape) for n, (a, _) in capture(model, targets, x).items()}
+        return {n: _default_act_ranks(shapes[n]) for n in targets}, {"rule": "B/4, N/4, 32"}
+
+    prepared = prepare_for_training(model, config.method_config(), default_ranks)
+    targets, ranks = prepared.targets, prepared.act_ranks
     model.train()
     opt = SubspaceSGD(model, lr=0.01, weight_decay=1e-4, clip=2.0)
     meter = SavedBytesMeter(model, targets)
@@ -121,7 +139,9 @@ def measure(config: TrainBenchConfig) -> dict[str, Any]:
         "arch": loaded.arch,
         "input": list(x.shape),
         "targets": len(targets),
-        "act_ranks_first_target": list(ranks[targets[0]]) if spec.compressed_activations else None,
+        "act_ranks_first_target": list(ranks[targets[0]]) if ranks else None,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "bsr": prepared.bsr_plan.to_dict() if prepared.bsr_plan else None,
         "steps": config.steps,
         "warmup": config.warmup,
         "median_step_seconds": statistics.median(times),
@@ -133,15 +153,23 @@ def measure(config: TrainBenchConfig) -> dict[str, Any]:
     }
 
 
-def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> dict[str, Any]:
-    """``config.method`` (and the ``vs`` method), each in a fresh Python process."""
-    methods = [config.method, *([vs] if vs else [])]
-    from wasi_tool.methods import get_method
+def methods_of(config: TrainBenchConfig) -> list[str]:
+    """``config.method`` may name several methods, comma-separated (e.g. "wasi,bsr,lora")."""
+    return [m.strip() for m in config.method.split(",") if m.strip()]
 
+
+def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> dict[str, Any]:
+    """Each method of ``config.method`` (and the ``vs`` baseline), in a fresh Python process.
+
+    ``ratios`` compares the first method with ``vs``; ``ratios_by_method`` every method.
+    """
+    methods = [*methods_of(config), *([vs] if vs else [])]
+    if not methods:
+        raise WasiToolError("no method to benchmark")
     for m in methods:
-        get_method(m)  # an unknown method fails here, before any process starts
+        config.method_config(m)  # bad settings fail here, before any process starts
     results = {}
-    for m in methods:
+    for m in dict.fromkeys(methods):
         payload = json.dumps({**asdict(config), "method": m})
         proc = subprocess.run(
             [sys.executable, "-m", "wasi_tool.bench.train", payload],
@@ -155,16 +183,28 @@ def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> dict[str
             err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             raise WasiToolError(f"training bench of {m} failed: {err[-1] if err else 'no output'}")
         results[m] = json.loads(lines[-1])
-    out: dict[str, Any] = {"schema": SCHEMA, "config": asdict(config), "methods": results}
+    out: dict[str, Any] = {
+        "schema": SCHEMA,
+        "config": asdict(config),
+        "vs": vs,
+        "methods": results,
+    }
     if vs:
-        a, b = results[config.method], results[vs]
-        out["ratios"] = {
-            "step_speedup_vs": b["median_step_seconds"] / a["median_step_seconds"],
-            "peak_rss_ratio_vs": b["peak_rss_bytes"] / a["peak_rss_bytes"],
-            "saved_bytes_ratio_vs": b["saved_bytes_total"] / max(1, a["saved_bytes_total"]),
-            "target_saved_bytes_ratio_vs": b["saved_bytes_targets"]
-            / max(1, a["saved_bytes_targets"]),
+        b = results[vs]
+        out["ratios_by_method"] = {
+            m: {
+                "step_speedup_vs": b["median_step_seconds"] / a["median_step_seconds"],
+                "peak_rss_ratio_vs": b["peak_rss_bytes"] / a["peak_rss_bytes"],
+                "saved_bytes_ratio_vs": b["saved_bytes_total"] / max(1, a["saved_bytes_total"]),
+                "target_saved_bytes_ratio_vs": b["saved_bytes_targets"]
+                / max(1, a["saved_bytes_targets"]),
+            }
+            for m, a in results.items()
+            if m != vs
         }
+        first = methods[0]
+        if first != vs:
+            out["ratios"] = out["ratios_by_method"][first]
     return out
 
 

@@ -55,7 +55,9 @@ def bench(
     train: Annotated[
         Path | None, typer.Option(help="Training bench of this checkpoint or artifact.")
     ] = None,
-    method: Annotated[str, typer.Option(help="Method for --train.")] = "wasi",
+    method: Annotated[
+        str, typer.Option(help="Method(s) for --train, comma-separated: wasi,bsr,lora.")
+    ] = "wasi",
     steps: Annotated[int, typer.Option(help="Timed training steps.")] = 20,
     targets: Annotated[str | None, typer.Option(help="Target layers for --train.")] = None,
     act_ranks: Annotated[
@@ -174,11 +176,12 @@ def render_train(result: dict[str, Any]) -> None:
             human_bytes(m["saved_bytes_targets"]),
             human_bytes(m["peak_rss_bytes"]),
         )
-    if "ratios" in result:
-        r = result["ratios"]
+    by_method = result.get("ratios_by_method", {})
+    if by_method:
         table.add_section()
+    for name, r in by_method.items():
         table.add_row(
-            f"{next(iter(result['methods']))} vs --vs",
+            f"{name} vs {result['vs']}",
             "",
             pace(r["step_speedup_vs"]),
             f"{r['saved_bytes_ratio_vs']:.1f}x fewer",

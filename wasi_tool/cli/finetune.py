@@ -134,12 +134,37 @@ def finetune(
     max_steps: Annotated[int | None, typer.Option(help="Steps per epoch at most.")] = default(
         F, "max_steps"
     ),
+    bsr_blocks: Annotated[
+        str | None,
+        typer.Option(help="bsr: blocks that train, e.g. 3,7,11 (default: scaled to the depth)."),
+    ] = None,
+    drop_at: Annotated[
+        str | None,
+        typer.Option(help="bsr: blocks that drop tokens, e.g. 3,6,9 ('' for none)."),
+    ] = None,
+    keep_rate: Annotated[
+        float, typer.Option(help="bsr: share of patch tokens a dropping block keeps.")
+    ] = default(F, "keep_rate"),
+    fuse: Annotated[
+        bool, typer.Option("--fuse/--no-fuse", help="bsr: fuse dropped tokens into one.")
+    ] = default(F, "fuse"),
+    lora_rank: Annotated[int, typer.Option(help="lora: adapter rank r.")] = default(F, "lora_rank"),
+    lora_alpha: Annotated[float, typer.Option(help="lora: scale alpha (alpha / r).")] = default(
+        F, "lora_alpha"
+    ),
+    lora_dropout: Annotated[float, typer.Option(help="lora: adapter dropout.")] = default(
+        F, "lora_dropout"
+    ),
+    new_head: Annotated[
+        bool, typer.Option(help="A fresh head even when the class count matches (new task).")
+    ] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run from <out>.ckpt/.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace --out (and its checkpoints).")] = False,
 ) -> None:
-    """Fine-tune with WASI (or vanilla/asi/wsi); write an artifact and metrics.json."""
+    """Fine-tune with WASI or a baseline (vanilla, asi, wsi, bsr, bsr+wasi, lora); write an
+    artifact and metrics.json."""
     with common.user_errors():
         config = FinetuneConfig(
             method=method,
@@ -161,6 +186,14 @@ def finetune(
             val_fraction=val_fraction,
             classes=_ints(classes, "--classes"),
             max_steps=max_steps,
+            bsr_blocks=_ints(bsr_blocks, "--bsr-blocks"),
+            drop_at=_ints(drop_at, "--drop-at"),
+            keep_rate=keep_rate,
+            fuse=fuse,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            new_head=new_head,
         )
         source = common.model_source(
             checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
@@ -189,6 +222,11 @@ def render(result: FinetuneResult) -> None:
     final = m["final"] or {}
     table.add_row("test accuracy", f"{final.get('test_accuracy', float('nan')):.4f}")
     table.add_row("targets", f"{len(m['targets'])} layers")
+    model = m["analytic"]["model"]
+    table.add_row("trainable parameters", f"{model['trainable_parameters']:,}")
+    if "bsr" in m:
+        table.add_row("bsr trained blocks", ", ".join(map(str, m["bsr"]["trained_blocks"])))
+        table.add_row("tokens per block", " ".join(map(str, model["tokens_per_block"])))
     saved = measured["saved_bytes_per_step"]
     table.add_row("saved for backward / step (all)", human_bytes(saved["total"] or 0))
     table.add_row("saved for backward / step (targets)", human_bytes(saved["targets"] or 0))

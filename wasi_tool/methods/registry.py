@@ -3,6 +3,9 @@
 Each method says what it does to a target linear: vanilla trains it densely with autograd;
 asi keeps the dense weight and compresses the saved activation; wsi keeps the weight factored
 (L, R) with full activations; wasi does both. Layers that are not targets train as usual.
+Two model-level baselines add to that: bsr trains only a few blocks (targets inside them,
+token dropping; methods/bsr.py), with dense targets or, as bsr+wasi, WASI ones; lora freezes
+the model and trains peft adapters on the targets (methods/lora.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ class Method:
     factored_weight: bool
     compressed_activations: bool
     swap: Swap
+    block_selective: bool = False
+    lora: bool = False
+    layer_method: str = ""  # what its target layers are, for accounting (default: name)
+
+    @property
+    def layer(self) -> str:
+        return self.layer_method or self.name
 
 
 METHODS: dict[str, Method] = {}
@@ -95,6 +105,38 @@ register(
 register(Method("asi", "dense weight, Tucker-compressed activations", False, True, _asi))
 register(Method("wsi", "factored weight (WSI update), full activations", True, False, _wsi))
 register(Method("wasi", "factored weight (WSI), Tucker-compressed activations", True, True, _wasi))
+register(
+    Method(
+        "bsr",
+        "chosen blocks + final norm + head train (dense), token dropping",
+        False,
+        False,
+        _vanilla,
+        block_selective=True,
+        layer_method="vanilla",
+    )
+)
+register(
+    Method(
+        "bsr+wasi",
+        "bsr with WASI target layers inside the trained blocks",
+        True,
+        True,
+        _wasi,
+        block_selective=True,
+        layer_method="wasi",
+    )
+)
+register(
+    Method(
+        "lora",
+        "frozen model, peft LoRA adapters on the targets + head",
+        False,
+        False,
+        _vanilla,
+        lora=True,
+    )
+)
 
 
 def prepare_(
@@ -114,7 +156,10 @@ def prepare_(
 
 
 def finalize_(model: nn.Module) -> None:
-    """Swap training layers back to plain modules for saving and export."""
+    """Swap training layers back to plain modules for saving and export (LoRA merged)."""
+    from wasi_tool.methods.lora import merge_lora_
+
+    merge_lora_(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, WASILinear):
             set_submodule(model, name, module.to_factored())

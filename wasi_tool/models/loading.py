@@ -20,7 +20,13 @@ from torch import nn
 from wasi_tool import artifacts
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import hf
-from wasi_tool.models.registry import arch_of, build_model, check_arch, default_classifier
+from wasi_tool.models.registry import (
+    ARCH_KWARGS,
+    arch_of,
+    build_model,
+    check_arch,
+    default_classifier,
+)
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
 
@@ -39,6 +45,7 @@ class ModelSource:
     trust_pickle: bool = False
     random_init: bool = False
     seed: int = 0
+    model_kwargs: dict[str, Any] | None = None  # ARCH_KWARGS, e.g. {"patch_size": 4}
 
 
 @dataclass
@@ -59,6 +66,10 @@ def load_model(src: ModelSource) -> LoadedModel:
         raise WasiToolError(f"num_classes must be >= 1, got {src.num_classes}")
     if src.img_size is not None and src.img_size < 1:
         raise WasiToolError(f"img_size must be >= 1, got {src.img_size}")
+    extra = src.model_kwargs or {}
+    bad = sorted(set(extra) - set(ARCH_KWARGS)) if isinstance(extra, dict) else ["model_kwargs"]
+    if bad:
+        raise WasiToolError(f"unsupported model_kwargs {bad}; allowed: {', '.join(ARCH_KWARGS)}")
     if src.random_init:
         return _random_init(src)
     if src.checkpoint is None:
@@ -120,13 +131,19 @@ def weights_metadata(loaded: LoadedModel) -> dict[str, Any]:
         for name, m in loaded.model.named_modules()
         if isinstance(m, FactoredLinear)
     }
-    return {
+    from wasi_tool.methods.bsr import token_drop_spec
+
+    meta: dict[str, Any] = {
         "format": artifacts.WEIGHTS_FORMAT,
         "format_version": str(artifacts.FORMAT_VERSION),
         "arch": loaded.arch,
         "model_kwargs": loaded.model_kwargs,
         "factored": factored,
     }
+    token_drop = token_drop_spec(loaded.model)
+    if token_drop:  # part of the model: BSR's blocks that drop tokens
+        meta["token_drop"] = token_drop
+    return meta
 
 
 def _source(path: Path, kind: str) -> dict[str, Any]:
@@ -148,18 +165,21 @@ def _random_init(src: ModelSource) -> LoadedModel:
     if src.checkpoint is not None:
         raise WasiToolError("give either a checkpoint or --random-init, not both")
     torch.manual_seed(src.seed)
-    model = build_model(src.arch, num_classes=src.num_classes, img_size=src.img_size)
+    model = build_model(
+        src.arch, num_classes=src.num_classes, img_size=src.img_size, **(src.model_kwargs or {})
+    )
     source = {"kind": "random-init", "path": None, "sha256": None, "seed": src.seed}
-    return LoadedModel(model, src.arch, _kwargs_of(model, src.img_size), source)
+    return LoadedModel(model, src.arch, _kwargs_of(model, src), source)
 
 
-def _kwargs_of(model: nn.Module, img_size: int | None) -> dict[str, Any]:
+def _kwargs_of(model: nn.Module, src: ModelSource) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int):
         kwargs["num_classes"] = num_classes
-    if img_size is not None:
-        kwargs["img_size"] = img_size
+    if src.img_size is not None:
+        kwargs["img_size"] = src.img_size
+    kwargs.update(src.model_kwargs or {})
     return kwargs
 
 
@@ -177,7 +197,11 @@ def _from_wasi_weights(
             name: (int(spec[0]), int(spec[1]), int(spec[2]), bool(spec[3]))
             for name, spec in factored.items()
         }
-    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        token_drop = {
+            name: (float(spec[0]), bool(spec[1]))
+            for name, spec in json.loads(meta.get("token_drop", "{}")).items()
+        }
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
         raise WasiToolError(f"{path}: malformed wasi-tool metadata ({exc})") from None
     if version != artifacts.FORMAT_VERSION:
         raise WasiToolError(f"{path}: weights format_version {version} is not supported")
@@ -195,6 +219,10 @@ def _from_wasi_weights(
             set_submodule(model, name, layer)
         except (AttributeError, ValueError) as exc:
             raise WasiToolError(f"{path}: cannot rebuild factored layer {name}: {exc}") from None
+    if token_drop:
+        from wasi_tool.methods.bsr import enable_token_drop_
+
+        enable_token_drop_(model, token_drop)
     _load_state_dict(model, tensors, arch)
     source = _source(path, "wasi-tool-weights")
     return LoadedModel(model.eval(), arch, dict(kwargs), source)
@@ -241,7 +269,7 @@ def _from_torch_file(path: Path, src: ModelSource) -> LoadedModel:
 
 def _from_module(model: nn.Module, path: Path, src: ModelSource) -> LoadedModel:
     arch = src.arch or arch_of(model)
-    kwargs = _kwargs_of(model, src.img_size)
+    kwargs = _kwargs_of(model, src)
     if arch is not None:
         # Make sure the artifact can be rebuilt from (arch, kwargs) alone.
         _check_fit(build_model(arch, **kwargs), model.state_dict(), arch)
@@ -263,9 +291,11 @@ def _from_state_dict(
     head = default_classifier(arch)
     if num_classes is None and head is not None and f"{head}.weight" in state:
         num_classes = int(state[f"{head}.weight"].shape[0])
-    model = build_model(arch, num_classes=num_classes, img_size=src.img_size)
+    model = build_model(
+        arch, num_classes=num_classes, img_size=src.img_size, **(src.model_kwargs or {})
+    )
     _load_state_dict(model, state, arch)
-    return LoadedModel(model.eval(), arch, _kwargs_of(model, src.img_size), source)
+    return LoadedModel(model.eval(), arch, _kwargs_of(model, src), source)
 
 
 def _check_fit(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:

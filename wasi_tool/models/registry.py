@@ -11,6 +11,9 @@ from wasi_tool.errors import WasiToolError
 
 # Model constructor arguments wasi-tool records and passes back to timm.create_model.
 MODEL_KWARGS = ("num_classes", "img_size")
+# Architecture arguments a recipe may set to build a variant of an arch (e.g. a small ViT at
+# 32 px with 4-px patches); they are recorded in every artifact so it can be rebuilt.
+ARCH_KWARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
 def check_arch(arch: str) -> None:
@@ -29,7 +32,7 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
     import timm
 
     check_arch(arch)
-    unknown = set(kwargs) - set(MODEL_KWARGS)
+    unknown = set(kwargs) - set(MODEL_KWARGS) - set(ARCH_KWARGS)
     if unknown:
         raise WasiToolError(f"unsupported model arguments: {', '.join(sorted(unknown))}")
     given = {k: v for k, v in kwargs.items() if v is not None}

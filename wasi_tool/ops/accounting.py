@@ -44,7 +44,8 @@ def layer_memory_elements(
     """Analytic elements per targeted layer (method.md section 5): saved activation, weight.
 
     vanilla saves the whole input; asi/wasi save the Tucker core and bases; wsi/wasi keep the
-    weight as K (O + I) factor elements, vanilla/asi as O I.
+    weight as K (O + I) factor elements, vanilla/asi as O I; lora (``rank`` = its r) keeps
+    O I + r (I + O) and saves the whole input.
     """
     full_act = math.prod(act_shape)
     compressed = method in ("asi", "wasi")
@@ -55,6 +56,10 @@ def layer_memory_elements(
         raise ValueError(f"{method} needs a weight rank")
     act = tucker_elements(act_shape, act_ranks) if compressed else full_act  # type: ignore[arg-type]
     weight = rank * (out_features + in_features) if factored else out_features * in_features  # type: ignore[operator]
+    if method == "lora":
+        if rank is None:
+            raise ValueError("lora needs its rank")
+        weight += rank * (out_features + in_features)
     return {"activation": act, "weight": weight}
 
 
@@ -81,6 +86,8 @@ def layer_step_flops(
     compressed = method in ("asi", "wasi")
     k = rank or 0
     fwd = 2 * tokens * k * (i + o) if factored else 2 * tokens * i * o
+    if method == "lora":  # W x + B (A x); dA through both paths; dW for A and B only
+        fwd += 2 * tokens * k * (i + o)
     d_a = fwd
     parts = {"forward": fwd, "compress": 0, "backward": 0, "update": 0}
     if compressed:
@@ -97,6 +104,8 @@ def layer_step_flops(
             size[mode] = act_shape[mode]
             expand += 2 * math.prod(size) * act_ranks[mode]
         d_w = expand + 2 * tokens * o * r_last + (0 if factored else 2 * o * r_last * i)
+    elif method == "lora":
+        d_w = 2 * tokens * k * (i + o)  # dB = dY^T (A x), dA = (B^T dY)^T x; W is frozen
     else:
         d_w = 2 * tokens * o * i
     parts["backward"] = d_a + d_w

@@ -14,6 +14,7 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -30,7 +31,16 @@ from wasi_tool.data.text import TokenBatch, load_task_data
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import SavedBytesMeter, peak_rss_bytes
 from wasi_tool.methods import LayerOptions, SubspaceSGD, finalize_, get_method, prepare_
+from wasi_tool.methods.bsr import (
+    BSRPlan,
+    enable_token_drop_,
+    freeze_outside_,
+    plan_bsr,
+    tokens_per_block,
+    trainable_names,
+)
 from wasi_tool.methods.calibrate import MB, capture, ranks_by_eps, ranks_under_budget
+from wasi_tool.methods.lora import apply_lora_
 from wasi_tool.models import hf
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.models.targets import select_targets
@@ -51,7 +61,7 @@ class FinetuneConfig(StageConfig):
     """How to fine-tune.
 
     Args:
-        method: vanilla, asi, wsi or wasi.
+        method: vanilla, asi, wsi, wasi, bsr, bsr+wasi or lora.
         targets: layers the method acts on: a preset or globs as in compress; by default the
             model's factored layers, or the MLP linears when it has none.
         eps: weight rank rule for wsi/wasi targets that are still dense (factored first).
@@ -67,6 +77,13 @@ class FinetuneConfig(StageConfig):
         val_fraction: held-out share when the dataset has no test split.
         classes: train on these classes only (relabelled 0..n-1).
         max_steps: stop each epoch after this many steps (quick runs).
+        bsr_blocks: bsr/bsr+wasi: indices of the blocks that train (default: 3, 7, 11 scaled
+            to the model's depth); targets outside them stay frozen.
+        drop_at: bsr/bsr+wasi: blocks that drop tokens (default 3, 6, 9 scaled; [] for none).
+        keep_rate: share of patch tokens each dropping block keeps.
+        fuse: fuse the dropped tokens into one (True) or discard them.
+        lora_rank, lora_alpha, lora_dropout: the LoRA adapters (method lora).
+        new_head: a fresh classifier even when the class count matches (a new task).
     """
 
     stage: ClassVar[str] = "finetune"
@@ -90,9 +107,27 @@ class FinetuneConfig(StageConfig):
     val_fraction: float = 0.1
     classes: list[int] | None = None
     max_steps: int | None = None
+    bsr_blocks: list[int] | None = None
+    drop_at: list[int] | None = None
+    keep_rate: float = 0.5
+    fuse: bool = True
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    new_head: bool = False
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
+        for name in ("bsr_blocks", "drop_at"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, [int(v) for v in value])
+        if not 0.0 < self.keep_rate <= 1.0:
+            raise WasiToolError(f"keep_rate must be in (0, 1], got {self.keep_rate}")
+        if int(self.lora_rank) < 1:
+            raise WasiToolError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise WasiToolError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         self.eps = check_eps(self.eps, "eps")
         given = [
             k for k in ("act_ranks", "act_eps", "act_budget_mb") if getattr(self, k) is not None
@@ -223,18 +258,34 @@ def evaluate(
     return {"loss": loss_sum / max(1, count), "accuracy": correct / max(1, count)}
 
 
+def _inside(targets: list[str], blocks: list[str]) -> list[str]:
+    inside = [t for t in targets if any(t.startswith(f"{b}.") for b in blocks)]
+    if not inside:
+        raise WasiToolError(
+            f"none of the {len(targets)} target layer(s) is inside the trained blocks "
+            f"({', '.join(blocks)}): choose --targets or --bsr-blocks that overlap"
+        )
+    return inside
+
+
 def _layer_accounting(
-    model: nn.Module, targets: list[str], method: str, act_shapes: dict[str, tuple[int, ...]]
+    model: nn.Module,
+    targets: list[str],
+    method: str,
+    act_shapes: dict[str, tuple[int, ...]],
+    lora_rank: int | None = None,
 ) -> list[dict[str, Any]]:
     """Analytic memory and FLOPs per target layer, ours and the reference code's count."""
     rows = []
     for name in targets:
-        layer = model.get_submodule(name)
+        layer: Any = model.get_submodule(name)
+        if hasattr(layer, "get_base_layer"):  # a peft LoRA layer
+            layer = layer.get_base_layer()
         shape = act_shapes.get(name)
         if shape is None:
             continue
-        o, i = int(layer.out_features), int(layer.in_features)  # type: ignore[arg-type]
-        rank = int(layer.rank) if isinstance(layer, WASILinear) else None
+        o, i = int(layer.out_features), int(layer.in_features)
+        rank = int(layer.rank) if isinstance(layer, WASILinear) else lora_rank
         act = getattr(layer, "act", None)
         ranks = tuple(min(r, d) for r, d in zip(act.ranks, shape, strict=True)) if act else None
         mem = accounting.layer_memory_elements(method, shape, o, i, rank, ranks)
@@ -249,7 +300,7 @@ def _layer_accounting(
             "memory_mib_fp32": {k: v * 4 / MB for k, v in mem.items()},
             "flops_per_step": accounting.layer_step_flops(method, shape, o, i, rank, ranks),
         }
-        if len(shape) == 3:
+        if len(shape) == 3 and method in ("vanilla", "asi", "wsi", "wasi"):
             row["flops_per_step_reference_code"] = accounting.reference_code_flops(
                 method, shape, o, i, rank, ranks
             )
@@ -294,6 +345,77 @@ def first_non_finite_grad(model: nn.Module) -> str | None:
     return None
 
 
+RankRule = Callable[[list[str]], tuple[dict[str, tuple[int, ...]], dict[str, Any] | None]]
+
+
+@dataclass
+class Prepared:
+    """What preparing a model for its method decided."""
+
+    targets: list[str]
+    act_ranks: dict[str, tuple[int, ...]]
+    calibration: dict[str, Any] | None
+    bsr_plan: BSRPlan | None
+    compress_report: dict[str, Any] | None
+
+
+def prepare_for_training(
+    model: nn.Module,
+    config: FinetuneConfig,
+    act_ranks: RankRule,
+    note: Callable[[str], None] = lambda message: None,
+) -> Prepared:
+    """Turn ``model`` into the method's training model, in place (finetune and bench share it).
+
+    bsr: token dropping goes in first (calibration and the ASI bases then see the reduced
+    token counts) and the targets are limited to the trained blocks; wsi/wasi targets that are
+    still dense are factored at ``config.eps``; ``act_ranks(targets)`` picks the activation
+    ranks of methods that compress them; the targets are swapped; finally bsr freezes all but
+    its trained modules and lora injects its adapters.
+    """
+    method = get_method(config.method)
+    plan: BSRPlan | None = None
+    if method.block_selective:
+        plan = plan_bsr(model, config.bsr_blocks, config.drop_at, config.keep_rate, config.fuse)
+        for message in plan.notes:
+            note(message)
+        enable_token_drop_(
+            model, {plan.blocks[i]: (plan.keep_rate, plan.fuse) for i in plan.drop_at}
+        )
+    targets = choose_targets(model, config.targets)
+    if plan is not None:
+        targets = _inside(targets, plan.trained_names)
+    report: dict[str, Any] | None = None
+    if method.factored_weight:
+        dense = [n for n in targets if not isinstance(model.get_submodule(n), FactoredLinear)]
+        if dense:
+            cfg = CompressConfig(targets=",".join(dense), eps=config.eps, force=True)
+            report = compress_(model, cfg).to_dict()
+            note(f"factored {len(dense)} dense target(s) at eps {config.eps}")
+    ranks, calibration = act_ranks(targets) if method.compressed_activations else ({}, None)
+    options = {
+        n: LayerOptions(
+            ranks.get(n),
+            config.update_form,  # type: ignore[arg-type]
+            config.act_order,
+            config.seed + k,
+        )
+        for k, n in enumerate(targets)
+    }
+    prepare_(model, config.method, targets, options)
+    if plan is not None:
+        trained = trainable_names(model, plan)
+        freeze_outside_(model, trained)
+        note(
+            f"bsr: training {', '.join(trained)}; tokens dropped in blocks {plan.drop_at or 'none'}"
+        )
+    if method.lora:
+        apply_lora_(
+            model, targets, config.lora_rank, config.lora_alpha, config.lora_dropout, config.seed
+        )
+    return Prepared(targets, ranks, calibration, plan, report)
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
@@ -332,34 +454,17 @@ class _Run:
         )
         self.data_spec = str(data)
         head_classes = getattr(model, "num_classes", None)
-        if head_classes != self.data.num_classes:
+        if head_classes != self.data.num_classes or config.new_head:
             if not hasattr(model, "reset_classifier"):
                 raise WasiToolError("the model has no reset_classifier(); cannot fit a new head")
             model.reset_classifier(self.data.num_classes)  # type: ignore[operator]
             progress.note(f"new head: {head_classes} -> {self.data.num_classes} classes")
         self.loaded.model_kwargs["num_classes"] = self.data.num_classes
         self.method = get_method(config.method)
-        self.targets = choose_targets(model, config.targets)
-        self.compress_report: dict[str, Any] | None = None
-        if self.method.factored_weight:
-            dense = [
-                n for n in self.targets if not isinstance(model.get_submodule(n), FactoredLinear)
-            ]
-            if dense:
-                cfg = CompressConfig(targets=",".join(dense), eps=config.eps, force=True)
-                self.compress_report = compress_(model, cfg).to_dict()
-                progress.note(f"factored {len(dense)} dense target(s) at eps {config.eps}")
-        self.act_ranks, self.calibration = self._activation_ranks()
-        options = {
-            n: LayerOptions(
-                self.act_ranks.get(n),
-                config.update_form,  # type: ignore[arg-type]
-                config.act_order,
-                config.seed + k,
-            )
-            for k, n in enumerate(self.targets)
-        }
-        prepare_(model, config.method, self.targets, options)
+        prepared = prepare_for_training(model, config, self._activation_ranks, progress.note)
+        self.targets, self.bsr_plan = prepared.targets, prepared.bsr_plan
+        self.compress_report = prepared.compress_report
+        self.act_ranks, self.calibration = prepared.act_ranks, prepared.calibration
         self.model = model.train()
         self.opt = SubspaceSGD(model, config.lr, config.momentum, config.weight_decay, config.clip)
         self.steps_per_epoch = math.ceil(len(self.data.train) / config.batch_size)  # type: ignore[arg-type]
@@ -383,16 +488,16 @@ class _Run:
         images, labels = next(iter(_loader(self.data.train, self.config.batch_size, order)))
         return self.transform(images), labels
 
-    def _activation_ranks(self) -> tuple[dict[str, tuple[int, ...]], dict[str, Any] | None]:
+    def _activation_ranks(
+        self, targets: list[str]
+    ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any] | None]:
         cfg = self.config
-        if not self.method.compressed_activations:
-            return {}, None
         if cfg.act_ranks is not None:
-            return {n: tuple(cfg.act_ranks) for n in self.targets}, {"rule": "explicit"}
+            return {n: tuple(cfg.act_ranks) for n in targets}, {"rule": "explicit"}
         x, y = self._calibration_batch()
         start = time.perf_counter()
         if cfg.act_budget_mb is not None:
-            captured = capture(self.loaded.model, self.targets, x, y, F.cross_entropy)
+            captured = capture(self.loaded.model, targets, x, y, F.cross_entropy)
             choice = ranks_under_budget(captured, cfg.act_budget_mb)
             info = {
                 "rule": "budget",
@@ -404,7 +509,7 @@ class _Run:
             ranks = choice.ranks
         else:
             assert cfg.act_eps is not None
-            inputs = {n: a for n, (a, _) in capture(self.loaded.model, self.targets, x).items()}
+            inputs = {n: a for n, (a, _) in capture(self.loaded.model, targets, x).items()}
             ranks = ranks_by_eps(inputs, cfg.act_eps)
             info = {"rule": "eps", "act_eps": cfg.act_eps}
         info.update(batch=len(y), seconds=round(time.perf_counter() - start, 3))
@@ -574,7 +679,7 @@ class _Run:
         cfg = self.config
         times = self.step_times[1:] or self.step_times  # the first step includes warm-up
         median = statistics.median(times) if times else float("nan")
-        return {
+        out: dict[str, Any] = {
             "method": cfg.method,
             "config": cfg.to_dict(),
             "data": self.data.description,
@@ -610,9 +715,56 @@ class _Run:
                 "subspace iterations and core; flops_per_step_reference_code reproduces the WASI "
                 "reference code's count (multiply-adds for the low-rank dW, N/I ranks swapped, "
                 "no core) for comparison only",
-                "layers": _layer_accounting(self.model, self.targets, cfg.method, self.act_shapes),
+                "layers": _layer_accounting(
+                    self.model,
+                    self.targets,
+                    self.method.layer,
+                    self.act_shapes,
+                    cfg.lora_rank if self.method.lora else None,
+                ),
+                "model": self._model_accounting(),
             },
         }
+        if self.bsr_plan is not None:
+            out["bsr"] = self.bsr_plan.to_dict()
+        return out
+
+    def _model_accounting(self) -> dict[str, Any]:
+        """Whole-model figures: parameters that train, and (bsr) tokens per block.
+
+        Convention, as the BSR paper counts training memory: all weights, plus a gradient for
+        each trainable parameter, plus the activations saved for backward; blocks before the
+        first trained block save none, and each later block saves activations for its own
+        token count after dropping. The saved activations are the measured figure above.
+        """
+        params = list(self.model.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        wasi = sum(
+            int(m.L.numel() + m.R.numel())
+            for m in self.model.modules()
+            if isinstance(m, WASILinear)
+        )
+        row: dict[str, Any] = {
+            "parameters": sum(p.numel() for p in params),
+            "trainable_parameters": trainable + wasi,
+            "gradient_elements": trainable + wasi,
+            "note": "trainable_parameters counts WASI factors (updated by WSI, not autograd); "
+            "gradient_elements: one gradient element per trainable parameter (WASI: its "
+            "factors' size; the dense gradient is never formed)",
+        }
+        if self.bsr_plan is not None:
+            x, _ = self._calibration_batch()
+            was_training = self.model.training
+            self.model.eval()
+            row["tokens_per_block"] = tokens_per_block(self.model, x[:1])
+            self.model.train(was_training)
+            first = self.bsr_plan.trained[0]
+            row["blocks_saving_activations"] = list(range(first, len(self.bsr_plan.blocks)))
+            row["convention"] = (
+                "BSR paper: weights + gradients of trainable parameters + saved activations, "
+                "none before the first trained block, token counts after dropping"
+            )
+        return row
 
 
 def _ckpt_dir(out: Path) -> Path:
