@@ -5,7 +5,10 @@ activation ranks (B/4, N/4, 32). A step is forward, backward (with an input that
 as inside a network) and the update. Timing: warm-up, then repeats alternating vanilla and
 wasi, median per method. Saved bytes: storages autograd saves (saved_tensors_hooks), each once,
 parameters left out (wasi_tool.measure.SavedBytesMeter). Weight memory: parameters plus their
-gradients (for WASI the pending gradient factors P, U instead of a .grad).
+gradients (for WASI the pending gradient factors P, U instead of a .grad). FLOP floor: the
+step's FLOPs (wasi_tool.ops.accounting.layer_step_flops: 2 per multiply-add, subspace iterations
+and core included) over this machine's sgemm rate (a 2048^3 matmul, measured before and after
+the layers, the faster kept); the measured time is then given as a multiple of that floor.
 
     python benchmarks/layer_step.py --json layer_step.json
 """
@@ -25,6 +28,7 @@ from torch import nn
 from wasi_tool.measure import SavedBytesMeter
 from wasi_tool.methods.optim import SubspaceSGD
 from wasi_tool.nn import FactoredLinear, WASILinear
+from wasi_tool.ops.accounting import layer_step_flops
 
 B, N = 64, 50
 SHAPES = [(768, 3072), (3072, 768)]  # (in, out): fc1, fc2
@@ -105,7 +109,8 @@ def measure(in_f: int, out_f: int, warmup: int, repeats: int) -> dict[str, float
     wb_v, wb_w = weight_bytes(dense), weight_bytes(wasi)
     r1, r2, r3 = act_ranks
     formula = 4 * (r1 * r2 * r3 + B * r1 + N * r2 + in_f * r3)
-    flops_v = 3 * 2 * B * N * in_f * out_f  # forward, dA, dW
+    flops_v = layer_step_flops("vanilla", (B, N, in_f), out_f, in_f)["total"]
+    flops_w = layer_step_flops("wasi", (B, N, in_f), out_f, in_f, k, act_ranks)["total"]
     return {
         "shape": f"{in_f}->{out_f}",
         "rank": k,
@@ -121,8 +126,18 @@ def measure(in_f: int, out_f: int, warmup: int, repeats: int) -> dict[str, float
         "wasi_weight_bytes": wb_w,
         "weight_mem_ratio": round(wb_v / wb_w, 3),
         "vanilla_flops": flops_v,
+        "wasi_flops": flops_w,
         "vanilla_gflops_per_s": round(flops_v / t_v / 1e9, 1),
+        "wasi_gflops_per_s": round(flops_w / t_w / 1e9, 1),
     }
+
+
+def add_floor(row: dict[str, float | int | str], gemm_gflops: float) -> None:
+    """The FLOP floor of each step at this machine's sgemm rate, and time as a multiple of it."""
+    for m in ("vanilla", "wasi"):
+        floor_ms = float(row[f"{m}_flops"]) / (gemm_gflops * 1e9) * 1e3
+        row[f"{m}_floor_ms"] = round(floor_ms, 2)
+        row[f"{m}_x_floor"] = round(float(row[f"{m}_ms"]) / floor_ms, 2)
 
 
 def main() -> None:
@@ -132,11 +147,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    before = sgemm_gflops()
     rows = [measure(i, o, args.warmup, args.repeats) for i, o in SHAPES]
-    gemm = sgemm_gflops()
+    gemm = max(before, sgemm_gflops())
     for r in rows:
+        add_floor(r, gemm)
         print(
-            f"{r['shape']:>10}  vanilla {r['vanilla_ms']:7.1f} ms  wasi {r['wasi_ms']:7.1f} ms  "
+            f"{r['shape']:>10}  vanilla {r['vanilla_ms']:7.1f} ms ({r['vanilla_x_floor']:.2f}x "
+            f"floor {r['vanilla_floor_ms']:.1f})  wasi {r['wasi_ms']:7.1f} ms "
+            f"({r['wasi_x_floor']:.2f}x floor {r['wasi_floor_ms']:.1f})  "
             f"speedup {r['speedup']:.2f}x  saved bytes {r['saved_bytes_ratio']:.1f}x fewer "
             f"({r['wasi_saved_bytes']} vs formula {r['wasi_saved_bytes_formula']})  "
             f"weights+grads {r['weight_mem_ratio']:.2f}x smaller"
@@ -151,6 +170,10 @@ def main() -> None:
         f"{summary['saved_bytes_ratio']:.1f}x, weight memory {summary['weight_mem_ratio']:.2f}x; "
         f"sgemm here {gemm:.0f} GFLOP/s"
     )
+    goals = {"speedup": 2.0, "saved_bytes_ratio": 30.0, "weight_mem_ratio": 3.0}
+    for key, goal in goals.items():
+        verdict = "met" if summary[key] >= goal else "missed"
+        print(f"target {key} >= {goal}x: {summary[key]:.2f}x -> {verdict}")
     if args.json:
         payload = {
             "benchmark": "layer_step",
