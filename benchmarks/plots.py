@@ -1,0 +1,105 @@
+"""BENCHMARKS.md's figures from the benchmark JSON files (no measuring here).
+
+    python benchmarks/plots.py   # reads benchmarks/results/{accuracy,e2e_step,inference}.json
+
+- pareto.png: test accuracy vs training memory, one point per method (accuracy.json: measured
+  saved bytes + weights + gradients of the small ViT on CIFAR-10 5-9) and, beside it, peak RSS
+  vs step time of ViT-B/32 at batch 32 (e2e_step.json).
+- latency.png: onnxruntime p50 (with p90 whiskers) of ViT-B/32 per model and batch
+  (inference.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both lower x and higher y, sorted by x."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def pareto(out: Path) -> None:
+    acc = json.loads((RESULTS / "accuracy.json").read_text())
+    e2e = json.loads((RESULTS / "e2e_step.json").read_text())
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    by: dict[str, list[dict[str, float]]] = {}
+    for r in acc["rows"]:
+        by.setdefault(r["method"], []).append(r)
+    points = []
+    for name, rs in by.items():
+        x = sum(r["training_memory_bytes"] for r in rs) / len(rs) / 1e6
+        y = 100 * sum(r["test_accuracy"] for r in rs) / len(rs)
+        points.append((x, y))
+        ax1.scatter(x, y, s=40)
+        ax1.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = _pareto_front(points)
+    ax1.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("training memory (MB): measured saved activations + weights + gradients")
+    ax1.set_ylabel("test accuracy, CIFAR-10 classes 5-9 (%)")
+    ax1.set_title(f"small ViT (32 px), {acc['epochs']} epochs, seeds {acc['seeds']}")
+    ax1.legend(loc="lower right", fontsize=8)
+    for r in e2e["rows"]:
+        ax2.scatter(r["peak_rss_gb"], r["median_step_ms"] / 1e3, s=40)
+        ax2.annotate(
+            r["method"],
+            (r["peak_rss_gb"], r["median_step_ms"] / 1e3),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
+    ax2.set_xlabel("peak RSS of the training process (GB)")
+    ax2.set_ylabel("median training step (s)")
+    ax2.set_title(f"ViT-B/32, 224 px, batch {e2e['batch_size']} (fresh process each)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def latency(out: Path) -> None:
+    inf = json.loads((RESULTS / "inference.json").read_text())
+    models = list(dict.fromkeys(r["model"] for r in inf["rows"]))
+    batches = sorted({r["batch"] for r in inf["rows"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2))
+    axes = axes if len(batches) > 1 else [axes]
+    for ax, batch in zip(axes, batches, strict=True):
+        rows = {r["model"]: r for r in inf["rows"] if r["batch"] == batch}
+        p50 = [rows[m]["p50_ms"] for m in models]
+        p90 = [rows[m]["p90_ms"] for m in models]
+        err = [[0] * len(models), [b - a for a, b in zip(p50, p90, strict=True)]]
+        bars = ax.bar(models, p50, yerr=err, capsize=4, color="#4c78a8")
+        for bar, m in zip(bars, models, strict=True):
+            label = f"{rows[m]['p50_speedup_vs_dense']:.2f}x"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_title(f"ViT-B/32 onnxruntime, batch {batch}, {inf['threads']} threads")
+        ax.set_ylabel("p50 latency (ms); whisker to p90")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    pareto(RESULTS / "pareto.png")
+    latency(RESULTS / "latency.png")
+    print(f"wrote {RESULTS / 'pareto.png'} and {RESULTS / 'latency.png'}")
+
+
+if __name__ == "__main__":
+    main()
