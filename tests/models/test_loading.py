@@ -110,3 +110,19 @@ def test_random_init_needs_arch() -> None:
         load_model(ModelSource(random_init=True))
     with pytest.raises(WasiToolError, match="no checkpoint given"):
         load_model(ModelSource())
+
+
+def test_model_kwargs_build_a_variant_that_artifacts_rebuild(tmp_path: Path) -> None:
+    from wasi_tool.stages import CompressConfig, run_compress
+
+    kwargs = {"patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2}
+    src = ModelSource(random_init=True, arch=TINY["arch"], img_size=32, model_kwargs=kwargs)
+    loaded = load_model(src)
+    assert loaded.model.patch_embed.num_patches == 64 and len(loaded.model.blocks) == 2
+    assert loaded.model_kwargs == {"num_classes": 1000, "img_size": 32, **kwargs}
+    out = run_compress(src, CompressConfig(targets="mlp", rank_ratio=0.5), tmp_path / "c").out
+    again = load_model(ModelSource(checkpoint=out))
+    assert len(again.model.blocks) == 2
+    assert again.model_kwargs == loaded.model_kwargs
+    with pytest.raises(WasiToolError, match="unsupported model_kwargs"):
+        load_model(ModelSource(random_init=True, arch=TINY["arch"], model_kwargs={"act": 1}))
