@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.methods.options import BaselineOptions
 
 SCHEMA = "wasi-tool-bench-train/1"
 
 
 @dataclass
-class TrainBenchConfig:
+class TrainBenchConfig(BaselineOptions):
     """One training-step measurement (the model source fields mirror ModelSource)."""
 
     checkpoint: str | None = None
@@ -39,12 +40,6 @@ class TrainBenchConfig:
     steps: int = 20
     warmup: int = 3
     seed: int = 0
-    bsr_blocks: list[int] | None = None
-    drop_at: list[int] | None = None
-    keep_rate: float = 0.5
-    fuse: bool = True
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
@@ -60,12 +55,7 @@ class TrainBenchConfig:
             eps=self.eps,
             act_ranks=self.act_ranks,
             seed=self.seed,
-            bsr_blocks=self.bsr_blocks,
-            drop_at=self.drop_at,
-            keep_rate=self.keep_rate,
-            fuse=self.fuse,
-            lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha,
+            **self.baseline_options(),
         )
 
 

@@ -41,6 +41,7 @@ from wasi_tool.methods.bsr import (
 )
 from wasi_tool.methods.calibrate import MB, capture, ranks_by_eps, ranks_under_budget
 from wasi_tool.methods.lora import apply_lora_
+from wasi_tool.methods.options import BaselineOptions
 from wasi_tool.models import hf
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.models.targets import select_targets
@@ -57,7 +58,7 @@ METRICS = "metrics.json"
 
 
 @dataclass
-class FinetuneConfig(StageConfig):
+class FinetuneConfig(StageConfig, BaselineOptions):
     """How to fine-tune.
 
     Args:
@@ -77,12 +78,9 @@ class FinetuneConfig(StageConfig):
         val_fraction: held-out share when the dataset has no test split.
         classes: train on these classes only (relabelled 0..n-1).
         max_steps: stop each epoch after this many steps (quick runs).
-        bsr_blocks: bsr/bsr+wasi: indices of the blocks that train (default: 3, 7, 11 scaled
-            to the model's depth); targets outside them stay frozen.
-        drop_at: bsr/bsr+wasi: blocks that drop tokens (default 3, 6, 9 scaled; [] for none).
-        keep_rate: share of patch tokens each dropping block keeps.
-        fuse: fuse the dropped tokens into one (True) or discard them.
-        lora_rank, lora_alpha, lora_dropout: the LoRA adapters (method lora).
+        bsr_blocks, drop_at, keep_rate, fuse, lora_rank, lora_alpha, lora_dropout: the
+            baselines' settings (BaselineOptions); targets outside BSR's trained blocks stay
+            frozen.
         new_head: a fresh classifier even when the class count matches (a new task).
     """
 
@@ -107,13 +105,6 @@ class FinetuneConfig(StageConfig):
     val_fraction: float = 0.1
     classes: list[int] | None = None
     max_steps: int | None = None
-    bsr_blocks: list[int] | None = None
-    drop_at: list[int] | None = None
-    keep_rate: float = 0.5
-    fuse: bool = True
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
     new_head: bool = False
 
     def __post_init__(self) -> None:
