@@ -290,10 +290,17 @@ def tokens_per_block(model: nn.Module, x: torch.Tensor) -> list[int]:
     """How many tokens each block receives for input ``x`` (one forward pass); a (B, H, W, C)
     input of a Swin block counts H * W."""
     counts: list[int] = []
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda m, args: counts.append(math.prod(args[0].shape[1:-1]))
+
+    def count(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        first = next(
+            (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.ndim >= 3),
+            None,
         )
+        if first is not None:
+            counts.append(math.prod(first.shape[1:-1]))
+
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(count, with_kwargs=True)
         for name in find_blocks(model)
     ]
     try:
