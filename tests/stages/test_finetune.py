@@ -77,6 +77,8 @@ def test_artifact_and_metrics(tmp_path: Path) -> None:
     assert layer["memory_elements"]["activation"] == 8 * 3 * 16 + 32 * 8 + 5 * 3 + 192 * 16
     assert "flops_per_step_reference_code" in layer
     assert metrics["measured"]["steps"] == 3 and metrics["measured"]["peak_rss_bytes"] > 0
+    model = metrics["analytic"]["model"]  # every parameter trains, the WASI factors counted once
+    assert model["trainable_parameters"] == model["parameters"] == model["gradient_elements"]
     # The artifact reloads as FactoredLinear layers and scores what training reported.
     loaded = load_model(ModelSource(checkpoint=out))
     assert isinstance(loaded.model.get_submodule("blocks.0.mlp.fc1"), FactoredLinear)

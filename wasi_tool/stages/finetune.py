@@ -730,18 +730,13 @@ class _Run:
         """
         params = list(self.model.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
-        wasi = sum(
-            int(m.L.numel() + m.R.numel())
-            for m in self.model.modules()
-            if isinstance(m, WASILinear)
-        )
         row: dict[str, Any] = {
             "parameters": sum(p.numel() for p in params),
-            "trainable_parameters": trainable + wasi,
-            "gradient_elements": trainable + wasi,
-            "note": "trainable_parameters counts WASI factors (updated by WSI, not autograd); "
-            "gradient_elements: one gradient element per trainable parameter (WASI: its "
-            "factors' size; the dense gradient is never formed)",
+            "trainable_parameters": trainable,
+            "gradient_elements": trainable,
+            "note": "trainable_parameters includes WASI factors L, R (parameters updated by WSI, "
+            "not autograd); gradient_elements: one gradient element per trainable parameter "
+            "(for WASI the factors' size; the dense gradient is never formed)",
         }
         if self.bsr_plan is not None:
             x, _ = self._calibration_batch()
