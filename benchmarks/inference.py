@@ -31,8 +31,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from wasi_tool.methods.bsr import enable_token_drop_, tokens_per_block
+from wasi_tool.methods.bsr import tokens_per_block
 from wasi_tool.models import ModelSource, load_model
+from wasi_tool.nn import enable_token_drop_
 from wasi_tool.stages import CompressConfig, run_compress
 from wasi_tool.stages.common import write_stage_artifact
 from wasi_tool.stages.export import ExportConfig, run_export

@@ -109,8 +109,10 @@ def measure(in_f: int, out_f: int, warmup: int, repeats: int) -> dict[str, float
     wb_v, wb_w = weight_bytes(dense), weight_bytes(wasi)
     r1, r2, r3 = act_ranks
     formula = 4 * (r1 * r2 * r3 + B * r1 + N * r2 + in_f * r3)
-    flops_v = layer_step_flops("vanilla", (B, N, in_f), out_f, in_f)["total"]
-    flops_w = layer_step_flops("wasi", (B, N, in_f), out_f, in_f, k, act_ranks)["total"]
+    flops_v = layer_step_flops((B, N, in_f), out_f, in_f)["total"]
+    flops_w = layer_step_flops(
+        (B, N, in_f), out_f, in_f, factored=True, compressed=True, rank=k, act_ranks=act_ranks
+    )["total"]
     return {
         "shape": f"{in_f}->{out_f}",
         "rank": k,

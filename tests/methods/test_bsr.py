@@ -1,5 +1,6 @@
 import copy
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -8,16 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import TINY, images, tiny_model
 from wasi_tool import artifacts
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import bsr
 from wasi_tool.models import ModelSource, load_model
 from wasi_tool.models.registry import build_model
+from wasi_tool.nn import token_drop
 from wasi_tool.stages import FinetuneConfig, run_finetune
 from wasi_tool.stages.export import ExportConfig, run_export
 
-SRC = ModelSource(random_init=True, arch=TINY["arch"], img_size=32)
+
+@pytest.fixture
+def src(tiny_spec: Mapping[str, Any]) -> ModelSource:
+    return ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32)
 
 
 def test_vit_b16_token_counts_197_100_52_28() -> None:
@@ -35,7 +39,7 @@ def test_vit_b16_token_counts_197_100_52_28() -> None:
     assert counts == [197] * 4 + [99] * 3 + [50] * 3 + [26] * 2
 
 
-def test_defaults_scale_with_depth() -> None:
+def test_defaults_scale_with_depth(tiny_model: Callable[..., torch.nn.Module]) -> None:
     assert bsr.default_indices(12, bsr.PAPER_BLOCKS) == [3, 7, 11]
     assert bsr.default_indices(6, bsr.PAPER_BLOCKS) == [1, 3, 5]
     assert bsr.default_indices(24, bsr.PAPER_DROP_AT) == [6, 12, 18]
@@ -45,7 +49,9 @@ def test_defaults_scale_with_depth() -> None:
         bsr.plan_bsr(tiny_model(), keep_rate=0.0)
 
 
-def test_keep_all_tokens_is_the_plain_block() -> None:
+def test_keep_all_tokens_is_the_plain_block(
+    images: Callable[..., torch.Tensor], tiny_model: Callable[..., torch.nn.Module]
+) -> None:
     """keep_rate 1 runs the replicated attention path and must equal timm's own block."""
     model = tiny_model().eval()
     x = images(3)
@@ -60,7 +66,7 @@ def test_drop_tokens_keeps_the_top_and_fuses_the_rest() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 4, generator=gen)
     attn = torch.rand(2, 8, generator=gen)
-    out = bsr.drop_tokens(x, attn, 0.5, fuse=True)
+    out = token_drop.drop_tokens(x, attn, 0.5, fuse=True)
     assert out.shape == (2, 1 + 4 + 1, 4)
     for b in range(2):
         order = sorted(range(8), key=lambda j: -float(attn[b, j]))
@@ -70,8 +76,8 @@ def test_drop_tokens_keeps_the_top_and_fuses_the_rest() -> None:
         w = attn[b, rest]
         fused = (x[b, 1:][rest] * w[:, None]).sum(0) / w.sum()
         torch.testing.assert_close(out[b, 5], fused)
-    assert bsr.drop_tokens(x, attn, 0.5, fuse=False).shape == (2, 5, 4)
-    assert bsr.kept_tokens(196, 0.5) == 98 and bsr.kept_tokens(3, 0.5) == 2
+    assert token_drop.drop_tokens(x, attn, 0.5, fuse=False).shape == (2, 5, 4)
+    assert token_drop.kept_tokens(196, 0.5) == 98 and token_drop.kept_tokens(3, 0.5) == 2
 
 
 def test_swin_gets_block_selection_only() -> None:
@@ -103,7 +109,9 @@ def _saved_per_block(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
     return counts
 
 
-def test_frozen_parameters_get_no_gradient_and_early_blocks_save_nothing() -> None:
+def test_frozen_parameters_get_no_gradient_and_early_blocks_save_nothing(
+    images: Callable[..., torch.Tensor], tiny_model: Callable[..., torch.nn.Module]
+) -> None:
     model = tiny_model().train()
     plan = bsr.plan_bsr(model, trained=[3, 7, 11], drop_at=[3, 6, 9])
     trained = bsr.apply_bsr_(model, plan)
@@ -116,16 +124,18 @@ def test_frozen_parameters_get_no_gradient_and_early_blocks_save_nothing() -> No
         assert (p.grad is not None) == inside, name
 
 
-def _finetune(tmp_path: Path, name: str, **kw: Any) -> dict[str, Any]:
+def _finetune(src: ModelSource, tmp_path: Path, name: str, **kw: Any) -> dict[str, Any]:
     cfg = FinetuneConfig(epochs=1, batch_size=32, max_steps=3, **kw)
-    return run_finetune(SRC, "digits", cfg, tmp_path / name).metrics
+    return run_finetune(src, "digits", cfg, tmp_path / name).metrics.to_dict()
 
 
-def test_bsr_wasi_at_full_rank_equals_bsr(tmp_path: Path) -> None:
+def test_bsr_wasi_at_full_rank_equals_bsr(
+    tmp_path: Path, src: ModelSource, images: Callable[..., torch.Tensor]
+) -> None:
     common: dict[str, Any] = {"bsr_blocks": [3, 7, 11], "drop_at": [3, 6, 9], "keep_rate": 0.5}
-    plain = _finetune(tmp_path, "bsr", method="bsr", **common)
+    plain = _finetune(src, tmp_path, "bsr", method="bsr", **common)
     full = _finetune(
-        tmp_path, "both", method="bsr+wasi", eps=1.0, act_ranks=[64, 64, 4096], **common
+        src, tmp_path, "both", method="bsr+wasi", eps=1.0, act_ranks=[64, 64, 4096], **common
     )
     assert (
         full["targets"]
@@ -153,13 +163,16 @@ def test_bsr_wasi_at_full_rank_equals_bsr(tmp_path: Path) -> None:
     torch.testing.assert_close(b(images(3)), a(images(3)), atol=1e-4, rtol=1e-4)
 
 
-def test_bsr_artifact_keeps_dropping_and_exports_it_to_onnx(tmp_path: Path) -> None:
-    metrics = _finetune(tmp_path, "bsr", method="bsr")
+@pytest.mark.slow
+def test_bsr_artifact_keeps_dropping_and_exports_it_to_onnx(
+    tmp_path: Path, src: ModelSource, images: Callable[..., torch.Tensor]
+) -> None:
+    metrics = _finetune(src, tmp_path, "bsr", method="bsr")
     assert metrics["bsr"]["trained_blocks"] == [3, 7, 11]
     meta = artifacts.load_weights(tmp_path / "bsr" / "model.safetensors")[1]
     assert "blocks.3" in meta["token_drop"]
     loaded = load_model(ModelSource(checkpoint=tmp_path / "bsr"))
-    assert isinstance(loaded.model.get_submodule("blocks.6"), bsr.TokenDropBlock)
+    assert isinstance(loaded.model.get_submodule("blocks.6"), token_drop.TokenDropBlock)
     assert bsr.tokens_per_block(loaded.model, images(1))[-1] == 4
     # the export stage checks ORT against torch (batch 1, 7, real images) and fails beyond atol
     src = ModelSource(checkpoint=tmp_path / "bsr")
@@ -170,6 +183,6 @@ def test_bsr_artifact_keeps_dropping_and_exports_it_to_onnx(tmp_path: Path) -> N
     assert math.isfinite(metrics["final"]["test_accuracy"])
 
 
-def test_bsr_needs_targets_inside_the_trained_blocks(tmp_path: Path) -> None:
+def test_bsr_needs_targets_inside_the_trained_blocks(tmp_path: Path, src: ModelSource) -> None:
     with pytest.raises(WasiToolError, match="inside the trained blocks"):
-        _finetune(tmp_path, "x", method="bsr", targets="blocks.0.*", bsr_blocks=[5])
+        _finetune(src, tmp_path, "x", method="bsr", targets="blocks.0.*", bsr_blocks=[5])

@@ -1,10 +1,11 @@
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from tests.conftest import TINY, images, tiny_model
 from wasi_tool import artifacts
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.lora import apply_lora_, lora_layers, merge_lora_
@@ -14,7 +15,9 @@ from wasi_tool.stages import FinetuneConfig, run_finetune
 TARGETS = [f"blocks.{b}.mlp.{fc}" for b in range(12) for fc in ("fc1", "fc2")]
 
 
-def test_lora_at_init_leaves_logits_unchanged_and_trains_adapters_and_head() -> None:
+def test_lora_at_init_leaves_logits_unchanged_and_trains_adapters_and_head(
+    images: Callable[..., torch.Tensor], tiny_model: Callable[..., nn.Module]
+) -> None:
     model = tiny_model().eval()
     x = images(3)
     ref = model(x)
@@ -29,7 +32,9 @@ def test_lora_at_init_leaves_logits_unchanged_and_trains_adapters_and_head() -> 
     }
 
 
-def test_lora_merges_exactly() -> None:
+def test_lora_merges_exactly(
+    images: Callable[..., torch.Tensor], tiny_model: Callable[..., nn.Module]
+) -> None:
     model = tiny_model().eval()
     apply_lora_(model, TARGETS[:4], rank=4, alpha=16)
     gen = torch.Generator().manual_seed(3)
@@ -45,17 +50,19 @@ def test_lora_merges_exactly() -> None:
     assert set(model.state_dict()) == set(tiny_model().state_dict())
 
 
-def test_lora_refuses_bad_settings() -> None:
+def test_lora_refuses_bad_settings(tiny_model: Callable[..., nn.Module]) -> None:
     with pytest.raises(WasiToolError, match="rank"):
         apply_lora_(tiny_model(), TARGETS, rank=0, alpha=1)
     with pytest.raises(WasiToolError, match=r"nn\.Linear"):
         apply_lora_(tiny_model(), ["blocks.0.mlp"], rank=2, alpha=1)
 
 
-def test_lora_finetune_writes_a_plain_merged_model(tmp_path: Path) -> None:
-    src = ModelSource(random_init=True, arch=TINY["arch"], img_size=32)
+def test_lora_finetune_writes_a_plain_merged_model(
+    tmp_path: Path, tiny_spec: Mapping[str, Any]
+) -> None:
+    src = ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32)
     cfg = FinetuneConfig(method="lora", lora_rank=4, epochs=1, batch_size=32, max_steps=3)
-    metrics = run_finetune(src, "digits", cfg, tmp_path / "lora").metrics
+    metrics = run_finetune(src, "digits", cfg, tmp_path / "lora").metrics.to_dict()
     layer = metrics["analytic"]["layers"][0]
     assert layer["memory_elements"]["weight"] == 768 * 192 + 4 * (768 + 192)
     assert metrics["analytic"]["model"]["trainable_parameters"] == 24 * 4 * (768 + 192) + 1930

@@ -16,7 +16,7 @@ def test_vit_b32_vanilla_memory_matches_the_paper() -> None:
     layers = [(768, 768)] * 4 + [(768, 3072), (3072, 768)]  # (in, out)
     act = weight = 0
     for i, o in layers * 12:
-        mem = layer_memory_elements("vanilla", (*shape, i), o, i)
+        mem = layer_memory_elements((*shape, i), o, i)
         act += mem["activation"]
         weight += mem["weight"]
     assert act * 4 / MIB == pytest.approx(2025.0)
@@ -24,23 +24,27 @@ def test_vit_b32_vanilla_memory_matches_the_paper() -> None:
 
 
 def test_wasi_memory_formula() -> None:
-    mem = layer_memory_elements("wasi", (64, 50, 768), 3072, 768, rank=192, act_ranks=(16, 12, 32))
+    mem = layer_memory_elements(
+        (64, 50, 768), 3072, 768, factored=True, compressed=True, rank=192, act_ranks=(16, 12, 32)
+    )
     assert mem["activation"] == 16 * 12 * 32 + 64 * 16 + 50 * 12 + 768 * 32
     assert mem["activation"] == tucker_elements((64, 50, 768), (16, 12, 32))
     assert mem["weight"] == 192 * (3072 + 768)
     with pytest.raises(ValueError):
-        layer_memory_elements("wasi", (64, 50, 768), 3072, 768, rank=192)
+        layer_memory_elements((64, 50, 768), 3072, 768, factored=True, compressed=True, rank=192)
 
 
 def test_flops() -> None:
-    vanilla = layer_step_flops("vanilla", (64, 50, 768), 3072, 768)
+    vanilla = layer_step_flops((64, 50, 768), 3072, 768)
     assert vanilla["total"] == 3 * 2 * 64 * 50 * 768 * 3072
-    wasi = layer_step_flops("wasi", (64, 50, 768), 3072, 768, 192, (16, 12, 32))
+    wasi = layer_step_flops(
+        (64, 50, 768), 3072, 768, factored=True, compressed=True, rank=192, act_ranks=(16, 12, 32)
+    )
     assert wasi["forward"] == 2 * 3200 * 192 * (768 + 3072)
     assert 0 < wasi["compress"] < wasi["forward"]
     assert vanilla["total"] / wasi["total"] > 3
-    ref = reference_code_flops("wasi", (64, 50, 768), 3072, 768, 192, (16, 12, 32))
-    assert ref["total"] != wasi["total"]  # a different convention, kept only for comparison
-    assert (
-        reference_code_flops("vanilla", (64, 50, 768), 3072, 768)["forward"] == 3200 * 3072 * 1535
+    ref = reference_code_flops(
+        (64, 50, 768), 3072, 768, factored=True, compressed=True, rank=192, act_ranks=(16, 12, 32)
     )
+    assert ref["total"] != wasi["total"]  # a different convention, kept only for comparison
+    assert reference_code_flops((64, 50, 768), 3072, 768)["forward"] == 3200 * 3072 * 1535

@@ -1,14 +1,21 @@
-"""Training methods: how to prepare a model and how to step it."""
+"""Training methods: one module each, registered by name in ``methods.base``.
 
-from wasi_tool.methods.optim import SubspaceSGD
-from wasi_tool.methods.registry import (
+Importing this package registers the built-in methods: vanilla, asi, wsi, wasi, bsr, bsr+wasi
+and lora.
+"""
+
+from wasi_tool.methods import asi, bsr, lora, vanilla, wasi, wsi  # noqa: F401  (registration)
+from wasi_tool.methods.base import (
     METHODS,
     LayerOptions,
     Method,
     finalize_,
     get_method,
     prepare_,
+    register_method,
+    unregister_method,
 )
+from wasi_tool.methods.optim import SubspaceSGD
 
 __all__ = [
     "METHODS",
@@ -18,4 +25,6 @@ __all__ = [
     "finalize_",
     "get_method",
     "prepare_",
+    "register_method",
+    "unregister_method",
 ]

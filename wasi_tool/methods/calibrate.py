@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from wasi_tool.ops.accounting import tucker_elements
 from wasi_tool.ops.rank import rank_by_energy
 from wasi_tool.ops.tucker import tucker_core, tucker_expand
 
+T = TypeVar("T")
 BUDGET_EPS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the reference protocol's candidates
 MB = 1024 * 1024  # budgets are in MiB, as the reference code counts them
 
@@ -99,6 +101,38 @@ def capture(
         for h in handles:
             h.remove()
     return {n: (inputs[n], grads.get(n)) for n in names}
+
+
+@torch.no_grad()
+def map_inputs(
+    model: nn.Module, names: Sequence[str], batch: torch.Tensor, fn: Callable[[torch.Tensor], T]
+) -> dict[str, T]:
+    """``fn`` of each named layer's input on one eval-mode batch, applied as the input passes
+    (no input is kept: calibrating 72 layers holds one input at a time, not 72)."""
+    found: dict[str, T] = {}
+    handles = []
+    for name in names:
+
+        def pre(mod: nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+            found[name] = fn(args[0].detach())
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(pre))
+    was_training = model.training
+    try:
+        model.eval()
+        model(batch)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def streamed_ranks_by_eps(
+    model: nn.Module, names: Sequence[str], batch: torch.Tensor, eps: float
+) -> dict[str, tuple[int, ...]]:
+    """``ranks_by_eps`` without keeping the inputs: each layer's HOSVD runs in its hook."""
+    return map_inputs(model, names, batch, lambda a: spectra(a).ranks(eps))
 
 
 def ranks_by_eps(acts: dict[str, torch.Tensor], eps: float) -> dict[str, tuple[int, ...]]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.registry import classifier_names
+from wasi_tool.methods.base import LayerOptions, Method, Note, dense, register_method
+from wasi_tool.models.family import family_of
 from wasi_tool.nn.swap import set_submodule
 
 
@@ -50,7 +52,7 @@ def apply_lora_(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model)
-    for name in classifier_names(model):
+    for name in family_of(model).heads(model):
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
 
@@ -71,3 +73,32 @@ def merge_lora_(model: nn.Module) -> int:
         base = layer.get_base_layer()  # type: ignore[operator]
         set_submodule(model, name, base)
     return len(names)
+
+
+class LoRA(Method):
+    """Frozen model, peft LoRA adapters on the targets, trainable head; merged on save."""
+
+    name = "lora"
+    description = "frozen model, peft LoRA adapters on the targets + head"
+    adapter = True
+
+    def build_layer(self, layer: nn.Module, options: LayerOptions) -> nn.Module:
+        return dense(layer)
+
+    def after_swap(
+        self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
+    ) -> None:
+        apply_lora_(
+            model,
+            targets,
+            settings.lora_rank,
+            settings.lora_alpha,
+            settings.lora_dropout,
+            settings.seed,
+        )
+
+    def finalize_(self, model: nn.Module) -> None:
+        merge_lora_(model)
+
+
+register_method(LoRA)

@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from wasi_tool.errors import WasiToolError
+from wasi_tool.nn.token_drop import check_keep_rate
+
 
 @dataclass
 class BaselineOptions:
@@ -21,6 +24,18 @@ class BaselineOptions:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+
+    def check_baselines(self) -> None:
+        """Validate (and normalise) the baseline settings, once for every config."""
+        for name in ("bsr_blocks", "drop_at"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, [int(v) for v in value])
+        self.keep_rate = check_keep_rate(self.keep_rate)
+        if int(self.lora_rank) < 1:
+            raise WasiToolError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise WasiToolError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def baseline_options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(BaselineOptions)}

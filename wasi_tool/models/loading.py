@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from wasi_tool.models.registry import (
 )
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
+from wasi_tool.nn.token_drop import enable_token_drop_, token_drop_spec
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -131,8 +132,6 @@ def weights_metadata(loaded: LoadedModel) -> dict[str, Any]:
         for name, m in loaded.model.named_modules()
         if isinstance(m, FactoredLinear)
     }
-    from wasi_tool.methods.bsr import token_drop_spec
-
     meta: dict[str, Any] = {
         "format": artifacts.WEIGHTS_FORMAT,
         "format_version": str(artifacts.FORMAT_VERSION),
@@ -207,23 +206,28 @@ def _from_wasi_weights(
         raise WasiToolError(f"{path}: weights format_version {version} is not supported")
     if expect_arch is not None and expect_arch != arch:
         raise WasiToolError(f"{path} holds a {arch} model, not {expect_arch}")
-    if arch == hf.HF_ARCH:
-        model = hf.build(kwargs)
-    else:
+    if arch != hf.HF_ARCH:
         check_arch(arch)
-        model = build_model(arch, **kwargs)
-    for name, (out_f, in_f, rank, bias) in shapes.items():
-        try:
-            # skip_init: the weights come from the file, a random init would be wasted work.
-            layer = torch.nn.utils.skip_init(FactoredLinear, in_f, out_f, rank, bias=bias)
-            set_submodule(model, name, layer)
-        except (AttributeError, ValueError) as exc:
-            raise WasiToolError(f"{path}: cannot rebuild factored layer {name}: {exc}") from None
-    if token_drop:
-        from wasi_tool.methods.bsr import enable_token_drop_
 
-        enable_token_drop_(model, token_drop)
-    _load_state_dict(model, tensors, arch)
+    def build(device: str) -> nn.Module:
+        with torch.device(device):
+            model = hf.build(kwargs) if arch == hf.HF_ARCH else build_model(arch, **kwargs)
+        for name, (out_f, in_f, rank, bias) in shapes.items():
+            try:
+                # skip_init: the weights come from the file, a random init would be wasted work
+                layer = torch.nn.utils.skip_init(
+                    FactoredLinear, in_f, out_f, rank, bias=bias, device=device
+                )
+                set_submodule(model, name, layer)
+            except (AttributeError, ValueError) as exc:
+                raise WasiToolError(
+                    f"{path}: cannot rebuild factored layer {name}: {exc}"
+                ) from None
+        if token_drop:
+            enable_token_drop_(model, token_drop)
+        return model
+
+    model = _load_into(build, tensors, arch)
     source = _source(path, "wasi-tool-weights")
     return LoadedModel(model.eval(), arch, dict(kwargs), source)
 
@@ -291,10 +295,14 @@ def _from_state_dict(
     head = default_classifier(arch)
     if num_classes is None and head is not None and f"{head}.weight" in state:
         num_classes = int(state[f"{head}.weight"].shape[0])
-    model = build_model(
-        arch, num_classes=num_classes, img_size=src.img_size, **(src.model_kwargs or {})
-    )
-    _load_state_dict(model, state, arch)
+
+    def build(device: str) -> nn.Module:
+        with torch.device(device):
+            return build_model(
+                arch, num_classes=num_classes, img_size=src.img_size, **(src.model_kwargs or {})
+            )
+
+    model = _load_into(build, state, arch)
     return LoadedModel(model.eval(), arch, _kwargs_of(model, src), source)
 
 
@@ -320,6 +328,25 @@ def _check_fit(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -
     if problems:
         hint = " (set --num-classes/--img-size if the model differs from the default)"
         raise WasiToolError(f"weights do not fit {arch}: {', '.join(problems)}{hint}")
+
+
+def _load_into(
+    build: Callable[[str], nn.Module], state: Mapping[str, torch.Tensor], arch: str
+) -> nn.Module:
+    """The model ``build`` makes, holding ``state``.
+
+    Built on the meta device and given the file's tensors (``assign``), so the weights are
+    never allocated twice (a random init of ViT-B would add 0.35 GB to the load's peak);
+    a model with non-persistent buffers (they are not in the file) is built for real instead.
+    """
+    model = build("meta")
+    _check_fit(model, state, arch)
+    model.load_state_dict(state, strict=True, assign=True)
+    if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return model
+    model = build("cpu")
+    _load_state_dict(model, state, arch)
+    return model
 
 
 def _load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:

@@ -9,31 +9,12 @@ from collections.abc import Sequence
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.models.family import all_presets
 from wasi_tool.models.registry import classifier_names
 from wasi_tool.nn.factored import FactoredLinear
 
-# Block outputs of BERT-family encoders: "layer.<n>.output.dense", not the attention's
-# "layer.<n>.attention.output.dense" (a "*" would span the dots).
-_BERT_MLP_OUT = ("*layer.[0-9].output.dense", "*layer.[0-9][0-9].output.dense")
-
-# Presets over module names: timm (ViT, DeiT, Swin, ...) and Hugging Face transformers
-# (BERT/RoBERTa/MiniLM, DistilBERT, Llama/Mistral/Qwen2).
-TARGET_PRESETS: dict[str, tuple[str, ...]] = {
-    "mlp": (
-        *("*mlp.fc1", "*mlp.fc1_g", "*mlp.fc1_x", "*mlp.fc2"),
-        *("*intermediate.dense", *_BERT_MLP_OUT),
-        *("*ffn.lin1", "*ffn.lin2"),
-        *("*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj"),
-    ),
-    "attn": (
-        *("*attn.qkv", "*attn.q", "*attn.kv", "*attn.k", "*attn.v", "*attn.proj"),
-        *("*attention.self.query", "*attention.self.key", "*attention.self.value"),
-        "*attention.output.dense",
-        *("*attention.q_lin", "*attention.k_lin", "*attention.v_lin", "*attention.out_lin"),
-        *("*self_attn.q_proj", "*self_attn.k_proj", "*self_attn.v_proj", "*self_attn.o_proj"),
-    ),
-    "all": ("*",),
-}
+# Presets over module names, from every model family (models/family.py): mlp, attn, all.
+TARGET_PRESETS: dict[str, tuple[str, ...]] = all_presets()
 _LAST = re.compile(r"^(.*)@last(\d+)$")
 
 LINEAR_TYPES = (nn.Linear, FactoredLinear)

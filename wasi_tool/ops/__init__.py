@@ -7,6 +7,7 @@ from wasi_tool.ops.accounting import (
     factored_params,
 )
 from wasi_tool.ops.rank import (
+    DEFAULT_EPS,
     breakeven_rank,
     check_eps,
     energy_curve,
@@ -17,6 +18,7 @@ from wasi_tool.ops.rank import (
 from wasi_tool.ops.svd import Spectrum, factored_spectrum, kept_energy, spectrum, truncate
 
 __all__ = [
+    "DEFAULT_EPS",
     "Spectrum",
     "breakeven_rank",
     "check_eps",

@@ -6,6 +6,7 @@ FLOPs count 2 per multiply-add (method.md section 5); bias adds are left out on 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 
 def dense_params(out_features: int, in_features: int, bias: bool) -> int:
@@ -28,48 +29,56 @@ def factored_flops_per_token(out_features: int, in_features: int, rank: int) -> 
     return 2 * rank * (out_features + in_features)
 
 
-def tucker_elements(shape: tuple[int, ...] | list[int], ranks: tuple[int, ...] | list[int]) -> int:
+def tucker_elements(shape: Sequence[int], ranks: Sequence[int]) -> int:
     """Elements stored for a Tucker-compressed activation: prod r_m + sum D_m r_m."""
     return math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks, strict=True))
 
 
+def _check(
+    factored: bool, compressed: bool, rank: int | None, act_ranks: Sequence[int] | None
+) -> None:
+    if compressed and act_ranks is None:
+        raise ValueError("compressed activations need act_ranks")
+    if factored and rank is None:
+        raise ValueError("a factored weight needs its rank")
+
+
 def layer_memory_elements(
-    method: str,
-    act_shape: tuple[int, ...] | list[int],
+    act_shape: Sequence[int],
     out_features: int,
     in_features: int,
+    *,
+    factored: bool = False,
+    compressed: bool = False,
     rank: int | None = None,
-    act_ranks: tuple[int, ...] | list[int] | None = None,
+    act_ranks: Sequence[int] | None = None,
+    adapter_rank: int | None = None,
 ) -> dict[str, int]:
     """Analytic elements per targeted layer (method.md section 5): saved activation, weight.
 
-    vanilla saves the whole input; asi/wasi save the Tucker core and bases; wsi/wasi keep the
-    weight as K (O + I) factor elements, vanilla/asi as O I; lora (``rank`` = its r) keeps
-    O I + r (I + O) and saves the whole input.
+    A dense layer saves the whole input and keeps O I weight elements; ``compressed`` (asi,
+    wasi) saves the Tucker core and bases instead; ``factored`` (wsi, wasi) keeps K (O + I)
+    factor elements; an adapter of rank r (lora) adds r (I + O) to the weight.
     """
+    _check(factored, compressed, rank, act_ranks)
     full_act = math.prod(act_shape)
-    compressed = method in ("asi", "wasi")
-    factored = method in ("wsi", "wasi")
-    if compressed and act_ranks is None:
-        raise ValueError(f"{method} needs act_ranks")
-    if factored and rank is None:
-        raise ValueError(f"{method} needs a weight rank")
     act = tucker_elements(act_shape, act_ranks) if compressed else full_act  # type: ignore[arg-type]
     weight = rank * (out_features + in_features) if factored else out_features * in_features  # type: ignore[operator]
-    if method == "lora":
-        if rank is None:
-            raise ValueError("lora needs its rank")
-        weight += rank * (out_features + in_features)
+    if adapter_rank is not None:
+        weight += adapter_rank * (out_features + in_features)
     return {"activation": act, "weight": weight}
 
 
 def layer_step_flops(
-    method: str,
-    act_shape: tuple[int, ...] | list[int],
+    act_shape: Sequence[int],
     out_features: int,
     in_features: int,
+    *,
+    factored: bool = False,
+    compressed: bool = False,
     rank: int | None = None,
-    act_ranks: tuple[int, ...] | list[int] | None = None,
+    act_ranks: Sequence[int] | None = None,
+    adapter_rank: int | None = None,
 ) -> dict[str, int]:
     """FLOPs (2 per multiply-add) of one training step of a layer, by part; no bias terms.
 
@@ -79,15 +88,14 @@ def layer_step_flops(
     update: the WSI power iteration from factors (vanilla/asi updates are elementwise, not
     counted). The one-time SVD of compress is not part of a step.
     """
+    _check(factored, compressed, rank, act_ranks)
     tokens = math.prod(act_shape[:-1])
     o, i = out_features, in_features
     numel = tokens * i
-    factored = method in ("wsi", "wasi")
-    compressed = method in ("asi", "wasi")
     k = rank or 0
     fwd = 2 * tokens * k * (i + o) if factored else 2 * tokens * i * o
-    if method == "lora":  # W x + B (A x); dA through both paths; dW for A and B only
-        fwd += 2 * tokens * k * (i + o)
+    if adapter_rank is not None:  # W x + B (A x); dA through both paths; dW for A and B only
+        fwd += 2 * tokens * adapter_rank * (i + o)
     d_a = fwd
     parts = {"forward": fwd, "compress": 0, "backward": 0, "update": 0}
     if compressed:
@@ -104,8 +112,8 @@ def layer_step_flops(
             size[mode] = act_shape[mode]
             expand += 2 * math.prod(size) * act_ranks[mode]
         d_w = expand + 2 * tokens * o * r_last + (0 if factored else 2 * o * r_last * i)
-    elif method == "lora":
-        d_w = 2 * tokens * k * (i + o)  # dB = dY^T (A x), dA = (B^T dY)^T x; W is frozen
+    elif adapter_rank is not None:  # dB = dY^T (A x), dA = (B^T dY)^T x; W is frozen
+        d_w = 2 * tokens * adapter_rank * (i + o)
     else:
         d_w = 2 * tokens * o * i
     parts["backward"] = d_a + d_w
@@ -123,24 +131,27 @@ def _ref_subspace_iteration(size_1: int, size_2: int, rank: int) -> int:
 
 
 def reference_code_flops(
-    method: str,
-    act_shape: tuple[int, ...] | list[int],
+    act_shape: Sequence[int],
     out_features: int,
     in_features: int,
+    *,
+    factored: bool = False,
+    compressed: bool = False,
     rank: int | None = None,
-    act_ranks: tuple[int, ...] | list[int] | None = None,
+    act_ranks: Sequence[int] | None = None,
 ) -> dict[str, int]:
     """FLOPs of one step as the WASI reference code counts them (3-D inputs only).
 
     Reproduced for comparison, with its conventions: vanilla terms as n(2m - 1), the low-rank
     weight gradient in multiply-adds (no factor 2), the N and I mode ranks swapped in the
-    subspace-iteration overhead, no core contraction. Do not use these as the true cost.
+    subspace-iteration overhead, no core contraction. Do not use these as the true cost. The
+    reference counts only WASI (factored and compressed) apart; anything else as vanilla.
     """
     if len(act_shape) != 3:
         raise ValueError("the reference count exists for (B, N, I) inputs only")
     b, n, i = act_shape
     o = out_features
-    if method in ("vanilla", "asi", "wsi"):
+    if not (factored and compressed):
         # The reference code has no separate ASI/WSI count; vanilla is what it reports for them.
         fwd = b * n * o * (2 * i - 1)
         return {

@@ -8,6 +8,8 @@ import torch
 
 from wasi_tool.errors import WasiToolError
 
+DEFAULT_EPS = 0.8  # the paper's main explained-variance threshold, the default everywhere
+
 
 def check_eps(eps: float, name: str = "eps") -> float:
     """Return ``eps`` as a float if it lies in (0, 1], else raise WasiToolError."""

@@ -1,0 +1,146 @@
+"""What a training method is, and the one registry of them.
+
+A method decides what each target linear becomes for training (``build_layer``) and, for the
+model-level baselines, what happens to the model around it: ``before_targets`` (BSR installs
+token dropping and plans its blocks), ``restrict_targets`` (BSR keeps the targets inside its
+trained blocks), ``after_swap`` (BSR freezes, LoRA injects adapters) and ``finalize_`` (LoRA
+merges). Its flags say what the accounting and the optimiser need to know. Adding a method is
+one module that subclasses ``Method`` and calls ``register_method`` (see methods/wasi.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from wasi_tool.errors import WasiToolError
+from wasi_tool.nn.factored import FactoredLinear
+from wasi_tool.nn.recompute import undo_recompute_
+from wasi_tool.nn.subspace import to_plain_
+from wasi_tool.nn.swap import set_submodule
+from wasi_tool.ops.wsi import UpdateForm
+
+Note = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """What a method needs to build one target layer."""
+
+    act_ranks: tuple[int, ...] | None
+    form: UpdateForm = "projection"
+    act_order: str = "sequential"
+    seed: int = 0
+
+
+class Method:
+    """Base class of the training methods; the defaults describe a per-layer method.
+
+    Class attributes: ``name`` (the registry key and CLI value), ``description`` (one line),
+    ``factored_weight`` (targets must be factored, weights train by WSI), ``compressed_activations``
+    (targets need activation ranks), ``adapter`` (targets carry adapters of ``lora_rank``).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    factored_weight: ClassVar[bool] = False
+    compressed_activations: ClassVar[bool] = False
+    adapter: ClassVar[bool] = False
+
+    def build_layer(self, layer: nn.Module, options: LayerOptions) -> nn.Module:
+        """The training module that replaces target ``layer``."""
+        raise NotImplementedError
+
+    def before_targets(self, model: nn.Module, settings: Any, note: Note) -> Any:
+        """Model-level changes before targets are chosen; returns a plan (or None)."""
+        return None
+
+    def restrict_targets(self, targets: list[str], plan: Any) -> list[str]:
+        return targets
+
+    def after_swap(
+        self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
+    ) -> None:
+        """Model-level changes once the targets are swapped (freezing, adapters)."""
+
+    def plan_record(self, plan: Any) -> dict[str, Any] | None:
+        """What the model-level plan decided, for metrics.json (under the method's name)."""
+        return None
+
+    def model_accounting(
+        self, model: nn.Module, plan: Any, example: Callable[[], Any]
+    ) -> dict[str, Any]:
+        """Method-specific whole-model figures (BSR: tokens per block) on ``example()``."""
+        return {}
+
+    def finalize_(self, model: nn.Module) -> None:
+        """Undo what only training needs (adapters merged); subspace layers are handled
+        by ``wasi_tool.nn.to_plain_``."""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method | type[Method]) -> Method:
+    """Add a method (an instance or a class to instantiate) under its name; no duplicates."""
+    instance = method() if isinstance(method, type) else method
+    if not instance.name:
+        raise ValueError("a method needs a name")
+    if instance.name in METHODS:
+        raise ValueError(f"method {instance.name!r} is already registered")
+    METHODS[instance.name] = instance
+    return instance
+
+
+def unregister_method(name: str) -> None:
+    METHODS.pop(name, None)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise WasiToolError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+def dense(layer: nn.Module) -> nn.Linear:
+    """``layer`` as a dense nn.Linear (a FactoredLinear is multiplied out)."""
+    if isinstance(layer, FactoredLinear):
+        return layer.to_linear()
+    if not isinstance(layer, nn.Linear):
+        raise WasiToolError(f"targets must be linear layers, got {type(layer).__name__}")
+    return layer
+
+
+def factored(layer: nn.Module) -> FactoredLinear:
+    if not isinstance(layer, FactoredLinear):
+        raise WasiToolError("wsi/wasi need factored targets: run compress first")
+    return layer
+
+
+def prepare_(
+    model: nn.Module,
+    method: str | Method,
+    targets: Sequence[str],
+    options: Mapping[str, LayerOptions],
+) -> None:
+    """Swap each target layer of ``model`` in place for the method's training layer."""
+    spec = get_method(method) if isinstance(method, str) else method
+    for name in targets:
+        opt = options[name]
+        if spec.compressed_activations and not opt.act_ranks:
+            raise WasiToolError(f"{spec.name} needs activation ranks for {name}")
+        set_submodule(model, name, spec.build_layer(model.get_submodule(name), opt))
+
+
+def finalize_(model: nn.Module, method: str | Method | None = None) -> None:
+    """Back to plain modules for saving and export: the method's own step (LoRA merges its
+    adapters), recompute regions back to their classes, every subspace layer to its plain
+    module."""
+    if method is not None:
+        (get_method(method) if isinstance(method, str) else method).finalize_(model)
+    undo_recompute_(model)
+    to_plain_(model)

@@ -1,0 +1,225 @@
+"""What wasi-tool knows about a family of models, in one adapter per family.
+
+A ``ModelFamily`` answers every model-specific question the rest of the code asks: the
+transformer blocks in execution order, the final norms and classifier heads, the target
+presets, the input the model takes (its preprocessing and an example batch) and the ONNX
+input name. Adding a family is one subclass here plus one entry in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from wasi_tool.errors import WasiToolError
+from wasi_tool.models import hf
+from wasi_tool.models.registry import classifier_names
+
+DEFAULT_MEAN = (0.485, 0.456, 0.406)  # ImageNet, when a model records no normalisation
+DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model takes: ``images`` (B, 3, size, size) normalised by mean/std, or
+    ``tokens`` (B, T) int64 ids (``size`` is then the default random sequence length)."""
+
+    kind: str
+    size: int
+    mean: tuple[float, ...] = DEFAULT_MEAN
+    std: tuple[float, ...] = DEFAULT_STD
+    onnx_input: str = "pixel_values"
+    dynamic_axes: tuple[str, ...] = ("batch",)
+
+
+class ModelFamily:
+    """Base adapter; subclasses override what differs."""
+
+    name: ClassVar[str] = "base"
+    presets: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    final_norms: ClassVar[tuple[str, ...]] = ()
+
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """Names of the transformer blocks in execution order ([] if none are known)."""
+        return []
+
+    def heads(self, model: nn.Module) -> set[str]:
+        """Module names of the classifier head(s)."""
+        return classifier_names(model)
+
+    def norms(self, model: nn.Module) -> list[str]:
+        """The final norm(s) that this model has (and that hold parameters)."""
+        return [n for n in self.final_norms if _has_params(model, n)]
+
+    def input_spec(self, model: nn.Module, model_kwargs: Mapping[str, Any]) -> InputSpec:
+        raise NotImplementedError
+
+    # the attention and MLP halves of a block, by child name (first found)
+    attn_children: ClassVar[tuple[str, ...]] = ("attn",)
+    mlp_children: ClassVar[tuple[str, ...]] = ("mlp",)
+
+    def regions(self, model: nn.Module, granularity: str) -> list[str]:
+        """The modules to recompute at ``granularity``: whole ``block``s, or each block's
+        ``mlp`` or ``attn`` half (blocks without that child are skipped)."""
+        blocks = self.blocks(model)
+        if granularity == "block":
+            return blocks
+        children = {"mlp": self.mlp_children, "attn": self.attn_children}[granularity]
+        found = []
+        for block in blocks:
+            names = [c for c in children if _has_params(model, f"{block}.{c}")]
+            found += [f"{block}.{c}" for c in names[:1]]
+        return found
+
+    def example_input(
+        self,
+        model: nn.Module,
+        spec: InputSpec,
+        batch: int,
+        seq_len: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """A random input batch of the model's kind (checks, benchmarks, exports)."""
+        return torch.randn(batch, 3, spec.size, spec.size, generator=generator)
+
+
+def _has_params(model: nn.Module, name: str) -> bool:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return any(True for _ in module.parameters())
+
+
+def _module_list(model: nn.Module, path: str) -> nn.Sequential | nn.ModuleList | None:
+    try:
+        found = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return found if isinstance(found, (nn.Sequential, nn.ModuleList)) and len(found) else None
+
+
+class TimmVision(ModelFamily):
+    """timm vision transformers: ViT/DeiT (``blocks.i``), Swin (``layers.i.blocks.j``)."""
+
+    name = "timm"
+    presets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "mlp": ("*mlp.fc1", "*mlp.fc1_g", "*mlp.fc1_x", "*mlp.fc2"),
+        "attn": ("*attn.qkv", "*attn.q", "*attn.kv", "*attn.k", "*attn.v", "*attn.proj"),
+    }
+    final_norms = ("norm", "fc_norm", "head.norm")
+
+    def matches(self, model: nn.Module) -> bool:
+        return not hf.is_hf(model)
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        blocks = _module_list(model, "blocks")
+        if blocks is not None:
+            return [f"blocks.{i}" for i in range(len(blocks))]
+        layers = _module_list(model, "layers")
+        if layers is None:
+            return []
+        return [
+            f"layers.{i}.blocks.{j}"
+            for i, layer in enumerate(layers)
+            for j in range(len(getattr(layer, "blocks", ())))
+        ]
+
+    def input_spec(self, model: nn.Module, model_kwargs: Mapping[str, Any]) -> InputSpec:
+        """timm's own data config (mean, std), at the size the model was built for."""
+        from timm.data import resolve_model_data_config
+
+        cfg = resolve_model_data_config(model)
+        size = model_kwargs.get("img_size")
+        if size is None:
+            img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+            if img is not None:
+                size = img[0] if isinstance(img, (tuple, list)) else img
+        if size is None:
+            size = cfg["input_size"][-1]
+        return InputSpec(
+            "images", int(size), tuple(cfg.get("mean", DEFAULT_MEAN)), tuple(cfg["std"])
+        )
+
+
+class HFText(ModelFamily):
+    """Hugging Face text models (BERT family, Llama family) loaded as sequence classifiers."""
+
+    name = "hf"
+    # Block outputs of BERT-family encoders: "layer.<n>.output.dense", not the attention's
+    # "layer.<n>.attention.output.dense" (a "*" would span the dots).
+    presets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "mlp": (
+            "*intermediate.dense",
+            *("*layer.[0-9].output.dense", "*layer.[0-9][0-9].output.dense"),
+            *("*ffn.lin1", "*ffn.lin2"),
+            *("*mlp.gate_proj", "*mlp.up_proj", "*mlp.down_proj"),
+        ),
+        "attn": (
+            *("*attention.self.query", "*attention.self.key", "*attention.self.value"),
+            "*attention.output.dense",
+            *("*attention.q_lin", "*attention.k_lin", "*attention.v_lin", "*attention.out_lin"),
+            *("*self_attn.q_proj", "*self_attn.k_proj", "*self_attn.v_proj", "*self_attn.o_proj"),
+        ),
+    }
+    final_norms = ("model.norm", "bert.pooler")
+    attn_children = ("self_attn", "attention")
+    mlp_children = ("mlp", "ffn")
+    block_lists: ClassVar[tuple[str, ...]] = (
+        "bert.encoder.layer",
+        "model.layers",
+        "distilbert.transformer.layer",
+    )
+
+    def matches(self, model: nn.Module) -> bool:
+        return hf.is_hf(model)
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        for path in self.block_lists:
+            found = _module_list(model, path)
+            if found is not None:
+                return [f"{path}.{i}" for i in range(len(found))]
+        return []
+
+    def input_spec(self, model: nn.Module, model_kwargs: Mapping[str, Any]) -> InputSpec:
+        return InputSpec(
+            "tokens", hf.DEFAULT_SEQ_LEN, onnx_input="input_ids", dynamic_axes=("batch", "seq")
+        )
+
+    def example_input(
+        self,
+        model: nn.Module,
+        spec: InputSpec,
+        batch: int,
+        seq_len: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        return hf.random_token_ids(model, batch, seq_len or spec.size, generator)
+
+
+FAMILIES: list[ModelFamily] = [TimmVision(), HFText()]  # disjoint: each matches its own
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The adapter of ``model``'s family (the first that matches)."""
+    for family in FAMILIES:
+        if family.matches(model):
+            return family
+    raise WasiToolError(f"no model family knows {type(model).__name__}")
+
+
+def all_presets() -> dict[str, tuple[str, ...]]:
+    """Every family's presets merged (``mlp`` matches timm and Hugging Face names alike)."""
+    merged: dict[str, tuple[str, ...]] = {}
+    for family in FAMILIES:
+        for key, patterns in family.presets.items():
+            merged[key] = (*merged.get(key, ()), *patterns)
+    merged["all"] = ("*",)
+    return merged
