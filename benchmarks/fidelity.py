@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from wasi_tool.data import load_data
+from wasi_tool.data import batch_transform, load_data
 from wasi_tool.measure import SavedBytesMeter
 from wasi_tool.methods.calibrate import capture, gradient_error, spectra
 from wasi_tool.models import ModelSource, load_model
@@ -42,7 +42,6 @@ from wasi_tool.nn import FactoredLinear, WASILinear
 from wasi_tool.nn.subspace import ActivationBases
 from wasi_tool.ops.accounting import tucker_elements
 from wasi_tool.ops.tucker import tucker_expand
-from wasi_tool.stages.finetune import batch_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10_subset.npz"

@@ -1,10 +1,41 @@
-"""wasi-tool: fine-tune pretrained transformers on edge CPUs with a fraction of the memory."""
+"""wasi-tool: fine-tune pretrained transformers on edge CPUs with a fraction of the memory.
+
+The names below load lazily (PEP 562), so ``import wasi_tool.errors`` or the CLI's startup does
+not pay for torch, timm and the rest until they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from wasi_tool._version import __version__
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models import ModelSource, load_model
-from wasi_tool.nn import FactoredLinear
-from wasi_tool.stages import CompressConfig, CompressReport, compress_, run_compress
+
+_LAZY = {
+    "CompressConfig": "wasi_tool.transforms.compress",
+    "CompressReport": "wasi_tool.transforms.compress",
+    "compress_": "wasi_tool.transforms.compress",
+    "merge_": "wasi_tool.transforms.merge",
+    "FactoredLinear": "wasi_tool.nn.factored",
+    "ModelSource": "wasi_tool.models.loading",
+    "load_model": "wasi_tool.models.loading",
+    "run_compress": "wasi_tool.stages.compress",
+}
+
+if TYPE_CHECKING:
+    from wasi_tool.models.loading import ModelSource, load_model
+    from wasi_tool.nn.factored import FactoredLinear
+    from wasi_tool.stages.compress import run_compress
+    from wasi_tool.transforms.compress import CompressConfig, CompressReport, compress_
+    from wasi_tool.transforms.merge import merge_
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'wasi_tool' has no attribute {name!r}")
+
 
 __all__ = [
     "CompressConfig",
@@ -15,5 +46,6 @@ __all__ = [
     "__version__",
     "compress_",
     "load_model",
+    "merge_",
     "run_compress",
 ]

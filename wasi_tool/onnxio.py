@@ -46,18 +46,24 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 18) -> Path:
-    """Export ``model`` (eval mode) with a dynamic batch axis; external data beyond 2 GB.
-
-    Integer ``example`` inputs are token ids: input ``input_ids``, dynamic batch and sequence.
-    """
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int = 18,
+    input_name: str = INPUT,
+    dynamic_axes: tuple[str, ...] = ("batch",),
+) -> Path:
+    """Export ``model`` (eval mode) with input ``input_name`` whose leading axes are named
+    ``dynamic_axes`` (the model family says: images ("batch",), token ids ("batch", "seq"));
+    external data beyond 2 GB."""
     if opset < 17:
         raise WasiToolError(f"opset must be >= 17, got {opset}")
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    if example.dtype.is_floating_point:
-        name, dims = INPUT, {0: batch}
-    else:
-        name, dims = TEXT_INPUT, {0: batch, 1: torch.export.Dim("seq", min=2, max=4096)}
+    name = input_name
+    dims = {
+        axis: torch.export.Dim(label, min=1 if axis == 0 else 2, max=4096)
+        for axis, label in enumerate(dynamic_axes)
+    }
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     try:
         with _quiet(), torch.no_grad():

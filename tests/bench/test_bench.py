@@ -9,13 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from wasi_tool.bench import (
     InferenceBenchConfig,
@@ -29,25 +27,6 @@ from wasi_tool.bench.runner import SCHEMA, percentile, summarise
 from wasi_tool.errors import WasiToolError
 
 QUICK = InferenceBenchConfig(batch_size=2, warmup=1, repeats=5)
-
-
-def tiny_onnx(path: Path, classes: int = 10, seed: int = 0) -> Path:
-    """pixel_values (batch, 3, 8, 8) -> Flatten -> MatMul -> logits: a valid dynamic-batch model."""
-    w = np.random.default_rng(seed).standard_normal((192, classes)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["pixel_values"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 def test_percentiles_on_known_samples() -> None:
@@ -77,7 +56,7 @@ def test_profiles() -> None:
         get_profile("pi9")
 
 
-def test_local_run_and_json_schema(tmp_path: Path) -> None:
+def test_local_run_and_json_schema(tmp_path: Path, tiny_onnx: Callable[..., Path]) -> None:
     a = tiny_onnx(tmp_path / "a.onnx")
     b = tiny_onnx(tmp_path / "b.onnx", seed=1)
     result = run_inference_bench(a, b, get_profile("pi5"), QUICK)
@@ -129,7 +108,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_unreachable_host_is_a_clear_error(tmp_path: Path) -> None:
+def test_unreachable_host_is_a_clear_error(tmp_path: Path, tiny_onnx: Callable[..., Path]) -> None:
     if shutil.which("ssh") is None:
         pytest.skip("no ssh client")
     target = SSHTarget("127.0.0.1", getpass.getuser(), _free_port(), known_hosts=tmp_path / "kh")
@@ -185,7 +164,9 @@ def _target(sshd: dict[str, object], python: str = sys.executable) -> SSHTarget:
     )  # fmt: skip
 
 
-def test_ssh_run_against_a_local_sshd(sshd: dict[str, object], tmp_path: Path) -> None:
+def test_ssh_run_against_a_local_sshd(
+    sshd: dict[str, object], tmp_path: Path, tiny_onnx: Callable[..., Path]
+) -> None:
     odd = tmp_path / "my model; touch PWNED $(id).onnx"  # spaces and shell metacharacters
     tiny_onnx(odd)
     b = tiny_onnx(tmp_path / "b.onnx", seed=1)
@@ -197,7 +178,9 @@ def test_ssh_run_against_a_local_sshd(sshd: dict[str, object], tmp_path: Path) -
     assert not list(tmp_path.glob("PWNED*")) and not Path("PWNED").exists()
 
 
-def test_ssh_reports_a_missing_onnxruntime(sshd: dict[str, object], tmp_path: Path) -> None:
+def test_ssh_reports_a_missing_onnxruntime(
+    sshd: dict[str, object], tmp_path: Path, tiny_onnx: Callable[..., Path]
+) -> None:
     no_ort = tmp_path / "python-without-ort"
     no_ort.write_text(
         "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'onnxruntime'\" >&2\nexit 1\n"
@@ -213,7 +196,9 @@ def test_ssh_reports_a_missing_onnxruntime(sshd: dict[str, object], tmp_path: Pa
         )
 
 
-def test_ssh_host_key_is_checked(sshd: dict[str, object], tmp_path: Path) -> None:
+def test_ssh_host_key_is_checked(
+    sshd: dict[str, object], tmp_path: Path, tiny_onnx: Callable[..., Path]
+) -> None:
     wrong = tmp_path / "known_hosts"
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True
@@ -225,12 +210,13 @@ def test_ssh_host_key_is_checked(sshd: dict[str, object], tmp_path: Path) -> Non
         run_inference_bench(tiny_onnx(tmp_path / "a.onnx"), None, get_profile("pi5"), QUICK, target)
 
 
+@pytest.mark.slow
 def test_train_bench_schema() -> None:
     cfg = TrainBenchConfig(
         random_init=True, arch="vit_tiny_patch16_224", img_size=32, num_classes=10,
         method="wasi,bsr,lora", batch_size=32, steps=2, warmup=1,
     )  # fmt: skip
-    result = run_train_bench(cfg, vs="vanilla")
+    result = run_train_bench(cfg, vs="vanilla").to_dict()
     assert list(result["methods"]) == ["wasi", "bsr", "lora", "vanilla"]
     assert set(result["ratios_by_method"]) == {"wasi", "bsr", "lora"}
     bsr, lora = result["methods"]["bsr"], result["methods"]["lora"]

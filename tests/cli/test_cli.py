@@ -1,5 +1,6 @@
 """CLI tests: the Typer layer forwards flags, renders, and turns errors into one line + exit 1."""
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -8,13 +9,13 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from tests.conftest import TINY
 from wasi_tool import artifacts
 from wasi_tool.cli import compress as compress_cmd
 from wasi_tool.cli.app import app
 
 runner = CliRunner()
-TINY_FLAGS = ["--arch", TINY["arch"], "--img-size", "32"]
+# conftest's tiny model (tiny_spec); a constant because BAD_INPUTS is built at import.
+TINY_FLAGS = ["--arch", "vit_tiny_patch16_224", "--img-size", "32"]
 
 
 def invoke(*args: str | Path) -> Any:
@@ -119,6 +120,7 @@ def test_existing_output_is_refused_before_any_work(tmp_path: Path) -> None:
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_compress_accepts_an_artifact(tmp_path: Path) -> None:
     first = tmp_path / "a"
     assert (
@@ -195,6 +197,7 @@ def test_bsr_and_lora_flags_reach_the_library(
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_finetune_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "ft"
     result = invoke(
@@ -290,9 +293,7 @@ def test_bench_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
     assert not (tmp_path / "out.json").exists()
 
 
-def test_bench_runs_locally_and_writes_json(tmp_path: Path) -> None:
-    from tests.bench.test_bench import tiny_onnx
-
+def test_bench_runs_locally_and_writes_json(tmp_path: Path, tiny_onnx: Callable[..., Path]) -> None:
     a, b = tiny_onnx(tmp_path / "a.onnx"), tiny_onnx(tmp_path / "b.onnx", seed=1)
     out = tmp_path / "bench.json"
     result = invoke("bench", a, "--vs", b, "--device", "pi5", "--repeats", "3", "--json", out)

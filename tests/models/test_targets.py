@@ -1,13 +1,14 @@
+from collections.abc import Callable
+
 import pytest
 from torch import nn
 
-from tests.conftest import tiny_model
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import build_model, select_targets
 
 
 @pytest.fixture(scope="module")
-def vit() -> nn.Module:
+def vit(tiny_model: Callable[..., nn.Module]) -> nn.Module:
     return tiny_model()
 
 

@@ -189,3 +189,31 @@ def test_momentum_is_refused_for_subspace_layers() -> None:
     fact = FactoredLinear.from_linear(nn.Linear(12, 10), 4)
     with pytest.raises(Exception, match="momentum"):
         SubspaceSGD(WASILinear.from_factored(fact), lr=0.1, momentum=0.9)
+
+
+def test_asi_bases_live_in_the_state_dict() -> None:
+    """The warm-started bases, their generator and ranks travel with ``state_dict`` (extra
+    state), so a model reloaded from it compresses the next batch exactly as the original."""
+    torch.manual_seed(0)
+    layer = WASILinear.from_factored(FactoredLinear(12, 10, 4), act_ranks=(2, 3, 5), seed=7)
+    layer.train()
+    x = torch.randn(4, 6, 12)
+    layer(x).sum().backward()
+    state = layer.state_dict()
+    assert "_extra_state" in state and state["_extra_state"]["ranks"] == [2, 3, 5]
+    assert [tuple(b.shape) for b in state["_extra_state"]["bases"]] == [(4, 2), (6, 3), (12, 5)]
+    twin = WASILinear.from_factored(FactoredLinear(12, 10, 4), act_ranks=(2, 3, 5), seed=99)
+    twin.load_state_dict(state)
+    assert twin.act is not None and layer.act is not None
+    for a, b in zip(twin.act.bases or [], layer.act.bases or [], strict=True):
+        assert torch.equal(a, b)
+    y = torch.randn(4, 6, 12)
+    core_a, bases_a = layer.act.compress(y)
+    core_b, bases_b = twin.act.compress(y)
+    assert torch.equal(core_a, core_b)
+    assert all(torch.equal(a, b) for a, b in zip(bases_a, bases_b, strict=True))
+    # the plain modules carry no extra state: what is saved and exported is unchanged
+    assert "_extra_state" not in layer.to_plain().state_dict()
+    asi = ASILinear.from_linear(nn.Linear(12, 10), (2, 3, 5))
+    assert "_extra_state" in asi.state_dict()
+    assert set(asi.to_plain().state_dict()) == {"weight", "bias"}

@@ -1,11 +1,12 @@
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from tests.conftest import TINY, images, tiny_model
 from wasi_tool import artifacts
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import ModelSource, build_model, load_model
@@ -26,7 +27,9 @@ def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         ("swin_tiny_patch4_window7_224", {}, 224),
     ],
 )
-def test_full_rank_factored_logits_equal_original(arch: str, kwargs: dict, size: int) -> None:
+def test_full_rank_factored_logits_equal_original(
+    arch: str, kwargs: dict, size: int, images: Callable[..., torch.Tensor]
+) -> None:
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, **kwargs)
     x = images(2, size)
@@ -73,8 +76,13 @@ def test_config_validation() -> None:
         CompressConfig.from_dict({"epsilon": 0.5})
 
 
-def test_artifact_round_trip_gives_identical_logits(tmp_path: Path, tiny_pth: Path) -> None:
-    src = ModelSource(checkpoint=tiny_pth, arch=TINY["arch"], img_size=32)
+def test_artifact_round_trip_gives_identical_logits(
+    tmp_path: Path,
+    tiny_pth: Path,
+    tiny_spec: Mapping[str, Any],
+    images: Callable[..., torch.Tensor],
+) -> None:
+    src = ModelSource(checkpoint=tiny_pth, arch=tiny_spec["arch"], img_size=32)
     result = run_compress(
         src, CompressConfig(targets="mlp,attn", eps=0.6), tmp_path / "a", plot=True
     )
@@ -88,7 +96,7 @@ def test_artifact_round_trip_gives_identical_logits(tmp_path: Path, tiny_pth: Pa
     manifest = artifacts.read_manifest(out)
     assert manifest["source"]["sha256"] == artifacts.sha256_file(tiny_pth)
     assert manifest["model"] == {
-        "arch": TINY["arch"],
+        "arch": tiny_spec["arch"],
         "kwargs": {"num_classes": 10, "img_size": 32},
     }
     assert [s["stage"] for s in manifest["stages"]] == ["compress"]
@@ -113,8 +121,13 @@ def test_artifact_round_trip_gives_identical_logits(tmp_path: Path, tiny_pth: Pa
     )
 
 
-def test_compressing_an_artifact_truncates_from_factors(tmp_path: Path, tiny_pth: Path) -> None:
-    src = ModelSource(checkpoint=tiny_pth, arch=TINY["arch"], img_size=32)
+def test_compressing_an_artifact_truncates_from_factors(
+    tmp_path: Path,
+    tiny_pth: Path,
+    tiny_spec: Mapping[str, Any],
+    images: Callable[..., torch.Tensor],
+) -> None:
+    src = ModelSource(checkpoint=tiny_pth, arch=tiny_spec["arch"], img_size=32)
     first = run_compress(src, CompressConfig(rank_ratio=0.5), tmp_path / "a")
     second = run_compress(
         ModelSource(checkpoint=first.out), CompressConfig(rank_ratio=0.25), tmp_path / "b"
@@ -140,8 +153,10 @@ def test_compressing_an_artifact_truncates_from_factors(tmp_path: Path, tiny_pth
     assert {r.status for r in third.report.layers} == {"unchanged"}
 
 
-def test_tampered_artifact_is_rejected(tmp_path: Path, tiny_pth: Path) -> None:
-    src = ModelSource(checkpoint=tiny_pth, arch=TINY["arch"], img_size=32)
+def test_tampered_artifact_is_rejected(
+    tmp_path: Path, tiny_pth: Path, tiny_spec: Mapping[str, Any]
+) -> None:
+    src = ModelSource(checkpoint=tiny_pth, arch=tiny_spec["arch"], img_size=32)
     out = run_compress(src, CompressConfig(rank_ratio=0.5), tmp_path / "a").out
     blob = bytearray((out / "model.safetensors").read_bytes())
     blob[-5] ^= 0xFF
@@ -155,20 +170,22 @@ def test_tampered_artifact_is_rejected(tmp_path: Path, tiny_pth: Path) -> None:
         load_model(ModelSource(checkpoint=out))
 
 
-def test_failed_write_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_leaves_no_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_spec: Mapping[str, Any]
+) -> None:
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(artifacts, "save_weights", boom)
     out = tmp_path / "deep" / "er" / "out"
-    src = ModelSource(random_init=True, arch=TINY["arch"], img_size=32)
+    src = ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32)
     with pytest.raises(WasiToolError, match="No space left on device"):
         run_compress(src, CompressConfig(rank_ratio=0.5), out)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
-    src = ModelSource(random_init=True, arch=TINY["arch"], img_size=32)
+def test_existing_output_needs_overwrite(tmp_path: Path, tiny_spec: Mapping[str, Any]) -> None:
+    src = ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32)
     out = run_compress(src, CompressConfig(rank_ratio=0.5), tmp_path / "a").out
     with pytest.raises(WasiToolError, match="already exists"):
         run_compress(src, CompressConfig(rank_ratio=0.25), out)
@@ -177,9 +194,13 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging left over
 
 
-def test_random_init_is_seeded() -> None:
-    a = load_model(ModelSource(random_init=True, arch=TINY["arch"], img_size=32, seed=3)).model
-    b = load_model(ModelSource(random_init=True, arch=TINY["arch"], img_size=32, seed=3)).model
+def test_random_init_is_seeded(
+    tiny_spec: Mapping[str, Any],
+    images: Callable[..., torch.Tensor],
+    tiny_model: Callable[..., nn.Module],
+) -> None:
+    a = load_model(ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32, seed=3)).model
+    b = load_model(ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32, seed=3)).model
     x = images()
     torch.testing.assert_close(_logits(a, x), _logits(b, x), rtol=0, atol=0)
     assert not torch.equal(_logits(a, x), _logits(tiny_model(seed=4), x))

@@ -1,12 +1,13 @@
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, images
 from wasi_tool import onnxio
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import ModelSource, load_model
@@ -16,9 +17,9 @@ from wasi_tool.stages.export import ExportConfig, run_export
 
 
 @pytest.fixture(scope="module")
-def compressed_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def compressed_vit(tmp_path_factory: pytest.TempPathFactory, tiny_spec: Mapping[str, Any]) -> Path:
     out = tmp_path_factory.mktemp("vit") / "c"
-    src = ModelSource(random_init=True, arch=TINY["arch"], img_size=32, num_classes=10)
+    src = ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32, num_classes=10)
     return run_compress(src, CompressConfig(targets="all", rank_ratio=0.25), out).out
 
 
@@ -27,7 +28,10 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
-def test_onnx_export_of_a_compressed_vit(compressed_vit: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_onnx_export_of_a_compressed_vit(
+    compressed_vit: Path, tmp_path: Path, images: Callable[..., torch.Tensor]
+) -> None:
     cfg = ExportConfig(int8=True, ort_opt="basic", min_agreement=0.0, data="digits", check_images=8)
     result = run_export(ModelSource(checkpoint=compressed_vit), cfg, tmp_path / "e")
     out = result.out
@@ -65,19 +69,25 @@ def test_onnx_export_of_a_compressed_vit(compressed_vit: Path, tmp_path: Path) -
     assert torch.equal(_logits(again, x), _logits(loaded.model, x))
 
 
-def test_merged_safetensors_load_in_plain_timm(compressed_vit: Path, tmp_path: Path) -> None:
+def test_merged_safetensors_load_in_plain_timm(
+    compressed_vit: Path,
+    tmp_path: Path,
+    tiny_spec: Mapping[str, Any],
+    images: Callable[..., torch.Tensor],
+) -> None:
     cfg = ExportConfig(onnx=False, merge=True)
     out = run_export(ModelSource(checkpoint=compressed_vit), cfg, tmp_path / "m").out
     assert not (out / "model.onnx").exists()
     state = load_file(str(out / "model.safetensors"))
     assert not any(k.endswith((".L", ".R")) for k in state)
-    plain = timm.create_model(TINY["arch"], pretrained=False, num_classes=10, img_size=32)
+    plain = timm.create_model(tiny_spec["arch"], pretrained=False, num_classes=10, img_size=32)
     plain.load_state_dict(state, strict=True)  # no wasi-tool involved
     factored = load_model(ModelSource(checkpoint=compressed_vit)).model
     x = images(4)
     torch.testing.assert_close(_logits(plain, x), _logits(factored, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_parity_for_a_compressed_swin(tmp_path: Path) -> None:
     src = ModelSource(random_init=True, arch="swin_tiny_patch4_window7_224", num_classes=10)
     comp = run_compress(src, CompressConfig(targets="mlp", rank_ratio=0.25), tmp_path / "c").out
@@ -109,6 +119,7 @@ def test_config_validation(kwargs: dict, message: str) -> None:
         ExportConfig(**kwargs)
 
 
+@pytest.mark.slow
 def test_fine_tuned_deit_exports(tmp_path: Path) -> None:
     from wasi_tool.stages import FinetuneConfig, run_finetune
 

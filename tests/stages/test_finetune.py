@@ -1,19 +1,23 @@
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.conftest import TINY
 from wasi_tool import artifacts
+from wasi_tool.data import batch_transform
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import ModelSource, load_model
 from wasi_tool.nn import FactoredLinear
 from wasi_tool.stages import FinetuneConfig, run_finetune
-from wasi_tool.stages.finetune import batch_transform, evaluate
+from wasi_tool.training import evaluate
 
-SRC = ModelSource(random_init=True, arch=TINY["arch"], img_size=32)
+
+@pytest.fixture
+def src(tiny_spec: Mapping[str, Any]) -> ModelSource:
+    return ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32)
 
 
 class Interrupt:
@@ -40,11 +44,12 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return artifacts.load_weights(out / "model.safetensors")[0]
 
 
-def test_wasi_on_digits_comes_close_to_vanilla(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_wasi_on_digits_comes_close_to_vanilla(tmp_path: Path, src: ModelSource) -> None:
     results = {}
     for method in ("vanilla", "wasi"):
         cfg = FinetuneConfig(method=method, eps=0.9, epochs=3, batch_size=64)
-        results[method] = run_finetune(SRC, "digits", cfg, tmp_path / method).metrics
+        results[method] = run_finetune(src, "digits", cfg, tmp_path / method).metrics.to_dict()
     acc = {m: r["final"]["test_accuracy"] for m, r in results.items()}
     print("digits test accuracy after 3 epochs:", acc)
     assert acc["vanilla"] > 0.6
@@ -56,9 +61,9 @@ def test_wasi_on_digits_comes_close_to_vanilla(tmp_path: Path) -> None:
     assert saved_w * 10 < saved_v  # measured, in the targeted layers
 
 
-def test_artifact_and_metrics(tmp_path: Path) -> None:
+def test_artifact_and_metrics(tmp_path: Path, src: ModelSource) -> None:
     cfg = FinetuneConfig(method="wasi", act_ranks=[8, 3, 16], epochs=1, batch_size=32, max_steps=3)
-    result = run_finetune(SRC, "digits", cfg, tmp_path / "run")
+    result = run_finetune(src, "digits", cfg, tmp_path / "run")
     out = result.out
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
@@ -90,47 +95,53 @@ def test_artifact_and_metrics(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("method", ["wasi", "asi"])
-def test_resume_after_interrupt_gives_identical_weights(tmp_path: Path, method: str) -> None:
+def test_resume_after_interrupt_gives_identical_weights(
+    tmp_path: Path, method: str, src: ModelSource
+) -> None:
     cfg = FinetuneConfig(method=method, act_ranks=[8, 3, 16], epochs=2, batch_size=32, max_steps=3)
-    straight = run_finetune(SRC, "digits", cfg, tmp_path / "a")
+    straight = run_finetune(src, "digits", cfg, tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
-        run_finetune(SRC, "digits", cfg, tmp_path / "b", progress=Interrupt(at_epoch=1))
+        run_finetune(src, "digits", cfg, tmp_path / "b", progress=Interrupt(at_epoch=1))
     assert (tmp_path / "b.ckpt" / "last.pt").is_file() and not (tmp_path / "b").exists()
     with pytest.raises(WasiToolError, match="pass --resume"):
-        run_finetune(SRC, "digits", cfg, tmp_path / "b")
-    resumed = run_finetune(SRC, "digits", cfg, tmp_path / "b", resume=True)
+        run_finetune(src, "digits", cfg, tmp_path / "b")
+    resumed = run_finetune(src, "digits", cfg, tmp_path / "b", resume=True)
     a, b = _weights(straight.out), _weights(resumed.out)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert straight.metrics["epochs"] == [
+    assert straight.metrics.to_dict()["epochs"] == [
         {**r, "seconds": s["seconds"]}
-        for r, s in zip(resumed.metrics["epochs"], straight.metrics["epochs"], strict=True)
+        for r, s in zip(
+            resumed.metrics.to_dict()["epochs"], straight.metrics.to_dict()["epochs"], strict=True
+        )
     ]
 
 
-def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path: Path) -> None:
+def test_resume_needs_a_checkpoint_and_the_same_settings(tmp_path: Path, src: ModelSource) -> None:
     cfg = FinetuneConfig(method="wsi", epochs=2, batch_size=32, max_steps=2)
     with pytest.raises(WasiToolError, match="nothing to resume"):
-        run_finetune(SRC, "digits", cfg, tmp_path / "r", resume=True)
+        run_finetune(src, "digits", cfg, tmp_path / "r", resume=True)
     with pytest.raises(KeyboardInterrupt):
-        run_finetune(SRC, "digits", cfg, tmp_path / "r", progress=Interrupt(at_epoch=1))
+        run_finetune(src, "digits", cfg, tmp_path / "r", progress=Interrupt(at_epoch=1))
     other = FinetuneConfig(method="wsi", epochs=2, batch_size=32, max_steps=2, lr=0.01)
     with pytest.raises(WasiToolError, match="other settings"):
-        run_finetune(SRC, "digits", other, tmp_path / "r", resume=True)
+        run_finetune(src, "digits", other, tmp_path / "r", resume=True)
 
 
-def test_divergence_is_a_clear_error(tmp_path: Path) -> None:
+def test_divergence_is_a_clear_error(tmp_path: Path, src: ModelSource) -> None:
     cfg = FinetuneConfig(
         method="vanilla", epochs=1, batch_size=32, max_steps=20, lr=1e12, lr_min=1e12, clip=None
     )
     with pytest.raises(WasiToolError, match=r"training diverged: .* at epoch 1, step \d+") as err:
-        run_finetune(SRC, "digits", cfg, tmp_path / "d")
+        run_finetune(src, "digits", cfg, tmp_path / "d")
     assert "first non-finite output: " in str(err.value) or "gradient in " in str(err.value)
     assert not (tmp_path / "d").exists()
 
 
-def test_divergence_names_the_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_divergence_names_the_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src: ModelSource
+) -> None:
     from wasi_tool.nn import WASILinear
 
     original = WASILinear.forward
@@ -145,7 +156,7 @@ def test_divergence_names_the_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(WASILinear, "forward", poisoned)
 
     cfg = FinetuneConfig(method="wasi", act_ranks=[8, 3, 16], epochs=1, batch_size=16, max_steps=2)
-    import wasi_tool.stages.finetune as ft
+    import wasi_tool.training.prepare as ft
 
     real_prepare = ft.prepare_
 
@@ -155,7 +166,7 @@ def test_divergence_names_the_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(ft, "prepare_", prepare_and_pick)
     with pytest.raises(WasiToolError, match=r"first non-finite output: blocks\.3\.mlp\.fc2\)"):
-        run_finetune(SRC, "digits", cfg, tmp_path / "n")
+        run_finetune(src, "digits", cfg, tmp_path / "n")
 
 
 @pytest.mark.parametrize(
@@ -182,6 +193,7 @@ def test_default_act_eps_follows_eps() -> None:
     assert FinetuneConfig.from_dict(FinetuneConfig().to_dict()) == FinetuneConfig()
 
 
+@pytest.mark.slow
 def test_swin_trains_with_3d_and_4d_activations(tmp_path: Path) -> None:
     """timm's Swin runs its MLP on (B, H*W, C) but its patch merging on (B, H, W, 4C)."""
     src = ModelSource(random_init=True, arch="swin_tiny_patch4_window7_224")
@@ -189,7 +201,7 @@ def test_swin_trains_with_3d_and_4d_activations(tmp_path: Path) -> None:
         method="wasi", act_eps=0.5, targets="layers.3.downsample.reduction,layers.3.*fc1",
         epochs=1, batch_size=4, max_steps=2, classes=[0, 1],
     )  # fmt: skip
-    metrics = run_finetune(src, "digits", cfg, tmp_path / "swin").metrics
+    metrics = run_finetune(src, "digits", cfg, tmp_path / "swin").metrics.to_dict()
     assert len(metrics["act_ranks"]["layers.3.downsample.reduction"]) == 4
     assert len(metrics["act_ranks"]["layers.3.blocks.0.mlp.fc1"]) == 3
     layer = metrics["analytic"]["layers"][0]

@@ -1,8 +1,10 @@
 """Training-step benchmark: each method in a fresh subprocess, synthetic input of the model's shape.
 
-The worker (``python -m wasi_tool.bench.train``) loads the model, prepares the method, runs
+The worker (``python -m wasi_tool.bench.train_worker``) loads the model, prepares the method, runs
 warm-up then timed steps (forward, backward, update), and prints one JSON object: the median
-step time, the peak RSS of its process, and the bytes autograd saved for backward per step.
+step time, the peak RSS of its own process (VmHWM, which an exec starts afresh), the library
+floor (resident size with the model loaded, less its weights), the bytes saved for backward per
+step, and the high-water mark of live tensors in one more step (a dispatch-mode meter).
 """
 
 from __future__ import annotations
@@ -11,20 +13,30 @@ import json
 import statistics
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
+from wasi_tool.methods import get_method
 from wasi_tool.methods.options import BaselineOptions
+from wasi_tool.ops import DEFAULT_EPS
+from wasi_tool.training.config import FinetuneConfig
 
-SCHEMA = "wasi-tool-bench-train/1"
+SCHEMA = "wasi-tool-bench-train/2"
 
 
+@register_config
 @dataclass
-class TrainBenchConfig(BaselineOptions):
-    """One training-step measurement (the model source fields mirror ModelSource)."""
+class TrainBenchConfig(StageConfig, BaselineOptions):
+    """One training-step measurement (the model source fields mirror ModelSource).
+
+    ``method`` may name several methods, comma-separated; each runs in a fresh process. The
+    step defaults here are the only ones: the CLI and recipes read them from this class.
+    """
+
+    stage: ClassVar[str] = "bench-train"
 
     checkpoint: str | None = None
     arch: str | None = None
@@ -33,30 +45,111 @@ class TrainBenchConfig(BaselineOptions):
     random_init: bool = False
     method: str = "wasi"
     targets: str | None = None
-    eps: float = 0.8
+    eps: float = DEFAULT_EPS
     act_ranks: list[int] | None = None
     batch_size: int = 32
     seq_len: int = 128  # tokens per input of a text model
     steps: int = 20
     warmup: int = 3
     seed: int = 0
+    memory_mode: str = "off"
+    memory_budget: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
             raise WasiToolError("batch size and steps must be >= 1, warm-up >= 0")
+        self.check_baselines()
 
-    def method_config(self, method: str | None = None) -> Any:
-        """The finetune settings of ``method`` (default: this config's) for these fields."""
-        from wasi_tool.stages.finetune import FinetuneConfig
-
+    def method_config(self, method: str | None = None) -> FinetuneConfig:
+        """The training settings of ``method`` (default: this config's) for these fields."""
         return FinetuneConfig(
             method=method or self.method,
             targets=self.targets,
             eps=self.eps,
             act_ranks=self.act_ranks,
             seed=self.seed,
+            memory_mode=self.memory_mode,
+            memory_budget=self.memory_budget,
             **self.baseline_options(),
         )
+
+
+@dataclass
+class StepMeasurement:
+    """What one method's worker process measured."""
+
+    method: str
+    arch: str | None
+    input: list[int]
+    targets: int
+    act_ranks_first_target: list[int] | None
+    trainable_parameters: int
+    bsr: dict[str, Any] | None
+    steps: int
+    warmup: int
+    median_step_seconds: float
+    p90_step_seconds: float
+    peak_rss_bytes: int
+    saved_bytes_total: float
+    saved_bytes_targets: float
+    threads: int
+    floor_rss_bytes: int | None = None
+    live_tensor_peak_bytes: int | None = None
+    memory_mode: str = "off"
+    memory_plan: dict[str, Any] | None = None
+    schema: str = SCHEMA
+
+
+@dataclass
+class Ratios:
+    """The baseline's figure over this method's (> 1: this method is faster / smaller)."""
+
+    step_speedup_vs: float
+    peak_rss_ratio_vs: float
+    saved_bytes_ratio_vs: float
+    target_saved_bytes_ratio_vs: float
+
+
+@dataclass
+class TrainBenchResult:
+    """Every method's measurement, and the ratios against ``vs``."""
+
+    config: dict[str, Any]
+    vs: str | None
+    methods: dict[str, StepMeasurement]
+    ratios_by_method: dict[str, Ratios] = field(default_factory=dict)
+    first: str | None = None  # the method ``ratios`` refers to
+    schema: str = SCHEMA
+
+    @property
+    def ratios(self) -> Ratios | None:
+        return self.ratios_by_method.get(self.first) if self.first else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("first")
+        if not self.vs:
+            out.pop("ratios_by_method")
+        if self.ratios is not None:
+            out["ratios"] = asdict(self.ratios)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainBenchResult:
+        if data.get("schema") != SCHEMA:
+            raise WasiToolError(f"training bench schema {data.get('schema')!r} is not {SCHEMA!r}")
+        try:
+            ratios = {m: Ratios(**r) for m, r in data.get("ratios_by_method", {}).items()}
+            first = next((m for m, r in ratios.items() if asdict(r) == data.get("ratios")), None)
+            return cls(
+                data["config"],
+                data["vs"],
+                {m: StepMeasurement(**r) for m, r in data["methods"].items()},
+                ratios,
+                first,
+            )
+        except (KeyError, TypeError) as exc:
+            raise WasiToolError(f"malformed training bench result: {exc}") from None
 
 
 def _default_act_ranks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -66,18 +159,20 @@ def _default_act_ranks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (max(1, shape[0] // 4), max(1, shape[1] // 2), max(1, shape[2] // 2), min(32, shape[3]))
 
 
-def measure(config: TrainBenchConfig) -> dict[str, Any]:
-    """Run the steps in this process (the worker side)."""
+def measure(config: TrainBenchConfig) -> StepMeasurement:
+    """Run the steps in this process (the worker side): the finetune preparation and the
+    same ``train_step``, on a synthetic batch of the model's input."""
     import torch
-    import torch.nn.functional as F
 
     from wasi_tool.bench.runner import percentile
-    from wasi_tool.measure import SavedBytesMeter, peak_rss_bytes
+    from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter, library_floor, peak_rss_bytes
     from wasi_tool.methods import SubspaceSGD
-    from wasi_tool.methods.calibrate import capture
-    from wasi_tool.models import hf
+    from wasi_tool.methods.calibrate import map_inputs
+    from wasi_tool.models.family import family_of
     from wasi_tool.models.loading import ModelSource, load_model
-    from wasi_tool.stages.finetune import model_input_size, prepare_for_training
+    from wasi_tool.training.loop import train_step
+    from wasi_tool.training.plan import parse_size, plan_memory
+    from wasi_tool.training.prepare import prepare_for_training
 
     torch.manual_seed(config.seed)
     src = ModelSource(
@@ -90,57 +185,60 @@ def measure(config: TrainBenchConfig) -> dict[str, Any]:
     )
     loaded = load_model(src)
     model = loaded.model
+    floor = library_floor(model)
     classes = int(getattr(model, "num_classes", 1000) or 1000)
-    if hf.is_hf(model):  # a text model: random token ids
-        x = hf.random_token_ids(model, config.batch_size, config.seq_len)
-    else:
-        size = model_input_size(loaded)
-        x = torch.randn(config.batch_size, 3, size, size)
+    family = family_of(model)
+    spec = family.input_spec(model, loaded.model_kwargs)
+    x = family.example_input(model, spec, config.batch_size, config.seq_len)
     y = torch.randint(0, classes, (config.batch_size,))
 
     def default_ranks(targets: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
         if config.act_ranks:
             return {n: tuple(config.act_ranks) for n in targets}, {"rule": "explicit"}
-        shapes = {n: tuple(a.shape) for n, (a, _) in capture(model, targets, x).items()}
+        shapes = map_inputs(model, targets, x, lambda a: tuple(a.shape))
         return {n: _default_act_ranks(shapes[n]) for n in targets}, {"rule": "B/4, N/4, 32"}
 
+    method = get_method(config.method)
     prepared = prepare_for_training(model, config.method_config(), default_ranks)
     targets, ranks = prepared.targets, prepared.act_ranks
+    plan = None
+    if config.memory_budget is not None:
+        budget = parse_size(config.memory_budget)
+        plan = plan_memory(model, x, y, budget, floor=floor or 0)
     model.train()
     opt = SubspaceSGD(model, lr=0.01, weight_decay=1e-4, clip=2.0)
     meter = SavedBytesMeter(model, targets)
     times, saved, saved_targets = [], [], []
     for step in range(config.warmup + config.steps):
-        start = time.perf_counter()
-        with meter:
-            logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        elapsed = time.perf_counter() - start
+        result = train_step(model, opt, x, y, meter=meter, where=f"bench step {step + 1}")
         if step >= config.warmup:
-            times.append(elapsed)
-            saved.append(meter.total)
-            saved_targets.append(meter.targets)
-    return {
-        "schema": SCHEMA,
-        "method": config.method,
-        "arch": loaded.arch,
-        "input": list(x.shape),
-        "targets": len(targets),
-        "act_ranks_first_target": list(ranks[targets[0]]) if ranks else None,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "bsr": prepared.bsr_plan.to_dict() if prepared.bsr_plan else None,
-        "steps": config.steps,
-        "warmup": config.warmup,
-        "median_step_seconds": statistics.median(times),
-        "p90_step_seconds": percentile(times, 90),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "saved_bytes_total": statistics.median(saved),
-        "saved_bytes_targets": statistics.median(saved_targets),
-        "threads": torch.get_num_threads(),
-    }
+            times.append(result.seconds)
+            saved.append(result.saved_total)
+            saved_targets.append(result.saved_targets)
+    peak = peak_rss_bytes()  # before the slower metered step below
+    with LiveTensorMeter() as live:  # one more step: what it allocates over weights and input
+        train_step(model, opt, x, y)
+    return StepMeasurement(
+        method=config.method,
+        arch=loaded.arch,
+        input=list(x.shape),
+        targets=len(targets),
+        act_ranks_first_target=list(ranks[targets[0]]) if ranks else None,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        bsr=method.plan_record(prepared.plan),
+        steps=config.steps,
+        warmup=config.warmup,
+        median_step_seconds=statistics.median(times),
+        p90_step_seconds=percentile(times, 90),
+        peak_rss_bytes=peak,
+        saved_bytes_total=statistics.median(saved),
+        saved_bytes_targets=statistics.median(saved_targets),
+        threads=torch.get_num_threads(),
+        floor_rss_bytes=floor,
+        live_tensor_peak_bytes=live.peak,
+        memory_mode=plan.chosen.memory_mode if plan else config.memory_mode,
+        memory_plan={**plan.to_dict(), "measured_peak_bytes": peak} if plan else None,
+    )
 
 
 def methods_of(config: TrainBenchConfig) -> list[str]:
@@ -148,7 +246,7 @@ def methods_of(config: TrainBenchConfig) -> list[str]:
     return [m.strip() for m in config.method.split(",") if m.strip()]
 
 
-def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> dict[str, Any]:
+def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> TrainBenchResult:
     """Each method of ``config.method`` (and the ``vs`` baseline), in a fresh Python process.
 
     ``ratios`` compares the first method with ``vs``; ``ratios_by_method`` every method.
@@ -158,11 +256,11 @@ def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> dict[str
         raise WasiToolError("no method to benchmark")
     for m in methods:
         config.method_config(m)  # bad settings fail here, before any process starts
-    results = {}
+    results: dict[str, StepMeasurement] = {}
     for m in dict.fromkeys(methods):
-        payload = json.dumps({**asdict(config), "method": m})
+        payload = json.dumps({**config.to_dict(), "method": m})
         proc = subprocess.run(
-            [sys.executable, "-m", "wasi_tool.bench.train", payload],
+            [sys.executable, "-m", "wasi_tool.bench.train_worker", payload],
             capture_output=True,
             text=True,
             check=False,
@@ -172,41 +270,20 @@ def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> dict[str
         if proc.returncode != 0 or not lines:
             err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             raise WasiToolError(f"training bench of {m} failed: {err[-1] if err else 'no output'}")
-        results[m] = json.loads(lines[-1])
-    out: dict[str, Any] = {
-        "schema": SCHEMA,
-        "config": asdict(config),
-        "vs": vs,
-        "methods": results,
-    }
+        results[m] = StepMeasurement(**json.loads(lines[-1]))
+    out = TrainBenchResult(config.to_dict(), vs, results)
     if vs:
         b = results[vs]
-        out["ratios_by_method"] = {
-            m: {
-                "step_speedup_vs": b["median_step_seconds"] / a["median_step_seconds"],
-                "peak_rss_ratio_vs": b["peak_rss_bytes"] / a["peak_rss_bytes"],
-                "saved_bytes_ratio_vs": b["saved_bytes_total"] / max(1, a["saved_bytes_total"]),
-                "target_saved_bytes_ratio_vs": b["saved_bytes_targets"]
-                / max(1, a["saved_bytes_targets"]),
-            }
+        out.ratios_by_method = {
+            m: Ratios(
+                step_speedup_vs=b.median_step_seconds / a.median_step_seconds,
+                peak_rss_ratio_vs=b.peak_rss_bytes / a.peak_rss_bytes,
+                saved_bytes_ratio_vs=b.saved_bytes_total / max(1, a.saved_bytes_total),
+                target_saved_bytes_ratio_vs=b.saved_bytes_targets / max(1, a.saved_bytes_targets),
+            )
             for m, a in results.items()
             if m != vs
         }
-        first = methods[0]
-        if first != vs:
-            out["ratios"] = out["ratios_by_method"][first]
+        if methods[0] != vs:
+            out.first = methods[0]
     return out
-
-
-def _worker() -> None:
-    data = json.loads(sys.argv[1])
-    try:
-        result = measure(TrainBenchConfig(**data))
-    except WasiToolError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    _worker()

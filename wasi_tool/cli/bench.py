@@ -18,10 +18,14 @@ from wasi_tool.bench import (
     run_inference_bench,
     run_train_bench,
 )
+from wasi_tool.bench.train import TrainBenchResult
 from wasi_tool.cli import common
-from wasi_tool.cli.common import console, human_bytes
+from wasi_tool.cli.common import console, default, human_bytes
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import pace
+
+_I = InferenceBenchConfig()  # the defaults, read from the configs, never copied by hand
+_T = TrainBenchConfig()
 
 
 def bench(
@@ -45,23 +49,38 @@ def bench(
         Path | None, typer.Option(help="known_hosts file for --ssh (host keys are checked).")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Batch (default 1 for inference, 32 for --train).")
+        int | None,
+        typer.Option(
+            help=f"Batch (default {_I.batch_size} for inference, {_T.batch_size} for --train)."
+        ),
     ] = None,
-    warmup: Annotated[int | None, typer.Option(help="Warm-up runs/steps (10 / 3).")] = None,
-    repeats: Annotated[int, typer.Option(help="Timed inference runs per model.")] = 50,
+    warmup: Annotated[
+        int | None, typer.Option(help=f"Warm-up runs/steps ({_I.warmup} / {_T.warmup}).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timed inference runs per model.")] = default(
+        InferenceBenchConfig, "repeats"
+    ),
     seq_len: Annotated[
         int, typer.Option(help="Tokens per input of a text model (inference bench).")
-    ] = 128,
+    ] = default(InferenceBenchConfig, "seq_len"),
     train: Annotated[
         Path | None, typer.Option(help="Training bench of this checkpoint or artifact.")
     ] = None,
     method: Annotated[
         str, typer.Option(help="Method(s) for --train, comma-separated: wasi,bsr,lora.")
-    ] = "wasi",
-    steps: Annotated[int, typer.Option(help="Timed training steps.")] = 20,
+    ] = default(TrainBenchConfig, "method"),
+    steps: Annotated[int, typer.Option(help="Timed training steps.")] = default(
+        TrainBenchConfig, "steps"
+    ),
     targets: Annotated[str | None, typer.Option(help="Target layers for --train.")] = None,
     act_ranks: Annotated[
         str | None, typer.Option(help="Activation ranks for --train (default B/4, N/4, 32).")
+    ] = None,
+    memory_mode: Annotated[
+        str, typer.Option(help="--train: recompute instead of save: off | block | mlp | attn.")
+    ] = default(TrainBenchConfig, "memory_mode"),
+    memory_budget: Annotated[
+        str | None, typer.Option(help="--train: whole-process peak to fit, e.g. 1.2GB.")
     ] = None,
     arch: common.Arch = None,
     num_classes: common.NumClasses = None,
@@ -72,19 +91,20 @@ def bench(
     ] = None,
 ) -> None:
     """Time an ONNX model on a device profile (locally or over SSH), or training steps."""
+    result: dict[str, Any] | TrainBenchResult
     with common.user_errors():
         if train is not None or random_init:
             result = _train(
                 train, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
-                num_classes, img_size, random_init,
+                num_classes, img_size, random_init, memory_mode, memory_budget,
             )  # fmt: skip
         else:
             if model is None:
                 raise WasiToolError("give an ONNX model, or --train CHECKPOINT")
             profile = get_profile(device)
             config = InferenceBenchConfig(
-                batch_size=batch_size or 1,
-                warmup=10 if warmup is None else warmup,
+                batch_size=batch_size or _I.batch_size,
+                warmup=_I.warmup if warmup is None else warmup,
                 repeats=repeats,
                 seq_len=seq_len,
             )
@@ -97,8 +117,9 @@ def bench(
                 )
             render_inference(result)
         if json_path is not None:
+            payload = result if isinstance(result, dict) else result.to_dict()
             try:
-                json_path.write_text(json.dumps(result, indent=2) + "\n")
+                json_path.write_text(json.dumps(payload, indent=2) + "\n")
             except OSError as exc:
                 raise WasiToolError(f"cannot write {json_path}: {exc.strerror}") from None
 
@@ -106,8 +127,9 @@ def bench(
 def _train(
     train: Path | None, vs: str | None, method: str, steps: int, batch_size: int | None,
     warmup: int | None, targets: str | None, act_ranks: str | None, arch: str | None,
-    num_classes: int | None, img_size: int | None, random_init: bool,
-) -> dict[str, Any]:  # fmt: skip
+    num_classes: int | None, img_size: int | None, random_init: bool, memory_mode: str,
+    memory_budget: str | None,
+) -> TrainBenchResult:  # fmt: skip
     try:
         ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None
     except ValueError:
@@ -123,9 +145,11 @@ def _train(
         method=method,
         targets=targets,
         act_ranks=ranks,
-        batch_size=batch_size or 32,
+        batch_size=batch_size or _T.batch_size,
         steps=steps,
-        warmup=3 if warmup is None else warmup,
+        warmup=_T.warmup if warmup is None else warmup,
+        memory_mode=memory_mode,
+        memory_budget=memory_budget,
     )
     with console.status("timing training steps (a fresh process per method)..."):
         result = run_train_bench(config, vs)
@@ -163,29 +187,43 @@ def render_inference(result: dict[str, Any]) -> None:
     )
 
 
-def render_train(result: dict[str, Any]) -> None:
+def render_train(result: TrainBenchResult) -> None:
     table = Table(title="training step (forward, backward, update), synthetic input")
     for col in ("method", "input", "median step", "saved / step", "in targets", "peak RSS"):
         table.add_column(col, justify="left" if col == "method" else "right")
-    for name, m in result["methods"].items():
+    for name, m in result.methods.items():
         table.add_row(
             name,
-            "x".join(map(str, m["input"])),
-            f"{m['median_step_seconds'] * 1e3:.1f} ms",
-            human_bytes(m["saved_bytes_total"]),
-            human_bytes(m["saved_bytes_targets"]),
-            human_bytes(m["peak_rss_bytes"]),
+            "x".join(map(str, m.input)),
+            f"{m.median_step_seconds * 1e3:.1f} ms",
+            human_bytes(m.saved_bytes_total),
+            human_bytes(m.saved_bytes_targets),
+            human_bytes(m.peak_rss_bytes),
         )
-    by_method = result.get("ratios_by_method", {})
-    if by_method:
+    if result.ratios_by_method:
         table.add_section()
-    for name, r in by_method.items():
+    for name, r in result.ratios_by_method.items():
         table.add_row(
-            f"{name} vs {result['vs']}",
+            f"{name} vs {result.vs}",
             "",
-            pace(r["step_speedup_vs"]),
-            f"{r['saved_bytes_ratio_vs']:.1f}x fewer",
-            f"{r['target_saved_bytes_ratio_vs']:.1f}x fewer",
-            f"{r['peak_rss_ratio_vs']:.2f}x less",
+            pace(r.step_speedup_vs),
+            f"{r.saved_bytes_ratio_vs:.1f}x fewer",
+            f"{r.target_saved_bytes_ratio_vs:.1f}x fewer",
+            f"{r.peak_rss_ratio_vs:.2f}x less",
         )
     console.print(table)
+    for name, m in result.methods.items():
+        if m.floor_rss_bytes is not None:
+            console.print(
+                f"{name}: library floor {human_bytes(m.floor_rss_bytes)}, peak above it "
+                f"{human_bytes(m.peak_rss_bytes - m.floor_rss_bytes)}, live tensors of a step "
+                f"{human_bytes(m.live_tensor_peak_bytes or 0)} (memory mode {m.memory_mode})"
+            )
+        if m.memory_plan is not None:
+            plan = m.memory_plan
+            console.print(
+                f"{name}: plan for {human_bytes(plan['budget_bytes'])}: memory mode "
+                f"{plan['memory_mode']}, predicted peak {human_bytes(plan['predicted_peak_bytes'])}"
+                f", measured {human_bytes(m.peak_rss_bytes)} "
+                f"({m.peak_rss_bytes / plan['predicted_peak_bytes']:.2f}x the prediction)"
+            )

@@ -67,7 +67,9 @@ TrustPickle = Annotated[
 RandomInit = Annotated[
     bool, typer.Option(help="No checkpoint: a randomly initialised --arch (for trying the tool).")
 ]
-Seed = Annotated[int, typer.Option(help="Seed for --random-init.")]
+SeedInit = Annotated[
+    int, typer.Option("--seed-init", help="Seed of --random-init (the weights it draws).")
+]
 
 
 def model_source(

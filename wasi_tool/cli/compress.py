@@ -10,7 +10,8 @@ from rich.table import Table
 
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes, human_count
-from wasi_tool.stages.compress import DEFAULT_EPS, CompressConfig, CompressResult, run_compress
+from wasi_tool.ops import DEFAULT_EPS
+from wasi_tool.stages.compress import CompressConfig, CompressResult, run_compress
 
 
 def compress(
@@ -23,7 +24,7 @@ def compress(
     img_size: common.ImgSize = None,
     trust_pickle: common.TrustPickle = False,
     random_init: common.RandomInit = False,
-    seed: common.Seed = 0,
+    seed_init: common.SeedInit = 0,
     targets: Annotated[
         str, typer.Option(help="mlp | attn | all | comma-separated globs over module names.")
     ] = default(CompressConfig, "targets"),
@@ -53,7 +54,7 @@ def compress(
             targets=targets, exclude=exclude or [], eps=eps, rank_ratio=rank_ratio, force=force
         )
         source = common.model_source(
-            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed
+            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
         )
         with console.status("compressing..."):
             result = run_compress(source, config, out, overwrite=overwrite, plot=plot)

@@ -51,7 +51,7 @@ def export(
     img_size: common.ImgSize = None,
     trust_pickle: common.TrustPickle = False,
     random_init: common.RandomInit = False,
-    seed: common.Seed = 0,
+    seed_init: common.SeedInit = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export weights (factored or merged) and ONNX (two MatMuls per factored linear)."""
@@ -68,7 +68,7 @@ def export(
             data=data,
         )
         source = common.model_source(
-            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed
+            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
         )
         with console.status("exporting and checking..."):
             result = run_export(source, config, out, overwrite=overwrite)

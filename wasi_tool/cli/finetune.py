@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
+from wasi_tool.cli.progress import RichProgress
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import METHODS
 from wasi_tool.stages.finetune import FinetuneConfig, FinetuneResult, run_finetune
 
 F = FinetuneConfig
-_STEP_FIELDS = (
-    "loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}  {task.fields[ips]:.0f} img/s"
-)
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:
@@ -28,46 +25,6 @@ def _ints(text: str | None, what: str) -> list[int] | None:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise WasiToolError(f"{what} takes comma-separated integers, got {text!r}") from None
-
-
-class RichProgress:
-    """Renders the training loop's reports with a rich progress bar per epoch."""
-
-    def __init__(self) -> None:
-        self.bar = Progress(
-            TextColumn("epoch {task.fields[epoch]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(_STEP_FIELDS),
-            TimeElapsedColumn(),
-            console=console,
-        )
-        self.task: Any = None
-
-    def __enter__(self) -> RichProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(None, None, None)
-
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        self.task = self.bar.add_task(
-            "train", total=steps, epoch=f"{epoch + 1}/{epochs}", loss=0.0, acc=0.0, ips=0.0
-        )
-
-    def step(self, loss: float, accuracy: float, images_per_second: float) -> None:
-        self.bar.update(self.task, advance=1, loss=loss, acc=accuracy, ips=images_per_second)
-
-    def end_epoch(self, record: dict[str, Any]) -> None:
-        self.bar.console.print(
-            f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc "
-            f"{record['train_accuracy']:.3f} | test loss {record['test_loss']:.4f} acc "
-            f"{record['test_accuracy']:.3f} | {record['seconds']:.1f} s"
-        )
-
-    def note(self, message: str) -> None:
-        self.bar.console.print(f"[dim]{message}[/dim]")
 
 
 def finetune(
@@ -90,7 +47,7 @@ def finetune(
     img_size: common.ImgSize = None,
     trust_pickle: common.TrustPickle = False,
     random_init: common.RandomInit = False,
-    seed_init: Annotated[int, typer.Option(help="Seed for --random-init.")] = 0,
+    seed_init: common.SeedInit = 0,
     targets: Annotated[
         str | None,
         typer.Option(help="Layers the method acts on (default: the factored layers, else mlp)."),
@@ -158,6 +115,19 @@ def finetune(
     new_head: Annotated[
         bool, typer.Option(help="A fresh head even when the class count matches (new task).")
     ] = False,
+    memory_mode: Annotated[
+        str,
+        typer.Option(
+            help="Recompute instead of save (exact): off | block (keep each block's input) | "
+            "mlp | attn (re-run that half of each block)."
+        ),
+    ] = default(F, "memory_mode"),
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Whole-process peak to fit, e.g. 1.2GB: plans the memory mode, or refuses."
+        ),
+    ] = default(F, "memory_budget"),
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run from <out>.ckpt/.")
     ] = False,
@@ -194,6 +164,8 @@ def finetune(
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             new_head=new_head,
+            memory_mode=memory_mode,
+            memory_budget=memory_budget,
         )
         source = common.model_source(
             checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
@@ -215,23 +187,32 @@ def finetune(
 
 def render(result: FinetuneResult) -> None:
     m = result.metrics
-    measured = m["measured"]
-    table = Table(title=f"{result.loaded.arch}: {m['method']} on {m['data']}")
+    measured = m.measured
+    table = Table(title=f"{result.loaded.arch}: {m.method} on {m.data}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    final = m["final"] or {}
-    table.add_row("test accuracy", f"{final.get('test_accuracy', float('nan')):.4f}")
-    table.add_row("targets", f"{len(m['targets'])} layers")
-    model = m["analytic"]["model"]
+    accuracy = m.final.test_accuracy if m.final else float("nan")
+    table.add_row("test accuracy", f"{accuracy:.4f}")
+    table.add_row("targets", f"{len(m.targets)} layers")
+    model = m.analytic["model"]
     table.add_row("trainable parameters", f"{model['trainable_parameters']:,}")
-    if "bsr" in m:
-        table.add_row("bsr trained blocks", ", ".join(map(str, m["bsr"]["trained_blocks"])))
+    if m.bsr is not None:
+        table.add_row("bsr trained blocks", ", ".join(map(str, m.bsr["trained_blocks"])))
         table.add_row("tokens per block", " ".join(map(str, model["tokens_per_block"])))
-    saved = measured["saved_bytes_per_step"]
-    table.add_row("saved for backward / step (all)", human_bytes(saved["total"] or 0))
-    table.add_row("saved for backward / step (targets)", human_bytes(saved["targets"] or 0))
-    table.add_row("median step", f"{measured['median_step_seconds'] * 1e3:.1f} ms")
-    table.add_row("peak RSS (process)", human_bytes(measured["peak_rss_bytes"]))
+    saved = measured.saved_bytes_per_step
+    table.add_row("saved for backward / step (all)", human_bytes(saved.total or 0))
+    table.add_row("saved for backward / step (targets)", human_bytes(saved.targets or 0))
+    table.add_row("median step", f"{measured.median_step_seconds * 1e3:.1f} ms")
+    table.add_row("peak RSS (process)", human_bytes(measured.peak_rss_bytes))
+    if measured.floor_rss_bytes is not None:
+        table.add_row("library floor (model, data loaded)", human_bytes(measured.floor_rss_bytes))
+    if m.memory_plan is not None:
+        plan = m.memory_plan
+        table.add_row("memory mode (planned)", plan["memory_mode"])
+        table.add_row(
+            f"predicted peak (budget {human_bytes(plan['budget_bytes'])})",
+            human_bytes(plan["predicted_peak_bytes"]),
+        )
     console.print(table)
     console.print(
         f"wrote {result.out}/ (model.safetensors, manifest.json, report.json, metrics.json)"

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markdown import Markdown
 from rich.table import Table
 
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console
-from wasi_tool.cli.finetune import RichProgress
-from wasi_tool.pipeline import StageRecord, load_pipeline, run_pipeline
+from wasi_tool.cli.progress import RichProgress
+
+if TYPE_CHECKING:
+    from wasi_tool.pipeline import StageRecord
 
 
 def run(
@@ -30,6 +31,10 @@ def run(
     ] = False,
 ) -> None:
     """Run a pipeline recipe: compress, finetune, export, bench and report stages."""
+    # Imported here: the pipeline reaches every stage kind, and the CLI's other commands
+    # (a training run among them) need none of that at startup.
+    from wasi_tool.pipeline import load_pipeline, run_pipeline
+
     start = time.perf_counter()
     with common.user_errors():
         pipeline = load_pipeline(recipe, set_ or [])
@@ -52,6 +57,8 @@ def run(
     for r in records:
         table.add_row(r.name, r.kind, "reused" if r.reused else "ran", f"{r.seconds:.1f}", r.output)
     console.print(table)
+    from rich.markdown import Markdown  # markdown-it and pygments, for the report only
+
     for r in records:
         report = Path(r.output) / "report.md"
         if r.kind == "report" and report.is_file():

@@ -3,6 +3,7 @@ and ASILinear (dense weight, ASI activations)."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from wasi_tool.autograd import ASIFunction, GradSink, WASIFunction, WSIFunction
+from wasi_tool.measure import count_kept
 from wasi_tool.nn.factored import FactoredLinear
+from wasi_tool.nn.recompute import recording, replaying
+from wasi_tool.nn.swap import set_submodule
 from wasi_tool.ops.tucker import ASI_ORDERS, random_basis, subspace_step, tucker_compress
 from wasi_tool.ops.wsi import UPDATE_FORMS, UpdateForm, wsi_update
 
@@ -36,6 +40,8 @@ class ActivationBases:
         self.order = order
         self.bases: list[torch.Tensor] | None = None
         self._generator = torch.Generator().manual_seed(seed)
+        # compressions recorded in a recompute region's first forward, replayed in backward
+        self._records: deque[tuple[torch.Tensor, list[torch.Tensor]]] = deque()
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -45,6 +51,10 @@ class ActivationBases:
                 f"activation has {x.ndim} modes {tuple(x.shape)} but {len(self.ranks)} ranks "
                 f"{self.ranks} were given"
             )
+        if replaying():  # a recompute region runs again: the same step, the same subspace
+            if not self._records:
+                raise RuntimeError("recompute replayed a WASI/ASI layer it did not record")
+            return self._records.popleft()
         x = x.detach().contiguous()
         starts = []
         for mode, dim in enumerate(x.shape):
@@ -59,6 +69,10 @@ class ActivationBases:
             starts.append(u)
         core, bases = tucker_compress(x, starts, self.order)
         self.bases = bases
+        if recording():
+            self._records.append((core, bases))
+            for t in (core, *bases):
+                count_kept(t)  # held until backward, outside autograd's saved tensors
         return core, bases
 
     def state_dict(self) -> dict[str, object]:
@@ -73,7 +87,28 @@ class ActivationBases:
         self._generator.set_state(state["generator"])  # type: ignore[arg-type]
 
 
-class WASILinear(nn.Module):
+class SubspaceLayer(nn.Module):
+    """A training-time linear whose ASI bases (if any) are part of its ``state_dict``.
+
+    The bases, their ranks and the seeded generator travel as the module's extra state
+    (``get_extra_state``/``set_extra_state``), so a checkpoint of the model resumes them
+    exactly; ``to_plain`` gives the inference module to save and export.
+    """
+
+    act: ActivationBases | None
+
+    def to_plain(self) -> nn.Module:
+        raise NotImplementedError
+
+    def get_extra_state(self) -> dict[str, object]:
+        return {} if self.act is None else self.act.state_dict()
+
+    def set_extra_state(self, state: dict[str, object]) -> None:
+        if self.act is not None and state:
+            self.act.load_state_dict(state)
+
+
+class WASILinear(SubspaceLayer):
     """A rank-K linear trained by WSI, holding only L (O x K), R (K x I) and the bias.
 
     In training mode (with grad enabled) the input is Tucker-compressed by ASI when
@@ -134,6 +169,9 @@ class WASILinear(nn.Module):
         """The plain FactoredLinear with these factors (for artifacts and export)."""
         return FactoredLinear.from_factors(self.L.detach(), self.R.detach(), self.bias)
 
+    def to_plain(self) -> nn.Module:
+        return self.to_factored()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return F.linear(F.linear(x, self.R), self.L, self.bias)
@@ -141,6 +179,11 @@ class WASILinear(nn.Module):
             return WSIFunction.apply(x, self.L, self.R, self.bias, self.sink)
         core, bases = self.act.compress(x)
         return WASIFunction.apply(x, self.L, self.R, self.bias, self.sink, core, *bases)
+
+    @property
+    def pending_grad(self) -> torch.Tensor | None:
+        """The factor P of the weight gradient that backward left for the WSI update."""
+        return self.sink.p
 
     def grad_sq_norm(self) -> torch.Tensor:
         """||G||_F^2 of the pending gradient: ||P||_F^2, since U has orthonormal columns."""
@@ -168,7 +211,7 @@ class WASILinear(nn.Module):
         )
 
 
-class ASILinear(nn.Module):
+class ASILinear(SubspaceLayer):
     """A dense linear whose saved activation is Tucker-compressed (method ``asi``).
 
     The weight gradient P U^T is returned to autograd as a dense ``weight.grad`` so a stock
@@ -214,17 +257,34 @@ class ASILinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        layer.load_state_dict(self.state_dict())
+        with torch.no_grad():
+            layer.weight.copy_(self.weight)
+            if layer.bias is not None and self.bias is not None:
+                layer.bias.copy_(self.bias)
         return layer
+
+    def to_plain(self) -> nn.Module:
+        return self.to_linear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled()):
             return F.linear(x, self.weight, self.bias)
+        assert self.act is not None  # an ASILinear always compresses
         core, bases = self.act.compress(x)
         return ASIFunction.apply(x, self.weight, self.bias, core, *bases)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"act_ranks={self.act.ranks}"
+            f"act_ranks={self.act.ranks if self.act is not None else None}"
         )
+
+
+def to_plain_(model: nn.Module) -> int:
+    """Swap every SubspaceLayer of ``model`` for its plain module; returns how many."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SubspaceLayer):
+            set_submodule(model, name, module.to_plain())
+            swapped += 1
+    return swapped

@@ -1,92 +1,20 @@
-"""How each pipeline stage kind runs: the library functions the CLI commands call, plus the
-report that compares the stages of a run."""
+"""The report stage: compare the stages of a run in report.md, report.json and PNG plots."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from wasi_tool import artifacts
-from wasi_tool.bench import (
-    InferenceBenchConfig,
-    TrainBenchConfig,
-    get_profile,
-    run_inference_bench,
-    run_train_bench,
-)
-from wasi_tool.errors import WasiToolError
+from wasi_tool.bench.train import TrainBenchResult
 from wasi_tool.measure import pace
-from wasi_tool.models.loading import ModelSource
-from wasi_tool.pipeline import StageSpec
-from wasi_tool.stages.compress import CompressConfig, run_compress
-from wasi_tool.stages.export import ExportConfig, run_export
-from wasi_tool.stages.finetune import FinetuneConfig, run_finetune
+from wasi_tool.training.results import FinetuneMetrics
 
 BENCH_FILE = "bench.json"
-
-
-def _source(spec: StageSpec, run_dir: Path) -> ModelSource:
-    if spec.input is not None:
-        return ModelSource(checkpoint=run_dir / spec.input)
-    return ModelSource(**spec.source)
-
-
-def run_stage(spec: StageSpec, run_dir: Path, out: Path, progress: Any = None) -> None:
-    """Run one stage, replacing ``out`` atomically."""
-    opts = spec.options
-    if spec.kind == "compress":
-        cfg = CompressConfig.from_dict(spec.config)
-        run_compress(_source(spec, run_dir), cfg, out, overwrite=True, plot=bool(opts.get("plot")))
-    elif spec.kind == "finetune":
-        cfg_f = FinetuneConfig.from_dict(spec.config)
-        run_finetune(
-            _source(spec, run_dir), opts["data"], cfg_f, out, overwrite=True, progress=progress
-        )
-    elif spec.kind == "export":
-        run_export(_source(spec, run_dir), ExportConfig.from_dict(spec.config), out, overwrite=True)
-    elif spec.kind == "bench":
-        result = _bench(spec, run_dir)
-        with artifacts.atomic_directory(out, overwrite=True) as staging:
-            artifacts.write_json(staging / BENCH_FILE, result)
-    elif spec.kind == "report":
-        names = list(opts.get("stages") or [])
-        with artifacts.atomic_directory(out, overwrite=True) as staging:
-            write_report(run_dir, names, staging, str(opts.get("title", "wasi-tool report")))
-    else:  # load_pipeline rejects other kinds
-        raise WasiToolError(f"unknown stage kind {spec.kind!r}")
-
-
-def _bench(spec: StageSpec, run_dir: Path) -> dict[str, Any]:
-    opts = spec.options
-    if spec.input is None:
-        raise WasiToolError(f"bench stage {spec.name!r} needs an input stage")
-    if opts.get("train"):
-        cfg = TrainBenchConfig(
-            checkpoint=str(run_dir / spec.input),
-            method=str(opts.get("method", "wasi")),
-            batch_size=int(opts.get("batch_size", 32)),
-            steps=int(opts.get("steps", 10)),
-            warmup=int(opts.get("warmup", 2)),
-        )
-        result = run_train_bench(cfg, opts.get("vs"))
-        result["kind"] = "train"
-        return result
-    vs = opts.get("vs")
-    result = run_inference_bench(
-        run_dir / spec.input / "model.onnx",
-        run_dir / vs / "model.onnx" if vs else None,
-        get_profile(str(opts.get("device", "host"))),
-        InferenceBenchConfig(
-            batch_size=int(opts.get("batch_size", 1)),
-            warmup=int(opts.get("warmup", 10)),
-            repeats=int(opts.get("repeats", 50)),
-        ),
-    )
-    result["kind"] = "inference"
-    result["stages"] = [spec.input, *([vs] if vs else [])]
-    return result
+METRICS_FILE = "metrics.json"
 
 
 def _row(*cells: object) -> str:
@@ -99,18 +27,22 @@ def _mb(n: float | None) -> str:
 
 def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict[str, Any]:
     """Compare the named stages' outputs: report.md, report.json and PNG plots in ``out``."""
-    finetunes: list[tuple[str, dict[str, Any]]] = []
+    finetunes: list[tuple[str, FinetuneMetrics]] = []
     compresses: list[tuple[str, dict[str, Any], Path]] = []
-    trains: list[tuple[str, dict[str, Any]]] = []
+    trains: list[tuple[str, TrainBenchResult]] = []
     inferences: list[tuple[str, dict[str, Any]]] = []
     exports: list[tuple[str, Path]] = []
     for name in names:
         d = run_dir / name
-        if (d / "metrics.json").is_file():
-            finetunes.append((name, json.loads((d / "metrics.json").read_text())))
+        if (d / METRICS_FILE).is_file():
+            metrics = json.loads((d / METRICS_FILE).read_text())
+            finetunes.append((name, FinetuneMetrics.from_dict(metrics)))
         elif (d / BENCH_FILE).is_file():
             b = json.loads((d / BENCH_FILE).read_text())
-            (trains if b.get("kind") == "train" else inferences).append((name, b))
+            if b.get("kind") == "train":
+                trains.append((name, TrainBenchResult.from_dict(b)))
+            else:
+                inferences.append((name, b))
         elif (d / "model.onnx").is_file():
             exports.append((name, d))
         elif (d / artifacts.REPORT).is_file():
@@ -119,7 +51,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
                 compresses.append((name, rep, d))
     lines = [f"# {title}", ""]
     summary: dict[str, Any] = {"finetune": {}, "train_bench": {}, "inference": {}, "export": {}}
-    base = next((m for _, m in finetunes if m["method"] == "vanilla"), None)
+    base = next((m for _, m in finetunes if m.method == "vanilla"), None)
     if finetunes:
         lines += [
             "## Fine-tuning (measured in the run)",
@@ -136,26 +68,29 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             _row(*["---"] * 7),
         ]
         for name, m in finetunes:
-            meas = m["measured"]
-            saved = meas["saved_bytes_per_step"]
+            saved = m.measured.saved_bytes_per_step
             ratio = ""
-            if base is not None and saved["targets"]:
-                fewer = base["measured"]["saved_bytes_per_step"]["targets"] / saved["targets"]
-                ratio = f"{fewer:.1f}x fewer"
-            acc = m["final"]["test_accuracy"] if m["final"] else float("nan")
-            step = f"{meas['median_step_seconds'] * 1e3:.1f} ms"
+            base_targets = base.measured.saved_bytes_per_step.targets if base else None
+            if base_targets and saved.targets:
+                ratio = f"{base_targets / saved.targets:.1f}x fewer"
+            acc = m.final.test_accuracy if m.final else float("nan")
+            step = f"{m.measured.median_step_seconds * 1e3:.1f} ms"
             lines.append(
                 _row(
                     name,
-                    m["method"],
+                    m.method,
                     f"{acc:.4f}",
                     step,
-                    _mb(saved["total"]),
-                    _mb(saved["targets"]),
+                    _mb(saved.total),
+                    _mb(saved.targets),
                     ratio,
                 )
             )
-            summary["finetune"][name] = {"method": m["method"], "test_accuracy": acc, **saved}
+            summary["finetune"][name] = {
+                "method": m.method,
+                "test_accuracy": acc,
+                **dataclasses.asdict(saved),
+            }
         lines.append("")
     for name, b in trains:
         lines += [
@@ -164,28 +99,28 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             _row("method", "median step", "peak RSS", "saved / step", "in targets"),
             _row(*["---"] * 5),
         ]
-        for method, r in b["methods"].items():
+        for method, r in b.methods.items():
             lines.append(
                 _row(
                     method,
-                    f"{r['median_step_seconds'] * 1e3:.1f} ms",
-                    _mb(r["peak_rss_bytes"]),
-                    _mb(r["saved_bytes_total"]),
-                    _mb(r["saved_bytes_targets"]),
+                    f"{r.median_step_seconds * 1e3:.1f} ms",
+                    _mb(r.peak_rss_bytes),
+                    _mb(r.saved_bytes_total),
+                    _mb(r.saved_bytes_targets),
                 )
             )
-        if "ratios" in b:
-            r = b["ratios"]
+        ratios = b.ratios
+        if ratios is not None:
             lines.append(
                 _row(
                     "ratio",
-                    pace(r["step_speedup_vs"]),
-                    f"{r['peak_rss_ratio_vs']:.2f}x less",
-                    f"{r['saved_bytes_ratio_vs']:.1f}x fewer",
-                    f"{r['target_saved_bytes_ratio_vs']:.1f}x fewer",
+                    pace(ratios.step_speedup_vs),
+                    f"{ratios.peak_rss_ratio_vs:.2f}x less",
+                    f"{ratios.saved_bytes_ratio_vs:.1f}x fewer",
+                    f"{ratios.target_saved_bytes_ratio_vs:.1f}x fewer",
                 )
             )
-        summary["train_bench"][name] = b.get("ratios", {})
+        summary["train_bench"][name] = dataclasses.asdict(ratios) if ratios else {}
         lines.append("")
     for name, b in inferences:
         lines += [
@@ -216,7 +151,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
 
 
 def _plots(
-    finetunes: list[tuple[str, dict[str, Any]]],
+    finetunes: list[tuple[str, FinetuneMetrics]],
     compresses: list[tuple[str, dict[str, Any], Path]],
     out: Path,
 ) -> list[str]:
@@ -244,8 +179,8 @@ def _plots(
     if finetunes:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for name, m in finetunes:
-            epochs = [e["epoch"] for e in m["epochs"]]
-            ax.plot(epochs, [e["test_accuracy"] for e in m["epochs"]], marker="o", label=name)
+            epochs = [e.epoch for e in m.epochs]
+            ax.plot(epochs, [e.test_accuracy for e in m.epochs], marker="o", label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy")
         ax.legend(fontsize=8)
@@ -255,11 +190,9 @@ def _plots(
         plt.close(fig)
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
         names = [n for n, _ in finetunes]
-        a1.bar(names, [m["final"]["test_accuracy"] if m["final"] else 0 for _, m in finetunes])
+        a1.bar(names, [m.final.test_accuracy if m.final else 0 for _, m in finetunes])
         a1.set_title("test accuracy")
-        saved = [
-            (m["measured"]["saved_bytes_per_step"]["targets"] or 0) / 1e6 for _, m in finetunes
-        ]
+        saved = [(m.measured.saved_bytes_per_step.targets or 0) / 1e6 for _, m in finetunes]
         a2.bar(names, saved)
         a2.set_title("saved for backward in targets (MB/step)")
         fig.tight_layout()

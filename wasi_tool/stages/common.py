@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from wasi_tool import artifacts
 from wasi_tool.models import hf
 from wasi_tool.models.loading import LoadedModel, weights_metadata
+from wasi_tool.nn.factored import FactoredLinear
+
+LAYER_FIELDS = ("name", "out_features", "in_features", "rank", "act_ranks")
+
+
+def layer_records(
+    model: nn.Module,
+    names: Sequence[str] | None = None,
+    act_ranks: Mapping[str, Sequence[int]] | None = None,
+) -> list[dict[str, Any]]:
+    """The manifest's ``layers`` entry, one shape in every stage (LAYER_FIELDS): each named
+    layer (default: every factored layer) with its weight rank (None when dense) and the
+    activation ranks it trained with (None when it saved full activations)."""
+    if names is None:
+        names = [n for n, m in model.named_modules() if isinstance(m, FactoredLinear)]
+    rows = []
+    for name in names:
+        layer: Any = model.get_submodule(name)
+        rank = getattr(layer, "rank", None)
+        ranks = (act_ranks or {}).get(name)
+        rows.append(
+            {
+                "name": name,
+                "out_features": int(layer.out_features),
+                "in_features": int(layer.in_features),
+                "rank": int(rank) if isinstance(layer, FactoredLinear) and rank else None,
+                "act_ranks": list(ranks) if ranks else None,
+            }
+        )
+    return rows
 
 
 def write_stage_artifact(

@@ -11,19 +11,19 @@ import torch
 from torch import nn
 
 from wasi_tool import artifacts, onnxio
-from wasi_tool.config import StageConfig
+from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import hf
+from wasi_tool.models.family import family_of
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
-from wasi_tool.nn.factored import FactoredLinear
-from wasi_tool.nn.swap import set_submodule
-from wasi_tool.stages.common import write_stage_artifact
-from wasi_tool.stages.finetune import batch_transform
+from wasi_tool.stages.common import layer_records, write_stage_artifact
+from wasi_tool.transforms.merge import merge_
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 
 
+@register_config
 @dataclass
 class ExportConfig(StageConfig):
     """What to export and how to check it.
@@ -95,31 +95,23 @@ class ExportResult:
     roles: dict[str, str] = field(default_factory=dict)
 
 
-def merge_(model: nn.Module) -> int:
-    """Replace every FactoredLinear with a dense nn.Linear of weight L R; returns how many."""
-    merged = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FactoredLinear):
-            set_submodule(model, name, module.to_linear())
-            merged += 1
-    return merged
-
-
 def _check_inputs(loaded: LoadedModel, config: ExportConfig) -> list[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(config.seed)
     if hf.is_hf(loaded.model):
         from wasi_tool.data.text import check_inputs
 
         return check_inputs(loaded, config.check_batch, gen, config.data, config.check_images)
+    from wasi_tool.data import batch_transform, load_data
+
     transform = batch_transform(loaded)
     size = transform.size
+    family = family_of(loaded.model)
+    spec = family.input_spec(loaded.model, loaded.model_kwargs)
     sets = [
-        (f"random batch {b}", torch.randn(b, 3, size, size, generator=gen))
+        (f"random batch {b}", family.example_input(loaded.model, spec, b, generator=gen))
         for b in (1, config.check_batch)
     ]
     if config.data is not None:
-        from wasi_tool.data import load_data
-
         test = load_data(config.data, size).test
         count = min(config.check_images, len(test))  # type: ignore[arg-type]
         images = torch.stack([test[i][0] for i in range(count)])
@@ -168,7 +160,15 @@ def run_export(
     def write_onnx(staging: Path) -> None:
         if not config.onnx:
             return
-        path = onnxio.export_onnx(model, inputs[-1][1][:2], staging / ONNX_FILE, config.opset)
+        spec = family_of(model).input_spec(model, loaded.model_kwargs)
+        path = onnxio.export_onnx(
+            model,
+            inputs[-1][1][:2],
+            staging / ONNX_FILE,
+            config.opset,
+            spec.onnx_input,
+            spec.dynamic_axes,
+        )
         onnxio.check_model(path)
         roles[ONNX_FILE] = f"fp32 ONNX, opset {config.opset}, dynamic batch; " + (
             "dense linears" if config.merge else "factored linears as two MatMuls"
@@ -209,16 +209,11 @@ def run_export(
     def report() -> dict[str, Any]:
         return {"stage": "export", "outputs": roles, "checks": [r.__dict__ for r in checks]}
 
-    layers = [
-        {"name": n, "out_features": m.out_features, "in_features": m.in_features, "rank": m.rank}
-        for n, m in model.named_modules()
-        if isinstance(m, FactoredLinear)
-    ]
     files = write_stage_artifact(
         loaded,
         out,
         [{"stage": "export", "config": config.to_dict()}],
-        layers,
+        layer_records(model),
         report,
         extra=write_onnx,
         overwrite=overwrite,

@@ -1,0 +1,189 @@
+"""The stage kinds a recipe may use, in one registry: each kind's config class, its run options,
+the earlier stages it reads, its extra checks, and the library call that runs it.
+
+Adding a stage kind is one ``StageKind`` and one ``register_kind`` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wasi_tool import artifacts
+from wasi_tool.bench import (
+    InferenceBenchConfig,
+    TrainBenchConfig,
+    get_profile,
+    run_inference_bench,
+    run_train_bench,
+)
+from wasi_tool.config import StageConfig
+from wasi_tool.errors import WasiToolError
+from wasi_tool.models.loading import ModelSource
+from wasi_tool.pipeline.report import BENCH_FILE, write_report
+from wasi_tool.pipeline.spec import Pipeline, StageSpec
+from wasi_tool.stages.compress import CompressConfig, run_compress
+from wasi_tool.stages.export import ExportConfig, run_export
+from wasi_tool.stages.finetune import FinetuneConfig, run_finetune
+
+Run = Callable[[StageSpec, Path, Path, Any], None]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """How a recipe stage of this kind is read, checked and run.
+
+    ``config``: its settings class (keys of the stage table that are its fields); ``options``:
+    the other keys it takes; ``reads_model``: it needs ``input`` or ``source``; ``inputs``:
+    the earlier stages whose outputs it reads (they key its reuse); ``check``: extra checks
+    at load time; ``run(spec, run_dir, out, progress)`` writes ``out`` atomically.
+    """
+
+    name: str
+    config: type[StageConfig] | None
+    options: frozenset[str]
+    run: Run
+    reads_model: bool = True
+    inputs: Callable[[StageSpec], list[str]] = lambda spec: [spec.input] if spec.input else []
+    check: Callable[[Pipeline, StageSpec], None] | None = None
+
+    def fields(self) -> set[str]:
+        return {f.name for f in dataclasses.fields(self.config)} if self.config else set()  # type: ignore[arg-type]
+
+
+KINDS: dict[str, StageKind] = {}
+
+
+def register_kind(kind: StageKind) -> StageKind:
+    if kind.name in KINDS:
+        raise ValueError(f"stage kind {kind.name!r} is already registered")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def _source(spec: StageSpec, run_dir: Path) -> ModelSource:
+    if spec.input is not None:
+        return ModelSource(checkpoint=run_dir / spec.input)
+    return ModelSource(**spec.source)
+
+
+def _compress(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
+    cfg = CompressConfig.from_dict(spec.config)
+    plot = bool(spec.options.get("plot"))
+    run_compress(_source(spec, run_dir), cfg, out, overwrite=True, plot=plot)
+
+
+def _finetune(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
+    cfg = FinetuneConfig.from_dict(spec.config)
+    data = spec.options["data"]
+    run_finetune(_source(spec, run_dir), data, cfg, out, overwrite=True, progress=progress)
+
+
+def _check_finetune(pipeline: Pipeline, spec: StageSpec) -> None:
+    if "data" not in spec.options:
+        raise WasiToolError("a finetune stage needs data")
+
+
+def _export(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
+    run_export(_source(spec, run_dir), ExportConfig.from_dict(spec.config), out, overwrite=True)
+
+
+TRAIN_BENCH_OPTIONS = ("method", "batch_size", "steps", "warmup")
+
+
+def _bench_inputs(spec: StageSpec) -> list[str]:
+    vs = spec.options.get("vs")
+    compared = [vs] if vs and not spec.options.get("train") else []  # --train: vs is a method
+    return [*([spec.input] if spec.input else []), *compared]
+
+
+def _check_bench(pipeline: Pipeline, spec: StageSpec) -> None:
+    if spec.input is None:
+        raise WasiToolError("a bench stage needs an input stage")
+    for ref in _bench_inputs(spec):
+        if ref not in [s.name for s in pipeline.stages]:
+            raise WasiToolError(f"refers to unknown stage {ref!r}")
+    if spec.options.get("train"):
+        _train_bench_config(spec, Path("."))
+
+
+def _train_bench_config(spec: StageSpec, run_dir: Path) -> TrainBenchConfig:
+    """The training bench's settings: the stage's options over TrainBenchConfig's defaults."""
+    given = {k: spec.options[k] for k in TRAIN_BENCH_OPTIONS if k in spec.options}
+    return TrainBenchConfig.from_dict({"checkpoint": str(run_dir / str(spec.input)), **given})
+
+
+def _bench(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
+    opts = spec.options
+    result: dict[str, Any]
+    if opts.get("train"):
+        train = run_train_bench(_train_bench_config(spec, run_dir), opts.get("vs"))
+        result = {**train.to_dict(), "kind": "train"}
+    else:
+        vs = opts.get("vs")
+        defaults = InferenceBenchConfig()
+        result = run_inference_bench(
+            run_dir / str(spec.input) / "model.onnx",
+            run_dir / vs / "model.onnx" if vs else None,
+            get_profile(str(opts.get("device", "host"))),
+            InferenceBenchConfig(
+                batch_size=int(opts.get("batch_size", defaults.batch_size)),
+                warmup=int(opts.get("warmup", defaults.warmup)),
+                repeats=int(opts.get("repeats", defaults.repeats)),
+            ),
+        )
+        result["kind"] = "inference"
+        result["stages"] = [spec.input, *([vs] if vs else [])]
+    with artifacts.atomic_directory(out, overwrite=True) as staging:
+        artifacts.write_json(staging / BENCH_FILE, result)
+
+
+def _report_inputs(spec: StageSpec) -> list[str]:
+    return list(spec.options["stages"])
+
+
+def _check_report(pipeline: Pipeline, spec: StageSpec) -> None:
+    earlier = [s.name for s in pipeline.stages[: pipeline.stages.index(spec)]]
+    spec.options.setdefault("stages", earlier)
+    missing = [n for n in spec.options["stages"] if n not in earlier]
+    if missing:
+        raise WasiToolError(f"reports on unknown or later stage(s) {missing}")
+
+
+def _report(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
+    names = list(spec.options.get("stages") or [])
+    title = str(spec.options.get("title", "wasi-tool report"))
+    with artifacts.atomic_directory(out, overwrite=True) as staging:
+        write_report(run_dir, names, staging, title)
+
+
+register_kind(StageKind("compress", CompressConfig, frozenset({"plot"}), _compress))
+register_kind(
+    StageKind("finetune", FinetuneConfig, frozenset({"data"}), _finetune, check=_check_finetune)
+)
+register_kind(StageKind("export", ExportConfig, frozenset(), _export))
+register_kind(
+    StageKind(
+        "bench",
+        None,
+        frozenset({"vs", "device", "repeats", "train", *TRAIN_BENCH_OPTIONS}),
+        _bench,
+        reads_model=False,
+        inputs=_bench_inputs,
+        check=_check_bench,
+    )
+)
+register_kind(
+    StageKind(
+        "report",
+        None,
+        frozenset({"stages", "title"}),
+        _report,
+        reads_model=False,
+        inputs=_report_inputs,
+        check=_check_report,
+    )
+)

@@ -1,0 +1,125 @@
+"""Running a recipe: stages in order under a run directory, each reused when its key (a hash
+of its kind, settings and inputs) is unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wasi_tool import artifacts
+from wasi_tool.pipeline.kinds import KINDS
+from wasi_tool.pipeline.spec import Pipeline
+
+PIPELINE_FILE = "pipeline.json"
+
+
+@dataclass
+class StageRecord:
+    name: str
+    kind: str
+    key: str
+    reused: bool
+    seconds: float
+    output: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+
+
+def _source_payload(source: dict[str, Any]) -> dict[str, Any]:
+    payload = dict(source)
+    ckpt = source.get("checkpoint")
+    if ckpt:
+        p = Path(ckpt)
+        if p.is_file():
+            payload["sha256"] = artifacts.sha256_file(p)
+        elif artifacts.is_artifact_dir(p):
+            payload["manifest"] = (p / artifacts.MANIFEST).read_text()
+    return payload
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    run_dir: Path | None = None,
+    *,
+    force: bool = False,
+    on_stage: Callable[[StageRecord], None] | None = None,
+    progress: Any = None,
+) -> list[StageRecord]:
+    """Run the stages in order under ``run_dir`` (default ``runs/<pipeline name>``)."""
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / pipeline.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = _read_state(run_dir)
+    keys: dict[str, str] = {}
+    records: list[StageRecord] = []
+    for spec in pipeline.stages:
+        kind = KINDS[spec.kind]
+        inputs = kind.inputs(spec)
+        payload = {
+            **spec.settings(),
+            "inputs": [keys[i] for i in inputs if i in keys],
+            "source": _source_payload(spec.source) if spec.input is None else None,
+        }
+        key = _hash(payload)
+        keys[spec.name] = key
+        out = run_dir / spec.name
+        old = previous.get(spec.name, {})
+        start = time.perf_counter()
+        reused = not force and old.get("key") == key and out.exists()
+        if not reused:
+            kind.run(spec, run_dir, out, progress)
+        record = StageRecord(
+            spec.name,
+            spec.kind,
+            key,
+            reused,
+            round(old.get("seconds", 0.0) if reused else time.perf_counter() - start, 3),
+            str(out),
+            spec.settings(),
+        )
+        records.append(record)
+        _write_state(run_dir, pipeline, records, previous)
+        if on_stage is not None:
+            on_stage(record)
+    return records
+
+
+def _read_state(run_dir: Path) -> dict[str, dict[str, Any]]:
+    path = run_dir / PIPELINE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {s["name"]: s for s in data["stages"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # an unreadable record only means nothing is reused
+
+
+def _write_state(
+    run_dir: Path, pipeline: Pipeline, records: list[StageRecord], previous: dict[str, Any]
+) -> None:
+    done = {r.name for r in records}
+    later = [
+        v for k, v in previous.items() if k not in done and k in {s.name for s in pipeline.stages}
+    ]
+    payload = {
+        "pipeline": pipeline.name,
+        "description": pipeline.description,
+        "recipe": str(pipeline.path),
+        "updated": artifacts.now_iso(),
+        "versions": artifacts.versions(),
+        "stages": [dataclasses.asdict(r) for r in records] + later,
+    }
+    tmp = run_dir / f".{PIPELINE_FILE}.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(run_dir / PIPELINE_FILE)

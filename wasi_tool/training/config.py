@@ -1,0 +1,136 @@
+"""The settings of a training run (the finetune stage's config, shared by the training bench)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from wasi_tool.config import StageConfig, register_config
+from wasi_tool.errors import WasiToolError
+from wasi_tool.methods import get_method
+from wasi_tool.methods.options import BaselineOptions
+from wasi_tool.ops import DEFAULT_EPS, check_eps
+from wasi_tool.ops.tucker import ASI_ORDERS
+from wasi_tool.ops.wsi import UPDATE_FORMS
+
+MEMORY_MODES = ("off", "block", "mlp", "attn")
+
+
+@register_config
+@dataclass
+class FinetuneConfig(StageConfig, BaselineOptions):
+    """How to fine-tune.
+
+    Args:
+        method: vanilla, asi, wsi, wasi, bsr, bsr+wasi or lora.
+        targets: layers the method acts on: a preset or globs as in compress; by default the
+            model's factored layers, or the MLP linears when it has none.
+        eps: weight rank rule for wsi/wasi targets that are still dense (factored first).
+        act_ranks: explicit per-mode activation ranks, e.g. [16, 12, 32] for (B, N, C).
+        act_eps: activation ranks by the energy rule on a calibration batch (HOSVD).
+        act_budget_mb: per-layer activation ranks minimising the gradient error within this
+            many MiB of saved activations (dynamic programming on a calibration batch).
+            Without any of the three, act_eps = eps.
+        act_order: ASI mode order, "sequential" (one HOOI sweep) or "parallel" (reference).
+        update_form: WSI update, "projection" (R' = L'^T W') or "paper" (R' = L^T W').
+        epochs, batch_size, lr, lr_min, momentum, weight_decay, clip, seed: the recipe; the
+            learning rate follows a cosine from lr to lr_min over all steps.
+        val_fraction: held-out share when the dataset has no test split.
+        classes: train on these classes only (relabelled 0..n-1).
+        max_steps: stop each epoch after this many steps (quick runs).
+        bsr_blocks, drop_at, keep_rate, fuse, lora_rank, lora_alpha, lora_dropout: the
+            baselines' settings (BaselineOptions); targets outside BSR's trained blocks stay
+            frozen.
+        new_head: a fresh classifier even when the class count matches (a new task).
+        memory_mode: what the model saves outside the targets: "off" (autograd saves what
+            each op needs), or recompute instead of save, exactly (same gradients): "block"
+            keeps only each block's input and re-runs the block in backward; "mlp" / "attn"
+            re-run only that half of each block.
+        memory_budget: the whole process's peak, e.g. "1.2GB": a plan predicts each part
+            and picks the least recompute that fits (memory_mode must then be "off"), or
+            refuses naming the minimum.
+    """
+
+    stage: ClassVar[str] = "finetune"
+
+    method: str = "wasi"
+    targets: str | None = None
+    eps: float = DEFAULT_EPS
+    act_ranks: list[int] | None = None
+    act_eps: float | None = None
+    act_budget_mb: float | None = None
+    act_order: str = "sequential"
+    update_form: str = "projection"
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.05
+    lr_min: float = 0.005
+    momentum: float = 0.0
+    weight_decay: float = 1e-4
+    clip: float | None = 2.0
+    seed: int = 233
+    val_fraction: float = 0.1
+    classes: list[int] | None = None
+    max_steps: int | None = None
+    new_head: bool = False
+    memory_mode: str = "off"
+    memory_budget: str | None = None
+
+    def __post_init__(self) -> None:
+        spec = get_method(self.method)
+        self.check_baselines()
+        self.eps = check_eps(self.eps, "eps")
+        given = [
+            k for k in ("act_ranks", "act_eps", "act_budget_mb") if getattr(self, k) is not None
+        ]
+        if len(given) > 1:
+            raise WasiToolError(f"give one of act_ranks, act_eps, act_budget_mb (got {given})")
+        if self.act_ranks is not None:
+            self.act_ranks = [int(r) for r in self.act_ranks]
+            if len(self.act_ranks) not in (3, 4) or min(self.act_ranks) < 1:
+                raise WasiToolError(
+                    f"act_ranks takes 3 (B, N, C) or 4 (B, H, W, C) positive ranks, "
+                    f"got {self.act_ranks}"
+                )
+        if self.act_eps is not None:
+            self.act_eps = check_eps(self.act_eps, "act_eps")
+        elif spec.compressed_activations and not given:
+            self.act_eps = self.eps
+        if self.act_budget_mb is not None and not self.act_budget_mb > 0:
+            raise WasiToolError(f"act_budget_mb must be positive, got {self.act_budget_mb}")
+        if self.act_order not in ASI_ORDERS:
+            raise WasiToolError(f"act_order must be one of {ASI_ORDERS}, got {self.act_order!r}")
+        if self.update_form not in UPDATE_FORMS:
+            raise WasiToolError(
+                f"update_form must be one of {UPDATE_FORMS}, got {self.update_form!r}"
+            )
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise WasiToolError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise WasiToolError(f"max_steps must be >= 1, got {self.max_steps}")
+        for name in ("lr", "lr_min", "weight_decay", "momentum"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value < 0:
+                raise WasiToolError(f"{name} must be a finite number >= 0, got {value}")
+        if self.lr <= 0 or self.lr_min > self.lr:
+            raise WasiToolError(f"need 0 < lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
+        if self.clip is not None and not self.clip > 0:
+            raise WasiToolError(f"clip must be positive (or None for no clipping), got {self.clip}")
+        if spec.factored_weight and self.momentum != 0:
+            raise WasiToolError(
+                "the WSI update has no momentum (the paper uses 0): set momentum 0 for wsi/wasi"
+            )
+        if self.memory_mode not in MEMORY_MODES:
+            raise WasiToolError(
+                f"memory_mode must be one of {', '.join(MEMORY_MODES)}, got {self.memory_mode!r}"
+            )
+        if self.memory_budget is not None:
+            from wasi_tool.training.plan import parse_size
+
+            parse_size(self.memory_budget)
+            if self.memory_mode != "off":
+                raise WasiToolError("give memory_budget or memory_mode, not both")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise WasiToolError(f"val_fraction must be in (0, 1), got {self.val_fraction}")

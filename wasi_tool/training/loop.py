@@ -1,0 +1,351 @@
+"""The training loop: one ``train_step`` for finetune, the training bench and any other caller,
+evaluation, divergence diagnostics, and the epoch loop with checkpoints and Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from wasi_tool.errors import WasiToolError
+from wasi_tool.measure import SavedBytesMeter, peak_rss_bytes
+from wasi_tool.methods import SubspaceSGD
+from wasi_tool.methods.optim import NonFiniteGradient
+from wasi_tool.nn.subspace import WASILinear
+from wasi_tool.training import checkpoint
+from wasi_tool.training.config import FinetuneConfig
+from wasi_tool.training.progress import Progress
+from wasi_tool.training.results import EpochRecord, Measured, SavedBytes
+
+
+@dataclass
+class StepResult:
+    """One optimisation step: the loss, the logits, its wall time and the bytes saved for
+    backward (when a meter was given)."""
+
+    loss: float
+    logits: torch.Tensor
+    seconds: float
+    saved_total: int = 0
+    saved_targets: int = 0
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    scheduler: Any = None,
+    meter: SavedBytesMeter | None = None,
+    where: str = "",
+    hint: str = "",
+) -> StepResult:
+    """Forward, cross-entropy, backward, optimiser (and scheduler) step.
+
+    A non-finite loss or gradient is a WasiToolError naming the first module (in execution
+    order) whose output is not finite, or the first parameter (or WASI gradient factor) whose
+    gradient is not; nothing is updated then. ``where`` and ``hint`` are added to the message.
+    """
+    start = time.perf_counter()
+    with meter if meter is not None else contextlib.nullcontext():
+        logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    at = f" at {where}" if where else ""
+    if not torch.isfinite(loss):
+        raise WasiToolError(
+            f"training diverged: loss is {float(loss.detach())}{at} (first non-finite output: "
+            f"{first_non_finite_output(model, x)}){hint}"
+        )
+    optimizer.zero_grad()
+    loss.backward()
+    # SubspaceSGD checks the global gradient norm it computes anyway (free); any other
+    # optimiser gets the explicit scan
+    bad = None if isinstance(optimizer, SubspaceSGD) else first_non_finite_grad(model)
+    if bad is None:
+        try:
+            optimizer.step()
+        except NonFiniteGradient:
+            bad = first_non_finite_grad(model) or "the gradient norm"
+    if bad is not None:
+        raise WasiToolError(f"training diverged: non-finite gradient in {bad}{at}{hint}")
+    if scheduler is not None:
+        scheduler.step()
+    seconds = time.perf_counter() - start
+    saved = (meter.total, meter.targets) if meter is not None else (0, 0)
+    return StepResult(float(loss.detach()), logits.detach(), seconds, *saved)
+
+
+def loader(ds: Dataset[Any], batch_size: int, order: list[int] | None = None) -> DataLoader[Any]:
+    return DataLoader(ds, batch_size=batch_size, sampler=order, shuffle=False, num_workers=0)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run sees
+    the same batches as an uninterrupted one."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    ds: Dataset[Any],
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy over ``ds`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, labels in loader(ds, batch_size):
+        logits = model(transform(images))
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        count += len(labels)
+    model.train(was_training)
+    return {"loss": loss_sum / max(1, count), "accuracy": correct / max(1, count)}
+
+
+@torch.no_grad()
+def first_non_finite_output(model: nn.Module, x: torch.Tensor) -> str:
+    """The first leaf module (in execution order) whose output has a NaN or inf."""
+    found: list[str] = []
+
+    def hook(name: str) -> Any:
+        def check(mod: nn.Module, args: Any, out: Any) -> None:
+            if not found and isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+                found.append(name)
+
+        return check
+
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in model.named_modules()
+        if n and not any(True for _ in m.children())
+    ]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else "none found again (the input itself?)"
+
+
+def first_non_finite_grad(model: nn.Module) -> str | None:
+    """Name of the first parameter (or WASI layer's gradient factor) that is not finite."""
+    for name, module in model.named_modules():
+        pending = module.pending_grad if isinstance(module, WASILinear) else None
+        if pending is not None and not bool(torch.isfinite(pending).all()):
+            return f"{name} (WASI gradient factor P)"
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return name
+    return None
+
+
+@dataclass
+class Trainer:
+    """The epochs of one run: data order, steps, evaluation, checkpoints and Ctrl-C.
+
+    A checkpoint after every epoch (and at Ctrl-C, after the current step) holds the model's
+    state dict (ASI bases included), the optimiser, the scheduler, the RNG and the history,
+    so a resumed run continues exactly.
+    """
+
+    model: nn.Module
+    targets: list[str]
+    config: FinetuneConfig
+    train_set: Dataset[Any]
+    test_set: Dataset[Any]
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    ckpt_dir: Path
+    progress: Progress
+    identity: dict[str, Any]  # what a checkpoint must match to be resumed (config, data)
+    history: list[EpochRecord] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    saved_total: list[int] = field(default_factory=list)
+    saved_targets: list[int] = field(default_factory=list)
+    act_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    start_epoch: int = 0
+    resume_step: int = 0  # steps of start_epoch already done (a checkpoint made by Ctrl-C)
+    partial: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    stop_requested: bool = False
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.model.train()
+        self.opt = SubspaceSGD(self.model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.clip)
+        steps = math.ceil(len(self.train_set) / cfg.batch_size)  # type: ignore[arg-type]
+        self.steps_per_epoch = min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.opt, T_max=cfg.epochs * self.steps_per_epoch, eta_min=cfg.lr_min
+        )
+
+    def calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first batch of epoch 0 (what activation ranks are calibrated on)."""
+        return first_batch(self.train_set, self.config, self.transform)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _state(self, epoch: int, step: int, partial: list[float] | None) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "step": step,
+            "partial": partial or [0.0, 0.0, 0.0, 0.0],
+            **self.identity,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "history": [r.__dict__ for r in self.history],
+            "step_times": self.step_times,
+            "saved_total": self.saved_total,
+            "saved_targets": self.saved_targets,
+            "act_shapes": {k: list(v) for k, v in self.act_shapes.items()},
+        }
+
+    def save_checkpoint(
+        self, epoch: int, step: int = 0, partial: list[float] | None = None
+    ) -> None:
+        """State after epoch index ``epoch`` finished and ``step`` steps of the next one
+        (``partial``: that epoch's loss sum, correct count, samples seen, seconds so far)."""
+        checkpoint.save(self.ckpt_dir, self._state(epoch, step, partial))
+
+    def restore(self) -> None:
+        state = checkpoint.load(self.ckpt_dir, self.identity)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.step_times = list(state["step_times"])
+        self.saved_total = list(state["saved_total"])
+        self.saved_targets = list(state["saved_targets"])
+        self.act_shapes = {k: tuple(v) for k, v in state["act_shapes"].items()}
+        self.start_epoch = int(state["epoch"]) + 1
+        self.resume_step = int(state["step"])
+        self.partial = [float(v) for v in state["partial"]]
+        where = f"epoch {self.start_epoch}" + (
+            f", step {self.resume_step}" if self.resume_step else ""
+        )
+        self.progress.note(f"resumed after {where} from {self.ckpt_dir / checkpoint.FILE}")
+
+    # -- training ---------------------------------------------------------------------------
+    def _record_shapes(self) -> list[Any]:
+        def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
+            self.act_shapes.setdefault(name, tuple(args[0].shape))
+
+        return [
+            self.model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+            for n in self.targets
+        ]
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True  # acted on at the end of the current step
+
+    def train(self) -> None:
+        """Train the remaining epochs; Ctrl-C finishes the step, checkpoints it, and raises
+        KeyboardInterrupt, so a resumed run continues from exactly that step."""
+        meter = SavedBytesMeter(self.model, self.targets)
+        shape_hooks = self._record_shapes()
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._request_stop) if in_main else None
+        try:
+            for epoch in range(self.start_epoch, self.config.epochs):
+                self._train_epoch(epoch, meter)
+                self.save_checkpoint(epoch)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+            meter.remove()
+            for h in shape_hooks:
+                h.remove()
+
+    def _train_epoch(self, epoch: int, meter: SavedBytesMeter) -> None:
+        cfg = self.config
+        self.model.train()
+        order = epoch_order(len(self.train_set), cfg.seed, epoch)  # type: ignore[arg-type]
+        self.progress.start_epoch(epoch, cfg.epochs, self.steps_per_epoch)
+        skip = self.resume_step if epoch == self.start_epoch else 0
+        loss_sum, correct, seen, before = self.partial if skip else (0.0, 0, 0, 0.0)
+        start = time.perf_counter() - before
+        hint = f"; the last good checkpoint is in {self.ckpt_dir}"
+        for step, (images, labels) in enumerate(loader(self.train_set, cfg.batch_size, order)):
+            if step >= self.steps_per_epoch:
+                break
+            if step < skip:  # done before the interruption; the order is the same
+                continue
+            where = f"epoch {epoch + 1}, step {step + 1}"
+            result = train_step(
+                self.model,
+                self.opt,
+                self.transform(images),
+                labels,
+                scheduler=self.sched,
+                meter=meter,
+                where=where,
+                hint=hint,
+            )
+            self.step_times.append(result.seconds)
+            self.saved_total.append(result.saved_total)
+            self.saved_targets.append(result.saved_targets)
+            batch_correct = int((result.logits.argmax(-1) == labels).sum())
+            loss_sum += result.loss * len(labels)
+            correct += batch_correct
+            seen += len(labels)
+            self.progress.step(
+                result.loss, batch_correct / len(labels), len(labels) / result.seconds
+            )
+            if self.stop_requested:
+                spent = time.perf_counter() - start
+                self.save_checkpoint(epoch - 1, step + 1, [loss_sum, correct, seen, spent])
+                raise KeyboardInterrupt
+        test = evaluate(self.model, self.test_set, self.transform, cfg.batch_size)
+        record = EpochRecord(
+            epoch=epoch + 1,
+            train_loss=loss_sum / max(1, seen),
+            train_accuracy=correct / max(1, seen),
+            test_loss=test["loss"],
+            test_accuracy=test["accuracy"],
+            lr_end=self.opt.lr,
+            seconds=round(time.perf_counter() - start, 3),
+        )
+        self.history.append(record)
+        self.progress.end_epoch(record)
+
+    def measured(self, floor_rss_bytes: int | None = None) -> Measured:
+        times = self.step_times[1:] or self.step_times  # the first step includes warm-up
+        median = statistics.median(times) if times else float("nan")
+        return Measured(
+            median_step_seconds=median,
+            images_per_second=self.config.batch_size / median if times else None,
+            steps=len(self.step_times),
+            peak_rss_bytes=peak_rss_bytes(),
+            saved_bytes_per_step=SavedBytes(
+                statistics.median(self.saved_total) if self.saved_total else None,
+                statistics.median(self.saved_targets) if self.saved_targets else None,
+            ),
+            floor_rss_bytes=floor_rss_bytes,
+        )
+
+
+def first_batch(
+    train_set: Dataset[Any],
+    config: FinetuneConfig,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    order = epoch_order(len(train_set), config.seed, 0)  # type: ignore[arg-type]
+    images, labels = next(iter(loader(train_set, config.batch_size, order)))
+    return transform(images), labels

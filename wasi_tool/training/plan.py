@@ -1,0 +1,257 @@
+"""Planning a training step to a memory budget (the whole process's peak RSS).
+
+The plan predicts, per component: the library floor (measured: resident with the model and data
+loaded, less the weights), the weights, the gradients (trainable ordinary parameters; WASI
+layers hold factors, not a dense gradient), the optimiser state (momentum buffers), the
+activations saved for backward (per block), and the largest transient of the step (what the
+step's live tensors reach beyond the saved activations and the gradients).
+
+Saved activations and the step's live-tensor peak are measured by two probe steps at batch 1
+and 2 (forward and backward, no update; every layer's state restored) and extrapolated linearly
+to the run's batch: activations are linear in the batch, weights and gradients are not. The plan
+then takes the least recompute (off, attn, mlp, block) whose prediction fits the budget; when
+none fits, a WasiToolError names the minimum and its largest parts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wasi_tool.errors import WasiToolError
+from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter, peak_rss_bytes
+from wasi_tool.models.family import family_of
+from wasi_tool.nn.recompute import recompute_, undo_recompute_
+from wasi_tool.nn.subspace import SubspaceLayer, WASILinear
+
+MODES = ("off", "attn", "mlp", "block")  # least recompute first
+GB = 1e9
+
+
+def parse_size(text: str | float) -> int:
+    """``"1.2GB"``, ``"800MB"``, ``"1.5G"`` or a number of bytes -> bytes (decimal units)."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}
+    s = str(text).strip().upper()
+    number = s.rstrip("KMGB")
+    unit = s[len(number) :]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise WasiToolError(f"memory budget {text!r}: give a size like 1.2GB or 800MB") from None
+    if not value > 0:
+        raise WasiToolError(f"memory budget must be positive, got {text!r}")
+    return int(value)
+
+
+@dataclass
+class Prediction:
+    """Predicted bytes of each component at one memory mode."""
+
+    memory_mode: str
+    floor: int
+    weights: int
+    gradients: int
+    optimizer_state: int
+    saved_activations: int
+    transient: int
+    load_peak: int  # what the process already reached while loading and preparing
+    saved_per_block: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        step = (
+            self.floor
+            + self.weights
+            + self.gradients
+            + self.optimizer_state
+            + self.saved_activations
+            + self.transient
+        )
+        return max(step, self.load_peak)
+
+    def parts(self) -> dict[str, int]:
+        return {
+            "library floor": self.floor,
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer state": self.optimizer_state,
+            "saved activations": self.saved_activations,
+            "transient of backward": self.transient,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "peak": self.peak}
+
+
+@dataclass
+class MemoryPlan:
+    """The chosen memory mode, every candidate's prediction, and the budget."""
+
+    budget: int
+    chosen: Prediction
+    candidates: list[Prediction]
+    batch_size: int
+    measured_peak: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "budget_bytes": self.budget,
+            "batch_size": self.batch_size,
+            "memory_mode": self.chosen.memory_mode,
+            "predicted_peak_bytes": self.chosen.peak,
+            "measured_peak_bytes": self.measured_peak,
+            "chosen": self.chosen.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "note": "saved activations and the transient: probe steps at batch 1 and 2, "
+            "extrapolated linearly to the batch; floor: resident with model and data loaded, "
+            "less the weights; peak: the largest of the step's sum and the load peak",
+        }
+        if self.measured_peak is not None:
+            out["measured_over_predicted"] = self.measured_peak / self.chosen.peak
+        return out
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _gradient_bytes(model: nn.Module) -> int:
+    """Gradients a step keeps: ordinary trainable parameters, and each WASI layer's pending
+    factor P (O x r); the factors L and R never get a .grad."""
+    factors = {id(p) for m in model.modules() if isinstance(m, WASILinear) for p in (m.L, m.R)}
+    ordinary = [p for p in model.parameters() if p.requires_grad and id(p) not in factors]
+    return _tensor_bytes(ordinary)
+
+
+def _probe(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str]
+) -> tuple[int, int, dict[str, int]]:
+    """(saved bytes, live-tensor peak, saved bytes per block) of one forward + backward."""
+    meter = SavedBytesMeter(model, regions=blocks)
+    try:
+        with LiveTensorMeter() as live:
+            with meter:
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            del loss
+    finally:
+        meter.remove()
+    return meter.total, live.peak, dict(meter.by_region)
+
+
+def _layer_states(model: nn.Module) -> dict[str, Any]:
+    return {
+        n: copy.deepcopy(m.get_extra_state())
+        for n, m in model.named_modules()
+        if isinstance(m, SubspaceLayer)
+    }
+
+
+def plan_memory(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    budget: int,
+    *,
+    floor: int,
+    momentum: float = 0.0,
+    modes: tuple[str, ...] = MODES,
+) -> MemoryPlan:
+    """Choose the least recompute that fits ``budget`` for a step on batch ``x``, ``y``.
+
+    ``model`` is the prepared training model (memory mode off); it leaves with the chosen
+    regions recomputing, its parameters, gradients and layer states as they were.
+    """
+    batch = int(x.shape[0])
+    if batch < 2:
+        raise WasiToolError("a memory budget needs a batch size of at least 2")
+    family = family_of(model)
+    blocks = family.blocks(model)
+    weights = _tensor_bytes(t for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    grads = _gradient_bytes(model)
+    opt_state = grads if momentum else 0
+    states = _layer_states(model)
+    was_training = model.training
+    model.train()
+    candidates = []
+    try:
+        for mode in modes:
+            undo_recompute_(model)
+            if mode != "off":
+                regions = family.regions(model, mode)
+                if not regions:
+                    continue
+                for name in regions:
+                    recompute_(model.get_submodule(name))
+            probes = []
+            for b in (1, 2):
+                model.zero_grad(set_to_none=True)
+                probes.append(_probe(model, x[:b], y[:b], blocks))
+            (s1, l1, per1), (s2, l2, per2) = probes
+            saved = s1 + (s2 - s1) * (batch - 1)
+            live = l1 + (l2 - l1) * (batch - 1)
+            per_block = {
+                k: per1.get(k, 0) + (v - per1.get(k, 0)) * (batch - 1) for k, v in per2.items()
+            }
+            transient = max(0, live - saved - grads)
+            candidates.append(
+                Prediction(
+                    mode,
+                    floor,
+                    weights,
+                    grads,
+                    opt_state,
+                    saved,
+                    transient,
+                    peak_rss_bytes(),
+                    per_block,
+                )
+            )
+    finally:
+        model.zero_grad(set_to_none=True)
+        for m in model.modules():
+            if isinstance(m, WASILinear):
+                m.sink.clear()
+        for name, state in states.items():
+            model.get_submodule(name).set_extra_state(state)
+        undo_recompute_(model)
+        model.train(was_training)
+    fitting = [c for c in candidates if c.peak <= budget]
+    if not fitting:
+        best = min(candidates, key=lambda c: c.peak)
+        largest = sorted(best.parts().items(), key=lambda kv: -kv[1])[:3]
+        parts = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in largest)
+        raise WasiToolError(
+            f"memory budget {budget / GB:.2f} GB cannot be met: the least this run can reach is "
+            f"{best.peak / GB:.2f} GB (memory mode {best.memory_mode}; largest parts: {parts})"
+        )
+    chosen = fitting[0]
+    if chosen.memory_mode != "off":
+        for name in family.regions(model, chosen.memory_mode):
+            recompute_(model.get_submodule(name))
+    return MemoryPlan(budget, chosen, candidates, batch)
+
+
+def plan_table(plan: MemoryPlan) -> str:
+    """The plan as a plain-text table: each candidate's predicted parts and peak."""
+    modes = [c.memory_mode for c in plan.candidates]
+    rows = [("component", *modes)]
+    for part in plan.chosen.parts():
+        rows.append((part, *(f"{c.parts()[part] / 1e6:.0f} MB" for c in plan.candidates)))
+    rows.append(("load peak", *(f"{c.load_peak / 1e6:.0f} MB" for c in plan.candidates)))
+    rows.append(("predicted peak", *(f"{c.peak / 1e6:.0f} MB" for c in plan.candidates)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    head = (
+        f"memory plan for a {plan.budget / 1e9:.2f} GB budget at batch {plan.batch_size}: "
+        f"memory mode {plan.chosen.memory_mode} (predicted peak {plan.chosen.peak / 1e9:.2f} GB)"
+    )
+    return "\n".join([head, *lines])

@@ -1,0 +1,126 @@
+"""Turning a loaded model into its method's training model (finetune and bench share it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wasi_tool.errors import WasiToolError
+from wasi_tool.methods import LayerOptions, get_method, prepare_
+from wasi_tool.methods.calibrate import capture, ranks_under_budget, streamed_ranks_by_eps
+from wasi_tool.models.family import family_of
+from wasi_tool.models.targets import select_targets
+from wasi_tool.nn.factored import FactoredLinear
+from wasi_tool.nn.recompute import recompute_
+from wasi_tool.training.config import FinetuneConfig
+from wasi_tool.transforms.compress import CompressConfig, compress_
+
+Ranks = dict[str, tuple[int, ...]]
+RankRule = Callable[[list[str]], tuple[Ranks, dict[str, Any] | None]]
+
+
+@dataclass
+class Prepared:
+    """What preparing a model for its method decided."""
+
+    targets: list[str]
+    act_ranks: Ranks
+    calibration: dict[str, Any] | None
+    plan: Any  # the method's model-level plan (BSR's BSRPlan), or None
+    compress_report: dict[str, Any] | None
+
+
+def choose_targets(model: nn.Module, targets: str | None) -> list[str]:
+    """``targets`` as given, else the model's factored layers, else its MLP linears."""
+    if targets is not None:
+        return select_targets(model, targets)
+    factored = [n for n, m in model.named_modules() if isinstance(m, FactoredLinear)]
+    return factored or select_targets(model, "mlp")
+
+
+def prepare_for_training(
+    model: nn.Module,
+    config: FinetuneConfig,
+    act_ranks: RankRule,
+    note: Callable[[str], None] = lambda message: None,
+) -> Prepared:
+    """Turn ``model`` into the method's training model, in place.
+
+    The method's ``before_targets`` runs first (bsr: token dropping, so calibration and the
+    ASI bases see the reduced token counts), then the targets are chosen and restricted
+    (bsr: to the trained blocks); wsi/wasi targets that are still dense are factored at
+    ``config.eps``; ``act_ranks(targets)`` picks the activation ranks of methods that compress
+    them; the targets are swapped; finally the method's ``after_swap`` (bsr freezes, lora
+    injects adapters); last, ``config.memory_mode`` makes the chosen regions recompute.
+    """
+    method = get_method(config.method)
+    plan = method.before_targets(model, config, note)
+    targets = method.restrict_targets(choose_targets(model, config.targets), plan)
+    report: dict[str, Any] | None = None
+    if method.factored_weight:
+        dense = [n for n in targets if not isinstance(model.get_submodule(n), FactoredLinear)]
+        if dense:
+            cfg = CompressConfig(targets=",".join(dense), eps=config.eps, force=True)
+            report = compress_(model, cfg).to_dict()
+            note(f"factored {len(dense)} dense target(s) at eps {config.eps}")
+    ranks, calibration = act_ranks(targets) if method.compressed_activations else ({}, None)
+    options = {
+        n: LayerOptions(
+            ranks.get(n),
+            config.update_form,  # type: ignore[arg-type]
+            config.act_order,
+            config.seed + k,
+        )
+        for k, n in enumerate(targets)
+    }
+    prepare_(model, method, targets, options)
+    method.after_swap(model, targets, config, plan, note)
+    if config.memory_mode != "off":
+        regions = family_of(model).regions(model, config.memory_mode)
+        if not regions:
+            raise WasiToolError(
+                f"memory_mode {config.memory_mode}: this model has no {config.memory_mode} "
+                "regions to recompute"
+            )
+        for name in regions:
+            recompute_(model.get_submodule(name))
+        note(f"memory mode {config.memory_mode}: {len(regions)} regions recompute in backward")
+    return Prepared(targets, ranks, calibration, plan, report)
+
+
+def calibrated_ranks(
+    model: nn.Module,
+    targets: list[str],
+    config: FinetuneConfig,
+    batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[Ranks, dict[str, Any]]:
+    """Activation ranks by the config's rule: explicit, energy (``act_eps``) or gradient error
+    under a memory budget (``act_budget_mb``), on one calibration ``batch()``."""
+    if config.act_ranks is not None:
+        return {n: tuple(config.act_ranks) for n in targets}, {"rule": "explicit"}
+    x, y = batch()
+    start = time.perf_counter()
+    info: dict[str, Any]
+    if config.act_budget_mb is not None:
+        captured = capture(model, targets, x, y, F.cross_entropy)
+        choice = ranks_under_budget(captured, config.act_budget_mb)
+        info = {
+            "rule": "budget",
+            "budget_mib": config.act_budget_mb,
+            "memory_mib": choice.memory_mb,
+            "summed_gradient_error": choice.error,
+            "eps_per_layer": choice.eps,
+        }
+        ranks = choice.ranks
+    else:
+        assert config.act_eps is not None
+        ranks = streamed_ranks_by_eps(model, targets, x, config.act_eps)
+        info = {"rule": "eps", "act_eps": config.act_eps}
+    info.update(batch=len(y), seconds=round(time.perf_counter() - start, 3))
+    return ranks, info

@@ -1,0 +1,105 @@
+"""Typed results of a training run, with a schema version: what metrics.json holds.
+
+``FinetuneMetrics.to_dict`` writes the JSON (same keys as before, plus ``schema``);
+``from_dict`` reads it back and refuses another schema, so readers (the CLI, the pipeline
+report, the benchmarks) use attributes, not string keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from wasi_tool.errors import WasiToolError
+
+FINETUNE_SCHEMA = "wasi-tool-finetune-metrics/2"
+SAVED_NOTE = (
+    "storages autograd saved for backward in one step, each once, parameters excluded "
+    "(saved_tensors_hooks)"
+)
+RSS_NOTE = (
+    "whole process, its own address space (VmHWM): loading, data, training and evaluation; "
+    "floor_rss_bytes: resident size with the model loaded, less its weights"
+)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    lr_end: float
+    seconds: float
+
+
+@dataclass
+class SavedBytes:
+    """Median bytes saved for backward per step: all of them, and inside the targets."""
+
+    total: float | None
+    targets: float | None
+    note: str = SAVED_NOTE
+
+
+@dataclass
+class Measured:
+    median_step_seconds: float
+    images_per_second: float | None
+    steps: int
+    peak_rss_bytes: int
+    saved_bytes_per_step: SavedBytes
+    peak_rss_note: str = RSS_NOTE
+    floor_rss_bytes: int | None = None  # resident with the model loaded, less its weights
+
+
+@dataclass
+class FinetuneMetrics:
+    """Everything a fine-tuning run measured and decided (metrics.json)."""
+
+    method: str
+    config: dict[str, Any]
+    data: str
+    classes: list[str]
+    targets: list[str]
+    weight_ranks: dict[str, int]
+    act_ranks: dict[str, list[int]]
+    act_calibration: dict[str, Any] | None
+    epochs: list[EpochRecord]
+    measured: Measured
+    analytic: dict[str, Any]
+    bsr: dict[str, Any] | None = None
+    memory_plan: dict[str, Any] | None = None
+    schema: str = field(default=FINETUNE_SCHEMA)
+
+    @property
+    def final(self) -> EpochRecord | None:
+        return self.epochs[-1] if self.epochs else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["final"] = dataclasses.asdict(self.final) if self.final else None
+        for key in ("bsr", "memory_plan"):
+            if out[key] is None:
+                out.pop(key)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneMetrics:
+        if data.get("schema") != FINETUNE_SCHEMA:
+            raise WasiToolError(
+                f"metrics schema {data.get('schema')!r} is not {FINETUNE_SCHEMA!r}: "
+                "made by another wasi-tool version"
+            )
+        try:
+            meas = dict(data["measured"])
+            meas["saved_bytes_per_step"] = SavedBytes(**meas["saved_bytes_per_step"])
+            fields = {f.name for f in dataclasses.fields(cls)}
+            kwargs = {k: v for k, v in data.items() if k in fields}
+            kwargs["epochs"] = [EpochRecord(**e) for e in data["epochs"]]
+            kwargs["measured"] = Measured(**meas)
+            return cls(**kwargs)
+        except (KeyError, TypeError) as exc:
+            raise WasiToolError(f"malformed metrics: {exc}") from None
