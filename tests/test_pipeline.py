@@ -60,6 +60,7 @@ def _recipe(tmp_path: Path, text: str = TINY_RECIPE) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_tiny_recipe_end_to_end_and_reuse(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     records = run_pipeline(load_pipeline(_recipe(tmp_path)), run_dir)

@@ -10,27 +10,29 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import typer
 from safetensors.torch import save_file
+from torch import nn
 from typer.testing import CliRunner
 
-from tests.bench.test_bench import tiny_onnx
-from tests.conftest import TINY, tiny_model
 from wasi_tool import artifacts
 from wasi_tool.cli.app import app
 from wasi_tool.models import ModelSource
 from wasi_tool.stages import CompressConfig, FinetuneConfig, run_compress, run_finetune
 
-SRC = ModelSource(random_init=True, arch=TINY["arch"], img_size=32)
+# conftest's tiny model (tiny_spec["arch"]); a constant because CASES is built at import.
+TINY_ARCH = "vit_tiny_patch16_224"
+SRC = ModelSource(random_init=True, arch=TINY_ARCH, img_size=32)
 CFG = FinetuneConfig(method="wasi", act_ranks=[8, 3, 16], epochs=2, batch_size=16, max_steps=4)
 CLI_TRAIN = [
-    "--random-init", "--arch", TINY["arch"], "--img-size", "32", "--method", "wasi",
+    "--random-init", "--arch", TINY_ARCH, "--img-size", "32", "--method", "wasi",
     "--act-ranks", "8,3,16", "--epochs", "3", "--batch-size", "16", "--max-steps", "4",
 ]  # fmt: skip
 
@@ -72,6 +74,7 @@ class SigintAt:
         pass
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resume_is_exact(tmp_path: Path) -> None:
     straight = run_finetune(SRC, "digits", CFG, tmp_path / "a").out
     with pytest.raises(KeyboardInterrupt):
@@ -83,6 +86,7 @@ def test_ctrl_c_mid_epoch_checkpoints_that_step_and_resume_is_exact(tmp_path: Pa
     assert _epochs(straight) == _epochs(resumed)
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from wasi_tool.cli import finetune as finetune_cmd
 
@@ -107,20 +111,42 @@ def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
 
 
+# `python -m wasi_tool ARGV[2:]` that sends itself a real SIGKILL (no handler, no cleanup) at a
+# known point: as it starts the backward pass of its 2nd training step after the checkpoint
+# ARGV[1] first exists, i.e. mid-epoch 2 of 3, with the work done since that checkpoint lost.
+KILL_MID_EPOCH_2 = """
+import os, runpy, signal, sys
+import torch
+ckpt, after = sys.argv[1], []
+backward = torch.autograd.backward  # what Tensor.backward calls
+def backward_or_die(*args, **kwargs):
+    if os.path.exists(ckpt):
+        after.append(None)
+        if len(after) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return backward(*args, **kwargs)
+torch.autograd.backward = backward_or_die
+sys.argv = ["wasi-tool", *sys.argv[2:]]
+runpy.run_module("wasi_tool", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path: Path) -> None:
     assert _cli(*CLI_TRAIN, "--out", tmp_path / "a").returncode == 0
     out = tmp_path / "b"
-    cmd = [sys.executable, "-m", "wasi_tool", "finetune", *CLI_TRAIN, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "b.ckpt" / "last.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(float(np.random.default_rng().uniform(0.0, 1.0)))  # any moment after that
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    cmd = [sys.executable, "-c", KILL_MID_EPOCH_2, str(ckpt), "finetune", *CLI_TRAIN]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == -signal.SIGKILL, (
+        "the run finished before it could be killed",
+        proc.stderr,
+    )
     assert ckpt.exists() and not out.exists()
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 0)  # the end of epoch 1: the last checkpoint
     resumed = _cli(*CLI_TRAIN, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     _same(tmp_path / "a", out)
@@ -131,7 +157,11 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def files(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model: Callable[..., nn.Module],
+    tiny_onnx: Callable[..., Path],
+) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("corpus")
     model = tiny_model()
     f: dict[str, Path] = {}
@@ -207,7 +237,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return f
 
 
-T = ["--arch", TINY["arch"], "--img-size", "32"]
+T = ["--arch", TINY_ARCH, "--img-size", "32"]
 CASES: dict[str, tuple[list[str], str]] = {
     "missing checkpoint": (["compress", "{d}/absent.pth", *T], "no such file"),
     "truncated safetensors": (["compress", "{truncated}", *T], "cannot read safetensors"),
@@ -249,7 +279,13 @@ CASES: dict[str, tuple[list[str], str]] = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# Cases that run real work before they fail (over ~5 s): marked slow, still run by default.
+SLOW_CASES = {"resume with nothing to resume", "output path under a file"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES]
+)
 def test_malformed_input_corpus(case: str, files: dict[str, Path], tmp_path: Path) -> None:
     args, expected = CASES[case]
     subs = {**{k: str(v) for k, v in files.items()}, "d": str(files["pth"].parent)}
@@ -267,10 +303,17 @@ def test_malformed_input_corpus(case: str, files: dict[str, Path], tmp_path: Pat
     assert not Path("/tmp/wasi-tool-pwned").exists()
 
 
-def test_corpus_is_large_enough() -> None:
+def test_corpus_is_large_enough_and_covers_every_cli_command() -> None:
+    """The corpus must reach every command the CLI has, not only be long (a new command
+    without malformed-input cases fails here)."""
+    commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    covered = {args[0] for args, _ in CASES.values()}
+    assert commands and commands <= covered, f"no malformed-input case for {commands - covered}"
     assert len(CASES) >= 30
+    assert SLOW_CASES.issubset(CASES)
 
 
+@pytest.mark.slow
 def test_full_disk_and_read_only_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
     import tempfile
