@@ -165,7 +165,13 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     import torch
 
     from wasi_tool.bench.runner import percentile
-    from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter, library_floor, peak_rss_bytes
+    from wasi_tool.measure import (
+        LiveTensorMeter,
+        SavedBytesMeter,
+        library_floor,
+        peak_rss_bytes,
+        return_freed_memory,
+    )
     from wasi_tool.methods import SubspaceSGD
     from wasi_tool.methods.calibrate import map_inputs
     from wasi_tool.models.family import family_of
@@ -174,6 +180,8 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     from wasi_tool.training.plan import parse_size, plan_memory
     from wasi_tool.training.prepare import prepare_for_training
 
+    if config.memory_budget is not None:
+        return_freed_memory()  # resident memory follows live memory: what the plan predicts
     torch.manual_seed(config.seed)
     src = ModelSource(
         checkpoint=Path(config.checkpoint) if config.checkpoint else None,
@@ -204,7 +212,8 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     plan = None
     if config.memory_budget is not None:
         budget = parse_size(config.memory_budget)
-        plan = plan_memory(model, x, y, budget, floor=floor or 0)
+        # the floor as training starts: resident after preparation, less the weights
+        plan = plan_memory(model, x, y, budget, floor=library_floor(model) or 0)
     model.train()
     opt = SubspaceSGD(model, lr=0.01, weight_decay=1e-4, clip=2.0)
     meter = SavedBytesMeter(model, targets)

@@ -96,15 +96,28 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
         lines += [
             f"## Training step, a fresh process per method ({name})",
             "",
-            _row("method", "median step", "peak RSS", "saved / step", "in targets"),
-            _row(*["---"] * 5),
+            _row(
+                "method",
+                "memory mode",
+                "median step",
+                "peak RSS",
+                "library floor",
+                "above floor",
+                "saved / step",
+                "in targets",
+            ),
+            _row(*["---"] * 8),
         ]
         for method, r in b.methods.items():
+            floor = r.floor_rss_bytes
             lines.append(
                 _row(
                     method,
+                    r.memory_mode,
                     f"{r.median_step_seconds * 1e3:.1f} ms",
                     _mb(r.peak_rss_bytes),
+                    _mb(floor),
+                    _mb(None if floor is None else r.peak_rss_bytes - floor),
                     _mb(r.saved_bytes_total),
                     _mb(r.saved_bytes_targets),
                 )
@@ -114,8 +127,11 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             lines.append(
                 _row(
                     "ratio",
+                    "",
                     pace(ratios.step_speedup_vs),
                     f"{ratios.peak_rss_ratio_vs:.2f}x less",
+                    "",
+                    "",
                     f"{ratios.saved_bytes_ratio_vs:.1f}x fewer",
                     f"{ratios.target_saved_bytes_ratio_vs:.1f}x fewer",
                 )

@@ -19,7 +19,7 @@ from wasi_tool import artifacts
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
-from wasi_tool.measure import library_floor
+from wasi_tool.measure import library_floor, return_freed_memory
 from wasi_tool.methods import finalize_, get_method
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.stages.common import layer_records, write_stage_artifact
@@ -93,6 +93,8 @@ def run_finetune(
     ckpt_dir = checkpoint.checkpoint_dir(out)
     _check_outputs(out, ckpt_dir, overwrite, resume)
 
+    if config.memory_budget is not None:
+        return_freed_memory()  # resident memory follows live memory: what the plan predicts
     torch.manual_seed(config.seed)
     loaded = load_model(source)
     model = loaded.model
@@ -123,7 +125,7 @@ def run_finetune(
             x,
             y,
             parse_size(config.memory_budget),
-            floor=floor or 0,
+            floor=library_floor(model) or 0,  # resident as training starts, less the weights
             momentum=config.momentum,
         )
         progress.note(plan_table(plan))
