@@ -14,7 +14,7 @@ from wasi_tool.autograd import ASIFunction, GradSink, WASIFunction, WSIFunction
 from wasi_tool.measure import count_kept
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.recompute import recording, replaying
-from wasi_tool.nn.swap import set_submodule
+from wasi_tool.nn.swap import replace_all_
 from wasi_tool.ops.tucker import ASI_ORDERS, random_basis, subspace_step, tucker_compress
 from wasi_tool.ops.wsi import UPDATE_FORMS, UpdateForm, wsi_update
 
@@ -282,9 +282,4 @@ class ASILinear(SubspaceLayer):
 
 def to_plain_(model: nn.Module) -> int:
     """Swap every SubspaceLayer of ``model`` for its plain module; returns how many."""
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, SubspaceLayer):
-            set_submodule(model, name, module.to_plain())
-            swapped += 1
-    return swapped
+    return replace_all_(model, SubspaceLayer, lambda m: m.to_plain())

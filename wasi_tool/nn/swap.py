@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -10,3 +15,11 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def replace_all_(model: nn.Module, kind: type[M], make: Callable[[M], nn.Module]) -> int:
+    """Replace every submodule of type ``kind`` with ``make(module)``; returns how many."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+    for name, module in found:
+        set_submodule(model, name, make(module))
+    return len(found)
