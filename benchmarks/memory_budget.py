@@ -71,10 +71,11 @@ def main() -> None:
                 "parts": plan.get("chosen"),
             }
             rows.append(row)
+            predicted = plan["predicted_peak_bytes"] / 1e9
             print(
-                f"{budget}: mode {m.memory_mode}, predicted {plan['predicted_peak_bytes'] / 1e9:.3f}"
-                f" GB, measured {m.peak_rss_bytes / 1e9:.3f} GB "
-                f"({row['measured_over_predicted']:.3f}x), within budget: {row['within_budget']}",
+                f"{budget}: mode {m.memory_mode}, predicted {predicted:.3f} GB, measured "
+                f"{m.peak_rss_bytes / 1e9:.3f} GB ({row['measured_over_predicted']:.3f}x), "
+                f"within budget: {row['within_budget']}",
                 flush=True,
             )
     if args.json:
