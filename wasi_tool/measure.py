@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import resource
 import sys
@@ -148,24 +147,6 @@ def library_floor(model: nn.Module) -> int | None:
     state = model.state_dict().values()
     weights = sum(t.numel() * t.element_size() for t in state if isinstance(t, torch.Tensor))
     return None if rss is None else rss - weights
-
-
-def return_freed_memory() -> bool:
-    """Make glibc hand large freed blocks back to the system (returns whether it could).
-
-    glibc's default mmap threshold grows to the size of freed blocks, so after the first
-    step large tensors come from the heap, whose freed space stays resident: a ViT-B/32 step
-    whose live tensors peak at 0.17 GB held 1.1 GB. A fixed 64 KiB threshold (``mallopt``,
-    as ``MALLOC_MMAP_THRESHOLD_=65536`` would) maps every large tensor and unmaps it on free,
-    so resident memory follows live memory, at some cost in step time.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 65536))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def reset_peak_rss() -> bool:

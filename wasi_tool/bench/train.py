@@ -5,11 +5,14 @@ warm-up then timed steps (forward, backward, update), and prints one JSON object
 step time, the peak RSS of its own process (VmHWM, which an exec starts afresh), the library
 floor (resident size with the model loaded, less its weights), the bytes saved for backward per
 step, and the high-water mark of live tensors in one more step (a dispatch-mode meter).
+A run that saves memory (a memory mode or a budget) starts its workers on tcmalloc when it is
+installed (``allocator``, wasi_tool/allocator.py), so their resident memory follows live memory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -17,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from wasi_tool.allocator import check_allocator, worker_env
 from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import get_method
@@ -54,11 +58,17 @@ class TrainBenchConfig(StageConfig, BaselineOptions):
     seed: int = 0
     memory_mode: str = "off"
     memory_budget: str | None = None
+    allocator: str = "auto"  # the workers' allocator (wasi_tool/allocator.py)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
             raise WasiToolError("batch size and steps must be >= 1, warm-up >= 0")
+        check_allocator(self.allocator)
         self.check_baselines()
+
+    @property
+    def saves_memory(self) -> bool:
+        return self.memory_mode != "off" or self.memory_budget is not None
 
     def method_config(self, method: str | None = None) -> FinetuneConfig:
         """The training settings of ``method`` (default: this config's) for these fields."""
@@ -97,6 +107,7 @@ class StepMeasurement:
     live_tensor_peak_bytes: int | None = None
     memory_mode: str = "off"
     memory_plan: dict[str, Any] | None = None
+    allocator: str | None = None  # what the worker ran on (wasi_tool/allocator.py)
     schema: str = SCHEMA
 
 
@@ -164,13 +175,13 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     same ``train_step``, on a synthetic batch of the model's input."""
     import torch
 
+    from wasi_tool.allocator import follow_live_memory, in_use
     from wasi_tool.bench.runner import percentile
     from wasi_tool.measure import (
         LiveTensorMeter,
         SavedBytesMeter,
         library_floor,
         peak_rss_bytes,
-        return_freed_memory,
     )
     from wasi_tool.methods import SubspaceSGD
     from wasi_tool.methods.calibrate import map_inputs
@@ -180,8 +191,8 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     from wasi_tool.training.plan import parse_size, plan_memory
     from wasi_tool.training.prepare import prepare_for_training
 
-    if config.memory_budget is not None:
-        return_freed_memory()  # resident memory follows live memory: what the plan predicts
+    # resident memory follows live memory (what the plan predicts) when the run saves memory
+    allocator = follow_live_memory() if config.saves_memory else in_use()
     torch.manual_seed(config.seed)
     src = ModelSource(
         checkpoint=Path(config.checkpoint) if config.checkpoint else None,
@@ -247,6 +258,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
         live_tensor_peak_bytes=live.peak,
         memory_mode=plan.chosen.memory_mode if plan else config.memory_mode,
         memory_plan={**plan.to_dict(), "measured_peak_bytes": peak} if plan else None,
+        allocator=allocator,
     )
 
 
@@ -265,6 +277,7 @@ def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> TrainBen
         raise WasiToolError("no method to benchmark")
     for m in methods:
         config.method_config(m)  # bad settings fail here, before any process starts
+    env, _ = worker_env(config.allocator, config.saves_memory)
     results: dict[str, StepMeasurement] = {}
     for m in dict.fromkeys(methods):
         payload = json.dumps({**config.to_dict(), "method": m})
@@ -274,6 +287,7 @@ def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> TrainBen
             text=True,
             check=False,
             timeout=3600,
+            env={**os.environ, **env},
         )
         lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0 or not lines:

@@ -82,6 +82,13 @@ def bench(
     memory_budget: Annotated[
         str | None, typer.Option(help="--train: whole-process peak to fit, e.g. 1.2GB.")
     ] = None,
+    allocator: Annotated[
+        str,
+        typer.Option(
+            help="--train: the workers' allocator: auto (tcmalloc when saving memory and "
+            "installed) | system | tcmalloc | jemalloc."
+        ),
+    ] = default(TrainBenchConfig, "allocator"),
     arch: common.Arch = None,
     num_classes: common.NumClasses = None,
     img_size: common.ImgSize = None,
@@ -96,7 +103,7 @@ def bench(
         if train is not None or random_init:
             result = _train(
                 train, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
-                num_classes, img_size, random_init, memory_mode, memory_budget,
+                num_classes, img_size, random_init, memory_mode, memory_budget, allocator,
             )  # fmt: skip
         else:
             if model is None:
@@ -128,7 +135,7 @@ def _train(
     train: Path | None, vs: str | None, method: str, steps: int, batch_size: int | None,
     warmup: int | None, targets: str | None, act_ranks: str | None, arch: str | None,
     num_classes: int | None, img_size: int | None, random_init: bool, memory_mode: str,
-    memory_budget: str | None,
+    memory_budget: str | None, allocator: str,
 ) -> TrainBenchResult:  # fmt: skip
     try:
         ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None
@@ -150,6 +157,7 @@ def _train(
         warmup=_T.warmup if warmup is None else warmup,
         memory_mode=memory_mode,
         memory_budget=memory_budget,
+        allocator=allocator,
     )
     with console.status("timing training steps (a fresh process per method)..."):
         result = run_train_bench(config, vs)
@@ -217,7 +225,8 @@ def render_train(result: TrainBenchResult) -> None:
             console.print(
                 f"{name}: library floor {human_bytes(m.floor_rss_bytes)}, peak above it "
                 f"{human_bytes(m.peak_rss_bytes - m.floor_rss_bytes)}, live tensors of a step "
-                f"{human_bytes(m.live_tensor_peak_bytes or 0)} (memory mode {m.memory_mode})"
+                f"{human_bytes(m.live_tensor_peak_bytes or 0)} (memory mode {m.memory_mode}, "
+                f"allocator {m.allocator or 'unknown'})"
             )
         if m.memory_plan is not None:
             plan = m.memory_plan

@@ -206,6 +206,8 @@ def render(result: FinetuneResult) -> None:
     table.add_row("peak RSS (process)", human_bytes(measured.peak_rss_bytes))
     if measured.floor_rss_bytes is not None:
         table.add_row("library floor (model, data loaded)", human_bytes(measured.floor_rss_bytes))
+    if measured.allocator is not None:
+        table.add_row("allocator", measured.allocator)
     if m.memory_plan is not None:
         plan = m.memory_plan
         table.add_row("memory mode (planned)", plan["memory_mode"])

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from wasi_tool import artifacts
+from wasi_tool.allocator import follow_live_memory, in_use
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
-from wasi_tool.measure import library_floor, return_freed_memory
+from wasi_tool.measure import library_floor
 from wasi_tool.methods import finalize_, get_method
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.stages.common import layer_records, write_stage_artifact
@@ -93,8 +94,9 @@ def run_finetune(
     ckpt_dir = checkpoint.checkpoint_dir(out)
     _check_outputs(out, ckpt_dir, overwrite, resume)
 
-    if config.memory_budget is not None:
-        return_freed_memory()  # resident memory follows live memory: what the plan predicts
+    # resident memory follows live memory (what the plan predicts) when the run saves memory
+    saves_memory = config.memory_mode != "off" or config.memory_budget is not None
+    allocator = follow_live_memory() if saves_memory else in_use()
     torch.manual_seed(config.seed)
     loaded = load_model(source)
     model = loaded.model
@@ -162,7 +164,7 @@ def run_finetune(
         act_ranks={n: list(r) for n, r in prepared.act_ranks.items()},
         act_calibration=prepared.calibration,
         epochs=trainer.history,
-        measured=trainer.measured(floor),
+        measured=trainer.measured(floor, allocator),
         analytic={
             "note": LAYERS_NOTE,
             "layers": layer_accounting(

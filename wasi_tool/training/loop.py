@@ -325,7 +325,9 @@ class Trainer:
         self.history.append(record)
         self.progress.end_epoch(record)
 
-    def measured(self, floor_rss_bytes: int | None = None) -> Measured:
+    def measured(
+        self, floor_rss_bytes: int | None = None, allocator: str | None = None
+    ) -> Measured:
         times = self.step_times[1:] or self.step_times  # the first step includes warm-up
         median = statistics.median(times) if times else float("nan")
         return Measured(
@@ -338,6 +340,7 @@ class Trainer:
                 statistics.median(self.saved_targets) if self.saved_targets else None,
             ),
             floor_rss_bytes=floor_rss_bytes,
+            allocator=allocator,
         )
 
 

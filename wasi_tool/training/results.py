@@ -53,6 +53,7 @@ class Measured:
     saved_bytes_per_step: SavedBytes
     peak_rss_note: str = RSS_NOTE
     floor_rss_bytes: int | None = None  # resident with the model loaded, less its weights
+    allocator: str | None = None  # what the process ran on (wasi_tool/allocator.py)
 
 
 @dataclass

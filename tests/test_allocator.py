@@ -1,0 +1,67 @@
+"""The allocator a training process runs on (wasi_tool/allocator.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from wasi_tool.allocator import find_library, follow_live_memory, in_use, worker_env
+from wasi_tool.bench.train import TrainBenchConfig
+from wasi_tool.errors import WasiToolError
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux allocators")
+
+
+@linux
+def test_auto_preloads_an_installed_allocator_only_when_saving_memory(tmp_path, monkeypatch):
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    monkeypatch.setenv("WASI_TOOL_ALLOCATOR_PATH", str(tmp_path))
+    monkeypatch.setenv("LD_PRELOAD", "/x/libother.so")
+    env, name = worker_env("auto", memory_saving=True)
+    assert name == "tcmalloc"
+    assert env["LD_PRELOAD"] == f"{lib} /x/libother.so"  # the user's own preload is kept
+    assert env["TCMALLOC_AGGRESSIVE_DECOMMIT"] == "true"
+    assert worker_env("auto", memory_saving=False) == ({}, "system")
+    assert worker_env("system", memory_saving=True) == ({}, "system")
+
+
+def test_a_named_allocator_that_is_missing_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("wasi_tool.allocator._DIRS", ())
+    monkeypatch.setenv("WASI_TOOL_ALLOCATOR_PATH", str(tmp_path))
+    assert find_library("jemalloc") is None
+    with pytest.raises(WasiToolError, match="apt install libjemalloc2"):
+        worker_env("jemalloc", memory_saving=True)
+    assert worker_env("auto", memory_saving=True) == ({}, "system")
+    with pytest.raises(WasiToolError, match="allocator must be one of"):
+        TrainBenchConfig(arch="vit_tiny_patch16_224", random_init=True, allocator="mimalloc")
+
+
+@linux
+def test_the_worker_environment_really_runs_on_the_allocator():
+    env, name = worker_env("tcmalloc" if find_library("tcmalloc") else "system", True)
+    code = (
+        "import json; from wasi_tool.allocator import in_use, follow_live_memory;"
+        "print(json.dumps([in_use(), follow_live_memory()]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    used, followed = json.loads(out.stdout)
+    if name == "tcmalloc":
+        assert used == followed == "tcmalloc"
+    else:  # glibc: the mmap threshold is fixed instead
+        assert used == "glibc"
+        assert followed == "glibc, 64 KiB mmap threshold"
+
+
+def test_this_process_reports_its_allocator():
+    assert in_use() in {"glibc", "tcmalloc", "jemalloc", "system"}

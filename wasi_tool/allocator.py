@@ -1,0 +1,119 @@
+"""Which memory allocator a training process runs on, so resident memory follows live memory.
+
+A training step frees and reallocates the same large tensors every step. glibc's default
+mmap threshold grows to the size of freed blocks, so after the first step large tensors come
+from the heap, whose freed space stays resident: a ViT-B/32 step whose live tensors peak at
+0.17 GB held 1.1 GB above its floor (benchmarks/e2e_step.py, BENCHMARKS.md).
+
+Two ways out, measured on that step (wasi, all 72 linears, memory mode ``block``):
+
+- tcmalloc (gperftools) loaded with ``LD_PRELOAD`` and ``TCMALLOC_AGGRESSIVE_DECOMMIT``:
+  0.59 GB above the floor at the same step time. It must be loaded before the process starts,
+  so the training bench starts its workers with it; ``finetune`` runs on it when the user
+  starts wasi-tool with it (README: "Memory").
+- In a process already running on glibc, a fixed 64 KiB mmap threshold (``mallopt``) maps
+  every large tensor and unmaps it on free: 0.62 GB above the floor, but each new tensor's
+  pages fault in again, and the step was 1.4x slower.
+
+Intel's PyTorch CPU tuning guide recommends the same preload of tcmalloc or jemalloc for speed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+from wasi_tool.errors import WasiToolError
+
+ALLOCATORS = ("auto", "system", "tcmalloc", "jemalloc")
+
+_LIBRARIES = {
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
+    "jemalloc": ("libjemalloc.so.2",),
+}
+_PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}
+_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib/arm-linux-gnueabihf",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
+# Each allocator's setting that hands freed pages back to the system promptly.
+_SETTINGS = {
+    "tcmalloc": {"TCMALLOC_AGGRESSIVE_DECOMMIT": "true"},
+    "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"},
+}
+
+
+def check_allocator(choice: str) -> None:
+    if choice not in ALLOCATORS:
+        raise WasiToolError(f"allocator must be one of {', '.join(ALLOCATORS)}, got {choice!r}")
+
+
+def find_library(name: str) -> Path | None:
+    """The shared library of allocator ``name`` ("tcmalloc" or "jemalloc"), if installed."""
+    if not sys.platform.startswith("linux"):
+        return None
+    dirs = [*os.environ.get("WASI_TOOL_ALLOCATOR_PATH", "").split(os.pathsep), *_DIRS]
+    for directory in filter(None, dirs):
+        for lib in _LIBRARIES[name]:
+            path = Path(directory) / lib
+            if path.is_file():
+                return path
+    return None
+
+
+def in_use() -> str:
+    """The allocator this process runs on: "tcmalloc", "jemalloc", or "glibc" ("system" off
+    Linux), read from the libraries mapped into it."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    for name, libs in _LIBRARIES.items():
+        if any(lib.split(".so")[0] in maps for lib in libs):
+            return name
+    return "glibc"
+
+
+def worker_env(choice: str, memory_saving: bool) -> tuple[dict[str, str], str]:
+    """Environment variables that start a worker process on allocator ``choice``, and the
+    allocator it names.
+
+    "auto" picks tcmalloc (else jemalloc) when the run saves memory (a memory mode or a budget)
+    and one is installed, and the system allocator otherwise; a named allocator that is not
+    installed is an error.
+    """
+    check_allocator(choice)
+    if choice == "system" or (choice == "auto" and not memory_saving):
+        return {}, "system"
+    names = ("tcmalloc", "jemalloc") if choice == "auto" else (choice,)
+    for name in names:
+        lib = find_library(name)
+        if lib is not None:
+            preload = " ".join(filter(None, [str(lib), os.environ.get("LD_PRELOAD", "")]))
+            return {"LD_PRELOAD": preload, **_SETTINGS[name]}, name
+    if choice == "auto":
+        return {}, "system"
+    raise WasiToolError(
+        f"allocator {choice} is not installed (on Debian or Raspberry Pi OS: "
+        f"apt install {_PACKAGES[choice]})"
+    )
+
+
+def follow_live_memory() -> str:
+    """Make resident memory follow live memory in this process, as far as its allocator
+    allows; returns what it runs on ("tcmalloc", "jemalloc", "glibc, 64 KiB mmap threshold",
+    or the allocator unchanged)."""
+    name = in_use()
+    if name != "glibc":
+        return name
+    try:
+        fixed = bool(ctypes.CDLL("libc.so.6").mallopt(-3, 65536))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        fixed = False
+    return "glibc, 64 KiB mmap threshold" if fixed else "glibc"
