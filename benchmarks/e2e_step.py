@@ -14,6 +14,8 @@ ranks (B/4, N/4, 32). Methods and their models:
     bsr+wasi           all 72 factored; bsr with WASI on the linears of its trained blocks
     lora               dense, frozen; peft LoRA r=8 on all 72 block linears + head
     ... + block/mlp/attn   the same with --memory-mode: recompute that region in backward
+                           (workers on tcmalloc when installed: wasi_tool/allocator.py)
+    vanilla (tcmalloc), wasi (all) + block (glibc)   the allocator apart
 
 Per run: the median step, the worker's own peak RSS (VmHWM), the library floor (resident with
 the model loaded, less its weights), the bytes saved for backward per step, and the live-tensor
@@ -58,7 +60,13 @@ RUNS: dict[str, tuple[str, str, str, str]] = {
     "wasi (all) + attn": ("all", "wasi", "all", "attn"),
     "bsr+wasi + block": ("all", "bsr+wasi", "all", "block"),
     "lora + block": ("dense", "lora", "all", "block"),
+    # the allocator apart: vanilla on tcmalloc too, and the memory mode on glibc (fixed mmap
+    # threshold) for a machine without tcmalloc
+    "vanilla (tcmalloc)": ("dense", "vanilla", "all", "off"),
+    "wasi (all) + block (glibc)": ("all", "wasi", "all", "block"),
 }
+# runs whose workers' allocator is not "auto" (tcmalloc with a memory mode, else the system's)
+ALLOCATOR = {"vanilla (tcmalloc)": "tcmalloc", "wasi (all) + block (glibc)": "system"}
 
 
 def main() -> None:
@@ -93,6 +101,7 @@ def main() -> None:
                 steps=args.steps,
                 warmup=args.warmup,
                 memory_mode=memory_mode,
+                allocator=ALLOCATOR.get(name, "auto"),
             )
             result = asdict(run_train_bench(cfg).methods[method])
             rows[name] = result
@@ -118,6 +127,7 @@ def main() -> None:
             "floor_gb": r["floor_rss_bytes"] / 1e9,
             "above_floor_gb": (r["peak_rss_bytes"] - r["floor_rss_bytes"]) / 1e9,
             "live_tensor_peak_gb": r["live_tensor_peak_bytes"] / 1e9,
+            "allocator": r.get("allocator"),
         }
         if base_row is not None:
             row["speedup_vs_vanilla"] = base_row["median_step_seconds"] / r["median_step_seconds"]
@@ -129,9 +139,9 @@ def main() -> None:
         table.append(row)
     print(
         "\n| run | step (ms) | vs vanilla | peak RSS (GB) | above floor (GB) | vs vanilla "
-        "| saved/step (MB) | vs vanilla | in targets (MB) | live-tensor peak (GB) |"
+        "| saved/step (MB) | vs vanilla | in targets (MB) | live-tensor peak (GB) | allocator |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     nan = float("nan")
     for row in table:
         print(
@@ -139,7 +149,8 @@ def main() -> None:
             f"{row.get('speedup_vs_vanilla', nan):.2f}x | {row['peak_rss_gb']:.2f} | "
             f"{row['above_floor_gb']:.2f} | {row.get('above_floor_ratio_vs_vanilla', nan):.2f}x | "
             f"{row['saved_mb']:.1f} | {row.get('saved_ratio_vs_vanilla', nan):.1f}x | "
-            f"{row['saved_targets_mb']:.1f} | {row['live_tensor_peak_gb']:.2f} |"
+            f"{row['saved_targets_mb']:.1f} | {row['live_tensor_peak_gb']:.2f} | "
+            f"{row['allocator']} |"
         )
     targets: dict[str, Any] = {}
     # issue 15: wasi (all) + the exact memory mode against vanilla, in the same run
