@@ -42,6 +42,9 @@ METHODS: dict[str, list[str]] = {
     "bsr": ["--method", "bsr"],
     "bsr+wasi": ["--method", "bsr+wasi", "--eps", "0.8"],
     "lora": ["--method", "lora", "--lora-rank", "8", "--lora-alpha", "16"],
+    # lossy storage (off by default): norm and GELU inputs kept in bfloat16 for backward
+    "vanilla, lossy bf16": ["--method", "vanilla", "--lossy", "bf16"],
+    "wasi eps 0.8, lossy bf16": ["--method", "wasi", "--eps", "0.8", "--lossy", "bf16"],
 }
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from wasi_tool.allocator import find_library, follow_live_memory, in_use, worker_env
+from wasi_tool.allocator import find_library, in_use, worker_env
 from wasi_tool.bench.train import TrainBenchConfig
 from wasi_tool.errors import WasiToolError
 

@@ -55,3 +55,35 @@ def test_budget_plans_and_records_prediction(tmp_path: Path) -> None:
     assert saved[-1] < saved[0]  # block recompute keeps the least
     assert plan["measured_peak_bytes"] == metrics.measured.peak_rss_bytes
     assert 0.5 < plan["measured_over_predicted"] < 1.5
+
+
+def test_allowed_lossy_storage_is_tried_after_each_exact_mode(
+    tiny_model, images, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from wasi_tool.nn.lossy import stored_lossily
+    from wasi_tool.nn.recompute import recomputed
+    from wasi_tool.training import plan as planner
+    from wasi_tool.training.prepare import prepare_for_training
+
+    monkeypatch.setattr(planner, "peak_rss_bytes", lambda: 0)  # the step alone decides
+    model = tiny_model()
+    cfg = FinetuneConfig(
+        method="wasi", act_ranks=[4, 3, 16], targets="mlp", lossy="bf16", memory_budget="1000GB"
+    )
+    prepare_for_training(model, cfg, lambda t: ({n: (4, 3, 16) for n in t}, None))
+    assert not stored_lossily(model)  # with a budget, the plan decides
+    x, y = images(16), torch.arange(16) % 10
+    plan = planner.plan_memory(model, x, y, 10**12, floor=0, lossy="bf16")
+    labels = [c.label for c in plan.candidates]
+    assert labels == ["off", "off + bf16", "attn", "attn + bf16", "mlp", "mlp + bf16", "block"]
+    by = {c.label: c for c in plan.candidates}
+    assert by["off + bf16"].saved_activations < by["off"].saved_activations
+    assert plan.chosen.label == "off" and not stored_lossily(model)
+    # a budget between the two: exact off does not fit, off + bf16 does
+    budget = (by["off"].peak + by["off + bf16"].peak) / 2 / (1 - planner.MARGIN)
+    plan = planner.plan_memory(model, x, y, int(budget), floor=0, lossy="bf16")
+    assert plan.chosen.label == "off + bf16"
+    assert stored_lossily(model) and not recomputed(model)
+    assert plan.to_dict()["lossy"] == "bf16"

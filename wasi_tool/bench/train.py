@@ -58,6 +58,7 @@ class TrainBenchConfig(StageConfig, BaselineOptions):
     seed: int = 0
     memory_mode: str = "off"
     memory_budget: str | None = None
+    lossy: str = "off"
     allocator: str = "auto"  # the workers' allocator (wasi_tool/allocator.py)
 
     def __post_init__(self) -> None:
@@ -68,7 +69,7 @@ class TrainBenchConfig(StageConfig, BaselineOptions):
 
     @property
     def saves_memory(self) -> bool:
-        return self.memory_mode != "off" or self.memory_budget is not None
+        return self.memory_mode != "off" or self.memory_budget is not None or self.lossy != "off"
 
     def method_config(self, method: str | None = None) -> FinetuneConfig:
         """The training settings of ``method`` (default: this config's) for these fields."""
@@ -80,6 +81,7 @@ class TrainBenchConfig(StageConfig, BaselineOptions):
             seed=self.seed,
             memory_mode=self.memory_mode,
             memory_budget=self.memory_budget,
+            lossy=self.lossy,
             **self.baseline_options(),
         )
 
@@ -224,7 +226,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     if config.memory_budget is not None:
         budget = parse_size(config.memory_budget)
         # the floor as training starts: resident after preparation, less the weights
-        plan = plan_memory(model, x, y, budget, floor=library_floor(model) or 0)
+        plan = plan_memory(model, x, y, budget, floor=library_floor(model) or 0, lossy=config.lossy)
     model.train()
     opt = SubspaceSGD(model, lr=0.01, weight_decay=1e-4, clip=2.0)
     meter = SavedBytesMeter(model, targets)
@@ -256,7 +258,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
         threads=torch.get_num_threads(),
         floor_rss_bytes=floor,
         live_tensor_peak_bytes=live.peak,
-        memory_mode=plan.chosen.memory_mode if plan else config.memory_mode,
+        memory_mode=plan.chosen.label if plan else config.memory_mode,
         memory_plan={**plan.to_dict(), "measured_peak_bytes": peak} if plan else None,
         allocator=allocator,
     )

@@ -82,6 +82,9 @@ def bench(
     memory_budget: Annotated[
         str | None, typer.Option(help="--train: whole-process peak to fit, e.g. 1.2GB.")
     ] = None,
+    lossy: Annotated[
+        str, typer.Option(help="--train: lossy storage for backward: off | bf16.")
+    ] = default(TrainBenchConfig, "lossy"),
     allocator: Annotated[
         str,
         typer.Option(
@@ -103,7 +106,8 @@ def bench(
         if train is not None or random_init:
             result = _train(
                 train, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
-                num_classes, img_size, random_init, memory_mode, memory_budget, allocator,
+                num_classes, img_size, random_init, memory_mode, memory_budget, lossy,
+                allocator,
             )  # fmt: skip
         else:
             if model is None:
@@ -135,7 +139,7 @@ def _train(
     train: Path | None, vs: str | None, method: str, steps: int, batch_size: int | None,
     warmup: int | None, targets: str | None, act_ranks: str | None, arch: str | None,
     num_classes: int | None, img_size: int | None, random_init: bool, memory_mode: str,
-    memory_budget: str | None, allocator: str,
+    memory_budget: str | None, lossy: str, allocator: str,
 ) -> TrainBenchResult:  # fmt: skip
     try:
         ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None
@@ -157,6 +161,7 @@ def _train(
         warmup=_T.warmup if warmup is None else warmup,
         memory_mode=memory_mode,
         memory_budget=memory_budget,
+        lossy=lossy,
         allocator=allocator,
     )
     with console.status("timing training steps (a fresh process per method)..."):

@@ -128,6 +128,13 @@ def finetune(
             help="Whole-process peak to fit, e.g. 1.2GB: plans the memory mode, or refuses."
         ),
     ] = default(F, "memory_budget"),
+    lossy: Annotated[
+        str,
+        typer.Option(
+            help="Lossy storage for backward: off (exact) | bf16 (norm and GELU inputs in "
+            "bfloat16; with --memory-budget: allowed to the plan)."
+        ),
+    ] = default(F, "lossy"),
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run from <out>.ckpt/.")
     ] = False,
@@ -166,6 +173,7 @@ def finetune(
             new_head=new_head,
             memory_mode=memory_mode,
             memory_budget=memory_budget,
+            lossy=lossy,
         )
         source = common.model_source(
             checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
@@ -210,7 +218,10 @@ def render(result: FinetuneResult) -> None:
         table.add_row("allocator", measured.allocator)
     if m.memory_plan is not None:
         plan = m.memory_plan
-        table.add_row("memory mode (planned)", plan["memory_mode"])
+        planned = plan["memory_mode"]
+        if plan.get("lossy", "off") != "off":
+            planned += f" + {plan['lossy']}"
+        table.add_row("memory mode (planned)", planned)
         table.add_row(
             f"predicted peak (budget {human_bytes(plan['budget_bytes'])})",
             human_bytes(plan["predicted_peak_bytes"]),

@@ -18,6 +18,7 @@ from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.nn.factored import FactoredLinear
+from wasi_tool.nn.lossy import undo_lossy_
 from wasi_tool.nn.recompute import undo_recompute_
 from wasi_tool.nn.subspace import to_plain_
 from wasi_tool.nn.swap import set_submodule
@@ -143,4 +144,5 @@ def finalize_(model: nn.Module, method: str | Method | None = None) -> None:
     if method is not None:
         (get_method(method) if isinstance(method, str) else method).finalize_(model)
     undo_recompute_(model)
+    undo_lossy_(model)
     to_plain_(model)

@@ -20,7 +20,7 @@ from wasi_tool.allocator import follow_live_memory, in_use
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
-from wasi_tool.measure import library_floor
+from wasi_tool.measure import library_floor, reset_peak_rss
 from wasi_tool.methods import finalize_, get_method
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.stages.common import layer_records, write_stage_artifact
@@ -94,8 +94,11 @@ def run_finetune(
     ckpt_dir = checkpoint.checkpoint_dir(out)
     _check_outputs(out, ckpt_dir, overwrite, resume)
 
+    reset_peak_rss()  # this stage's own peak, when a `run` process ran stages before it
     # resident memory follows live memory (what the plan predicts) when the run saves memory
-    saves_memory = config.memory_mode != "off" or config.memory_budget is not None
+    saves_memory = (
+        config.memory_mode != "off" or config.memory_budget is not None or config.lossy != "off"
+    )
     allocator = follow_live_memory() if saves_memory else in_use()
     torch.manual_seed(config.seed)
     loaded = load_model(source)
@@ -129,6 +132,7 @@ def run_finetune(
             parse_size(config.memory_budget),
             floor=library_floor(model) or 0,  # resident as training starts, less the weights
             momentum=config.momentum,
+            lossy=config.lossy,
         )
         progress.note(plan_table(plan))
     trainer = Trainer(

@@ -10,6 +10,7 @@ from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import get_method
 from wasi_tool.methods.options import BaselineOptions
+from wasi_tool.nn.lossy import LOSSY
 from wasi_tool.ops import DEFAULT_EPS, check_eps
 from wasi_tool.ops.tucker import ASI_ORDERS
 from wasi_tool.ops.wsi import UPDATE_FORMS
@@ -50,6 +51,9 @@ class FinetuneConfig(StageConfig, BaselineOptions):
         memory_budget: the whole process's peak, e.g. "1.2GB": a plan predicts each part
             and picks the least recompute that fits (memory_mode must then be "off"), or
             refuses naming the minimum.
+        lossy: "off" (default: every saved tensor exact) or "bf16": the norms' and GELUs'
+            saved inputs outside recompute regions are kept in bfloat16 (nn/lossy.py); with
+            a budget, "bf16" allows the plan to use it.
     """
 
     stage: ClassVar[str] = "finetune"
@@ -76,6 +80,7 @@ class FinetuneConfig(StageConfig, BaselineOptions):
     new_head: bool = False
     memory_mode: str = "off"
     memory_budget: str | None = None
+    lossy: str = "off"
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
@@ -132,5 +137,12 @@ class FinetuneConfig(StageConfig, BaselineOptions):
             parse_size(self.memory_budget)
             if self.memory_mode != "off":
                 raise WasiToolError("give memory_budget or memory_mode, not both")
+        if self.lossy not in LOSSY:
+            raise WasiToolError(f"lossy must be one of {', '.join(LOSSY)}, got {self.lossy!r}")
+        if self.lossy != "off" and self.memory_mode == "block":
+            raise WasiToolError(
+                "lossy storage with memory_mode block: a recomputed block stores nothing to "
+                "keep lossily (use mlp or attn, or a memory budget)"
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise WasiToolError(f"val_fraction must be in (0, 1), got {self.val_fraction}")

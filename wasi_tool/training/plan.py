@@ -11,7 +11,9 @@ B/4 (forward and backward, no update; every layer's state restored) and extrapol
 to the run's batch B: activations are linear in the batch, weights and gradients are not. The plan
 then takes the least recompute (off, attn, mlp, block) whose prediction fits 95% of the budget
 (the prediction has been within a few percent; the margin keeps the measured peak under); when
-none fits, a WasiToolError names the minimum and its largest parts.
+none fits, a WasiToolError names the minimum and its largest parts. When the user allows lossy
+storage (``lossy="bf16"``), each mode but block is also tried with it, right after the same mode
+exact: the user who allows it prefers a faster step to an exact one.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from torch import nn
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter, peak_rss_bytes
 from wasi_tool.models.family import family_of
-from wasi_tool.nn.recompute import recompute_, undo_recompute_
+from wasi_tool.nn.lossy import lossy_modules, store_lossy_, undo_lossy_
+from wasi_tool.nn.recompute import recompute_, recomputed, undo_recompute_
 from wasi_tool.nn.subspace import SubspaceLayer, WASILinear
 
 MODES = ("off", "attn", "mlp", "block")  # least recompute first
@@ -66,6 +69,11 @@ class Prediction:
     transient: int
     load_peak: int  # what the process already reached while loading and preparing
     saved_per_block: dict[str, int] = field(default_factory=dict)
+    lossy: str = "off"
+
+    @property
+    def label(self) -> str:
+        return self.memory_mode if self.lossy == "off" else f"{self.memory_mode} + {self.lossy}"
 
     @property
     def peak(self) -> int:
@@ -108,6 +116,7 @@ class MemoryPlan:
             "budget_bytes": self.budget,
             "batch_size": self.batch_size,
             "memory_mode": self.chosen.memory_mode,
+            "lossy": self.chosen.lossy,
             "predicted_peak_bytes": self.chosen.peak,
             "measured_peak_bytes": self.measured_peak,
             "chosen": self.chosen.to_dict(),
@@ -166,11 +175,13 @@ def plan_memory(
     floor: int,
     momentum: float = 0.0,
     modes: tuple[str, ...] = MODES,
+    lossy: str = "off",
 ) -> MemoryPlan:
     """Choose the least recompute that fits ``budget`` for a step on batch ``x``, ``y``.
 
     ``model`` is the prepared training model (memory mode off); it leaves with the chosen
-    regions recomputing, its parameters, gradients and layer states as they were.
+    regions recomputing (and, if ``lossy`` allows it and the plan takes it, lossy storage),
+    its parameters, gradients and layer states as they were.
     """
     batch = int(x.shape[0])
     if batch < 2:
@@ -187,15 +198,17 @@ def plan_memory(
     was_training = model.training
     model.train()
     candidates = []
+    options = [
+        (mode, kind)
+        for mode in modes
+        for kind in dict.fromkeys(("off", lossy))
+        if kind == "off" or mode != "block"  # a recomputed block stores nothing lossily
+    ]
     try:
-        for mode in modes:
-            undo_recompute_(model)
-            if mode != "off":
-                regions = family.regions(model, mode)
-                if not regions:
-                    continue
-                for name in regions:
-                    recompute_(model.get_submodule(name))
+        for mode, kind in options:
+            _apply(model, family, blocks, mode, kind)
+            if mode != "off" and not recomputed(model):
+                continue  # this model has no such regions
             probes = []
             for b in sizes:
                 model.zero_grad(set_to_none=True)
@@ -219,6 +232,7 @@ def plan_memory(
                     transient,
                     peak_rss_bytes(),
                     per_block,
+                    kind,
                 )
             )
     finally:
@@ -228,7 +242,7 @@ def plan_memory(
                 m.sink.clear()
         for name, state in states.items():
             model.get_submodule(name).set_extra_state(state)
-        undo_recompute_(model)
+        _apply(model, family, blocks, "off", "off")
         model.train(was_training)
     fitting = [c for c in candidates if c.peak <= budget * (1 - MARGIN)]
     if not fitting:
@@ -238,18 +252,28 @@ def plan_memory(
         raise WasiToolError(
             f"memory budget {budget / GB:.2f} GB cannot be met (plans fit 95% of it): the least "
             f"this run can reach is "
-            f"{best.peak / GB:.2f} GB (memory mode {best.memory_mode}; largest parts: {parts})"
+            f"{best.peak / GB:.2f} GB (memory mode {best.label}; largest parts: {parts})"
         )
     chosen = fitting[0]
-    if chosen.memory_mode != "off":
-        for name in family.regions(model, chosen.memory_mode):
-            recompute_(model.get_submodule(name))
+    _apply(model, family, blocks, chosen.memory_mode, chosen.lossy)
     return MemoryPlan(budget, chosen, candidates, batch)
+
+
+def _apply(model: nn.Module, family: Any, blocks: list[str], mode: str, lossy: str) -> None:
+    """Make ``model`` recompute the ``mode`` regions and store lossily as ``lossy`` says,
+    and nothing else."""
+    undo_recompute_(model)
+    undo_lossy_(model)
+    if mode != "off":
+        for name in family.regions(model, mode):
+            recompute_(model.get_submodule(name))
+    if lossy != "off":
+        store_lossy_(model, lossy_modules(model, blocks), lossy)
 
 
 def plan_table(plan: MemoryPlan) -> str:
     """The plan as a plain-text table: each candidate's predicted parts and peak."""
-    modes = [c.memory_mode for c in plan.candidates]
+    modes = [c.label for c in plan.candidates]
     rows = [("component", *modes)]
     for part in plan.chosen.parts():
         rows.append((part, *(f"{c.parts()[part] / 1e6:.0f} MB" for c in plan.candidates)))
@@ -259,6 +283,6 @@ def plan_table(plan: MemoryPlan) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     head = (
         f"memory plan for a {plan.budget / 1e9:.2f} GB budget at batch {plan.batch_size}: "
-        f"memory mode {plan.chosen.memory_mode} (predicted peak {plan.chosen.peak / 1e9:.2f} GB)"
+        f"memory mode {plan.chosen.label} (predicted peak {plan.chosen.peak / 1e9:.2f} GB)"
     )
     return "\n".join([head, *lines])

@@ -17,6 +17,7 @@ from wasi_tool.methods.calibrate import capture, ranks_under_budget, streamed_ra
 from wasi_tool.models.family import family_of
 from wasi_tool.models.targets import select_targets
 from wasi_tool.nn.factored import FactoredLinear
+from wasi_tool.nn.lossy import lossy_modules, store_lossy_
 from wasi_tool.nn.recompute import recompute_
 from wasi_tool.training.config import FinetuneConfig
 from wasi_tool.transforms.compress import CompressConfig, compress_
@@ -91,6 +92,11 @@ def prepare_for_training(
         for name in regions:
             recompute_(model.get_submodule(name))
         note(f"memory mode {config.memory_mode}: {len(regions)} regions recompute in backward")
+    if config.lossy != "off" and config.memory_budget is None:  # a budget's plan decides
+        family = family_of(model)
+        names = lossy_modules(model, family.blocks(model))
+        store_lossy_(model, names, config.lossy)
+        note(f"lossy storage {config.lossy}: {len(names)} norms and GELUs")
     return Prepared(targets, ranks, calibration, plan, report)
 
 
