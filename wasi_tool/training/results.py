@@ -19,8 +19,9 @@ SAVED_NOTE = (
     "(saved_tensors_hooks)"
 )
 RSS_NOTE = (
-    "whole process, its own address space (VmHWM): loading, data, training and evaluation; "
-    "floor_rss_bytes: resident size with the model loaded, less its weights"
+    "whole process, its own address space (VmHWM, restarted when the stage starts, so in a "
+    "`run` earlier stages count only with what they left resident): loading, data, training "
+    "and evaluation; floor_rss_bytes: resident size with the model loaded, less its weights"
 )
 
 
