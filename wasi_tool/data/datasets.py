@@ -125,7 +125,8 @@ class BatchTransform:
             x = F.interpolate(
                 x, size=new, mode=self.interpolation, align_corners=False, antialias=True
             )
-        top, left = (new[0] - self.size) // 2, (new[1] - self.size) // 2
+        # torchvision's center crop: offsets rounded to nearest
+        top, left = (int(round((n - self.size) / 2.0)) for n in new)
         if top < 0 or left < 0:
             raise WasiToolError(f"cannot crop {self.size} px from images resized to {new}")
         return x[..., top : top + self.size, left : left + self.size]

@@ -144,6 +144,8 @@ def _build_swin(name: str, given: dict[str, Any]) -> nn.Module:
     for mod in model.modules():
         if type(mod) is ShiftedWindowAttention:
             mod.__class__ = _window_class()  # same state, qkv/proj called as modules
+        elif type(mod) is SwinTransformerBlock:
+            mod.__class__ = _block_class()  # same state, the MLP sees (B, H*W, C) tokens
     return model
 
 
@@ -296,10 +298,36 @@ def _window_attention_class() -> type:
     return _WindowAttention
 
 
-def __getattr__(name: str) -> Any:  # WindowAttention is made on first use (lazy torchvision)
+def _swin_block_class() -> type:
+    from torchvision.models.swin_transformer import SwinTransformerBlock
+
+    class _SwinBlock(SwinTransformerBlock):
+        """torchvision's SwinTransformerBlock with its MLP applied to (B, H*W, C) tokens, as
+        timm's Swin does (the same values: the MLP acts on the last axis), so that activations
+        of every targeted linear are (batch, tokens, channels)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.stochastic_depth(self.attn(self.norm1(x)))
+            b, h, w, c = x.shape
+            y = self.mlp(self.norm2(x).reshape(b, h * w, c)).reshape(b, h, w, c)
+            return x + self.stochastic_depth(y)
+
+    _SwinBlock.__name__ = _SwinBlock.__qualname__ = "SwinBlock"
+    _SwinBlock.__module__ = __name__
+    return _SwinBlock
+
+
+def __getattr__(name: str) -> Any:  # the classes are made on first use (lazy torchvision)
     if name == "WindowAttention":
         return _window_class()
+    if name == "SwinBlock":
+        return _block_class()
     raise AttributeError(name)
+
+
+@cache
+def _block_class() -> type:
+    return _swin_block_class()
 
 
 @cache

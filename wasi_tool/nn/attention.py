@@ -109,10 +109,14 @@ class SelfAttention(nn.Module):
 
 
 def _to_mha_names(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
-    if type(module.get_submodule("in_proj")) is nn.Linear:
-        for ours, theirs in _MHA_NAMES:
-            if prefix + ours in state:
-                state[prefix + theirs] = state.pop(prefix + ours)
+    if type(module.get_submodule("in_proj")) is not nn.Linear:
+        return
+    names = {prefix + ours: prefix + theirs for ours, theirs in _MHA_NAMES}
+    # this module's entries are the last ones; rename them in place, in MHA's order
+    mine = [k for k in state if k.startswith(prefix)]
+    items = [(k, state.pop(k)) for k in mine]
+    items.sort(key=lambda kv: kv[0] not in names)  # stable: in_proj first, as MHA has it
+    state.update((names.get(k, k), v) for k, v in items)
 
 
 def _from_mha_names(state: dict[str, Any], prefix: str, *args: Any) -> None:
