@@ -126,7 +126,7 @@ class BatchTransform:
                 x, size=new, mode=self.interpolation, align_corners=False, antialias=True
             )
         # torchvision's center crop: offsets rounded to nearest
-        top, left = (int(round((n - self.size) / 2.0)) for n in new)
+        top, left = (round((n - self.size) / 2.0) for n in new)
         if top < 0 or left < 0:
             raise WasiToolError(f"cannot crop {self.size} px from images resized to {new}")
         return x[..., top : top + self.size, left : left + self.size]
