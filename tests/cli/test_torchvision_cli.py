@@ -22,7 +22,6 @@ import torchvision
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from wasi_tool import artifacts
 from wasi_tool.cli.app import app
 from wasi_tool.models import ModelSource, load_model
 
@@ -85,7 +84,8 @@ name = "tv"
 [[stages]]
 name = "full"
 kind = "compress"
-source = {{ checkpoint = "{ckpt}", arch = "torchvision:{name}", img_size = {size}, model_kwargs = {kwargs} }}
+source = {{ checkpoint = "{ckpt}", arch = "torchvision:{name}", img_size = {size}, \
+    model_kwargs = {kwargs} }}
 targets = "mlp"
 rank_ratio = 1.0
 force = true
