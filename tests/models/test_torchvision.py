@@ -212,6 +212,7 @@ def test_swin_gets_block_selection_only_and_refuses_drop_at() -> None:
         bsr.plan_bsr(swin, drop_at=[3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vit", "swin"])
 def test_memory_mode_recomputes_their_blocks_exactly(tmp_path: Path, kind: str) -> None:
     ref = _ref_vit() if kind == "vit" else _ref_swin()
