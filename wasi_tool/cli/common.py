@@ -51,7 +51,8 @@ Checkpoint = Annotated[
 Arch = Annotated[
     str | None,
     typer.Option(
-        help="timm architecture, e.g. vit_base_patch32_224 (if the checkpoint does not say)."
+        help="timm architecture, e.g. vit_base_patch32_224, or torchvision:vit_b_32 / "
+        "torchvision:swin_t (if the checkpoint does not say)."
     ),
 ]
 NumClasses = Annotated[

@@ -15,4 +15,4 @@ def batch_transform(loaded: Any) -> BatchTransform:
     spec = family_of(loaded.model).input_spec(loaded.model, loaded.model_kwargs)
     if spec.kind == "tokens":
         return TokenBatch(spec.size)
-    return BatchTransform(spec.size, spec.mean, spec.std)
+    return BatchTransform(spec.size, spec.mean, spec.std, spec.resize, spec.interpolation)

@@ -83,27 +83,63 @@ class DataSplits:
 
 
 class BatchTransform:
-    """uint8 (B, H, W, C) -> float (B, 3, S, S): to [0, 1], resize (bilinear), normalise."""
+    """uint8 (B, H, W, C) -> float (B, 3, S, S): to [0, 1], resize (bilinear), normalise.
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    With ``resize`` (torchvision's ImageNet eval transform): the shorter side is resized to
+    ``resize`` (``interpolation``, antialiased), then the center ``size`` x ``size`` is cropped.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        resize: int | None = None,
+        interpolation: str = "bilinear",
+    ) -> None:
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.resize, self.interpolation = resize, interpolation
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
+        if self.resize is not None:
+            return (self._resize_crop(x) - self.mean) / self.std
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 
+    def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.resize is not None
+        h, w = x.shape[-2:]
+        short = min(h, w)
+        new = (
+            (self.resize, self.resize * w // h)
+            if h == short
+            else (self.resize * h // w, self.resize)
+        )
+        if (h, w) != new:
+            x = F.interpolate(
+                x, size=new, mode=self.interpolation, align_corners=False, antialias=True
+            )
+        # torchvision's center crop: offsets rounded to nearest
+        top, left = (round((n - self.size) / 2.0) for n in new)
+        if top < 0 or left < 0:
+            raise WasiToolError(f"cannot crop {self.size} px from images resized to {new}")
+        return x[..., top : top + self.size, left : left + self.size]
+
     def config(self) -> dict[str, Any]:
-        return {
+        cfg: dict[str, Any] = {
             "size": self.size,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
         }
+        if self.resize is not None:
+            cfg.update(resize=self.resize, interpolation=self.interpolation)
+        return cfg
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,8 @@ def find_blocks(model: nn.Module) -> list[str]:
     if not blocks:
         raise WasiToolError(
             f"bsr needs a model with transformer blocks in `blocks` (ViT), `layers.*.blocks` "
-            f"(Swin) or a Hugging Face layer list; {type(model).__name__} has none of them"
+            f"(Swin), torchvision's ViT/Swin or a Hugging Face layer list; "
+            f"{type(model).__name__} has none of them"
         )
     return blocks
 
@@ -105,6 +106,8 @@ def plan_bsr(
     )
     notes = []
     why = supports_token_drop(model, model.get_submodule(blocks[0]))
+    if drops and why is not None and drop_at is not None and keep_rate < 1.0:
+        raise WasiToolError(f"cannot drop tokens (--drop-at) in this model: {why}")
     if drops and why is not None:
         notes.append(f"block selection only, no token dropping: {why}")
         drops = []

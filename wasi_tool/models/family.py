@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models import hf
+from wasi_tool.models import hf, tv
 from wasi_tool.models.registry import classifier_names
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)  # ImageNet, when a model records no normalisation
@@ -26,7 +26,10 @@ DEFAULT_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class InputSpec:
     """What a model takes: ``images`` (B, 3, size, size) normalised by mean/std, or
-    ``tokens`` (B, T) int64 ids (``size`` is then the default random sequence length)."""
+    ``tokens`` (B, T) int64 ids (``size`` is then the default random sequence length).
+    ``resize``: images are first resized (shorter side, ``interpolation``) to it and then
+    center-cropped to ``size`` (torchvision's ImageNet eval transform); None: resized to
+    ``size`` directly."""
 
     kind: str
     size: int
@@ -34,6 +37,8 @@ class InputSpec:
     std: tuple[float, ...] = DEFAULT_STD
     onnx_input: str = "pixel_values"
     dynamic_axes: tuple[str, ...] = ("batch",)
+    resize: int | None = None
+    interpolation: str = "bilinear"
 
 
 class ModelFamily:
@@ -117,7 +122,7 @@ class TimmVision(ModelFamily):
     final_norms = ("norm", "fc_norm", "head.norm")
 
     def matches(self, model: nn.Module) -> bool:
-        return not hf.is_hf(model)
+        return not hf.is_hf(model) and not tv.is_tv(model)
 
     def blocks(self, model: nn.Module) -> list[str]:
         blocks = _module_list(model, "blocks")
@@ -204,7 +209,70 @@ class HFText(ModelFamily):
         return hf.random_token_ids(model, batch, seq_len or spec.size, generator)
 
 
-FAMILIES: list[ModelFamily] = [TimmVision(), HFText()]  # disjoint: each matches its own
+class TorchvisionVision(ModelFamily):
+    """torchvision's ViT (``encoder.layers.encoder_layer_i``) and Swin (``features.s.j``), as
+    models/tv.py builds them (ViT's attention a ``SelfAttention`` with an ``in_proj`` linear,
+    Swin's a ``WindowAttention`` calling its ``qkv``/``proj`` modules)."""
+
+    name = "torchvision"
+    presets: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "mlp": (
+            *("encoder.layers.encoder_layer_*.mlp.0", "encoder.layers.encoder_layer_*.mlp.3"),
+            *("features.*.mlp.0", "features.*.mlp.3"),
+        ),
+        "attn": (
+            "encoder.layers.encoder_layer_*.self_attention.in_proj",
+            "encoder.layers.encoder_layer_*.self_attention.out_proj",
+            *("features.*.attn.qkv", "features.*.attn.proj"),
+        ),
+    }
+    final_norms = ("encoder.ln", "norm")
+    attn_children = ("self_attention", "attn")
+    mlp_children = ("mlp",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return tv.is_tv(model)
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        layers = _module_list(model, "encoder.layers")
+        if layers is not None:  # ViT
+            return [f"encoder.layers.{name}" for name, _ in layers.named_children()]
+        features = _module_list(model, "features")
+        if features is None:
+            return []
+        return [  # Swin: the stages are Sequentials of blocks (patch merging in between)
+            f"features.{i}.{j}"
+            for i, stage in enumerate(features)
+            if isinstance(stage, nn.Sequential) and hasattr(stage[0], "attn")
+            for j in range(len(stage))
+        ]
+
+    def input_spec(self, model: nn.Module, model_kwargs: Mapping[str, Any]) -> InputSpec:
+        """torchvision's ImageNet eval transform of the arch's weights (resize, center crop,
+        mean, std), scaled when the model was built for another size."""
+        arch = getattr(model, "wasi_arch", None)
+        pre = tv.preprocessing(arch) if isinstance(arch, str) else None
+        crop = pre["crop"] if pre else 224
+        size = model_kwargs.get("img_size") or tv.vit_image_size(model) or crop
+        size = int(size)
+        if pre is None:
+            return InputSpec("images", size)
+        resize = round(pre["resize"] * size / crop)
+        return InputSpec(
+            "images",
+            size,
+            pre["mean"],
+            pre["std"],
+            resize=resize,
+            interpolation=pre["interpolation"],
+        )
+
+
+FAMILIES: list[ModelFamily] = [
+    TorchvisionVision(),
+    TimmVision(),
+    HFText(),
+]  # disjoint: each matches its own
 
 
 def family_of(model: nn.Module) -> ModelFamily:

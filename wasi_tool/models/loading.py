@@ -6,6 +6,7 @@ files are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -19,7 +20,7 @@ from torch import nn
 
 from wasi_tool import artifacts
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models import hf
+from wasi_tool.models import hf, tv
 from wasi_tool.models.registry import (
     ARCH_KWARGS,
     arch_of,
@@ -291,6 +292,8 @@ def _from_state_dict(
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k[len("module.") :]: v for k, v in state.items()}
     check_arch(arch)
+    if src.img_size is None and tv.is_tv_arch(arch):  # a ViT fine-tuned at another size
+        src = dataclasses.replace(src, img_size=tv.image_size_of(arch, state))
     num_classes = src.num_classes
     head = default_classifier(arch)
     if num_classes is None and head is not None and f"{head}.weight" in state:

@@ -1,4 +1,5 @@
-"""Building timm architectures by name, offline (never downloads weights)."""
+"""Building architectures by name, offline (never downloads weights): timm names, and
+``torchvision:<name>`` for torchvision's ViT and Swin (models/tv.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.models import tv
 
 # Model constructor arguments wasi-tool records and passes back to timm.create_model.
 MODEL_KWARGS = ("num_classes", "img_size")
@@ -18,10 +20,15 @@ ARCH_KWARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 def check_arch(arch: str) -> None:
     """Raise WasiToolError naming close matches when timm has no architecture ``arch``."""
+    if tv.is_tv_arch(arch):
+        tv.check_arch(arch)
+        return
     import timm
 
     if timm.is_model(arch):
         return
+    if tv.PREFIX + arch in tv.ARCHS:
+        raise WasiToolError(f"unknown timm architecture {arch!r}; did you mean {tv.PREFIX}{arch}?")
     close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
     raise WasiToolError(f"unknown architecture {arch!r}{hint}")
@@ -29,6 +36,8 @@ def check_arch(arch: str) -> None:
 
 def build_model(arch: str, **kwargs: Any) -> nn.Module:
     """A randomly initialised timm model; ``kwargs`` from MODEL_KWARGS, None values dropped."""
+    if tv.is_tv_arch(arch):
+        return tv.build(arch, **kwargs)
     import timm
 
     check_arch(arch)
@@ -45,6 +54,8 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
 
 def default_classifier(arch: str) -> str | None:
     """The classifier's module name in timm's pretrained config of ``arch`` (e.g. ``head``)."""
+    if tv.is_tv_arch(arch):
+        return tv.default_classifier(arch)
     import timm
 
     try:

@@ -16,6 +16,7 @@ from wasi_tool.nn.factored import FactoredLinear
 # Presets over module names, from every model family (models/family.py): mlp, attn, all.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = all_presets()
 _LAST = re.compile(r"^(.*)@last(\d+)$")
+_NUMBERED = re.compile(r"^[A-Za-z]+(_[A-Za-z]+)*_\d+$")  # torchvision's "encoder_layer_3"
 
 LINEAR_TYPES = (nn.Linear, FactoredLinear)
 
@@ -28,10 +29,11 @@ def split_patterns(spec: str | Sequence[str]) -> list[str]:
 
 def block_of(name: str) -> str | None:
     """The block a module belongs to: its name up to the first numeric part
-    (``bert.encoder.layer.3`` for ``bert.encoder.layer.3.output.dense``; ``blocks.11``)."""
+    (``bert.encoder.layer.3`` for ``bert.encoder.layer.3.output.dense``; ``blocks.11``;
+    torchvision's ``encoder.layers.encoder_layer_3``)."""
     parts = name.split(".")
     for k, part in enumerate(parts):
-        if part.isdigit():
+        if part.isdigit() or _NUMBERED.match(part):
             return ".".join(parts[: k + 1])
     return None
 

@@ -1,7 +1,8 @@
-"""Token dropping inside timm ViT blocks (the BSR baseline's EViT-style dropping, method.md
-section 7): after attention and its residual, patch tokens are ranked by the CLS token's
-attention averaged over heads; the top ``ceil(keep_rate * (N - 1))`` stay with CLS, and the
-dropped ones are fused into one token (their attention-weighted average) or discarded.
+"""Token dropping inside timm ViT blocks and torchvision ViT encoder blocks (the BSR
+baseline's EViT-style dropping, method.md section 7): after attention and its residual, patch
+tokens are ranked by the CLS token's attention averaged over heads; the top
+``ceil(keep_rate * (N - 1))`` stay with CLS, and the dropped ones are fused into one token
+(their attention-weighted average) or discarded.
 
 ``TokenDropBlock`` is part of the model: it applies in training, at inference and in the
 exported ONNX graph (TopK + GatherElements); artifacts record it (``token_drop_spec``).
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.nn.attention import SelfAttention
 from wasi_tool.nn.swap import set_submodule
 
 
@@ -30,6 +32,17 @@ def check_keep_rate(keep_rate: float) -> float:
 
 def supports_token_drop(model: nn.Module, block: nn.Module) -> str | None:
     """Why this model's blocks cannot drop tokens, or None when they can."""
+    if _is_windowed(block):
+        return (
+            "windowed attention (Swin) has no CLS token and needs the full token grid; "
+            "Swin supports block selection only"
+        )
+    if _is_tv_encoder_block(block):
+        if getattr(model, "class_token", None) is None:
+            return "the model has no CLS token"
+        if not isinstance(block.self_attention, SelfAttention):
+            return f"its attention is {type(block.self_attention).__name__}, not SelfAttention"
+        return None
     from timm.models.vision_transformer import Attention, Block
 
     if getattr(model, "cls_token", None) is None:
@@ -41,6 +54,18 @@ def supports_token_drop(model: nn.Module, block: nn.Module) -> str | None:
     if type(block.attn) is not Attention:
         return f"its attention is {type(block.attn).__name__}, not timm's Attention"
     return None
+
+
+def _is_windowed(block: nn.Module) -> bool:
+    attn = getattr(block, "attn", None)
+    return hasattr(attn, "window_size") and hasattr(attn, "relative_position_bias_table")
+
+
+def _is_tv_encoder_block(block: nn.Module) -> bool:
+    """torchvision's ViT EncoderBlock (or one already dropping tokens)."""
+    if isinstance(block, TorchvisionTokenDropBlock):
+        return True
+    return all(hasattr(block, c) for c in ("ln_1", "self_attention", "dropout", "ln_2", "mlp"))
 
 
 def attention_with_cls(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +136,18 @@ class TokenDropBlock(nn.Module):
         return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
 
 
+class TorchvisionTokenDropBlock(TokenDropBlock):
+    """A torchvision ViT EncoderBlock (its attention a ``SelfAttention``) that drops tokens
+    after attention + residual, before its MLP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b: Any = self  # the adopted torchvision children
+        out, cls = b.self_attention.forward_with_cls(b.ln_1(x))
+        x = x + b.dropout(out)
+        x = drop_tokens(x, cls, self.keep_rate, self.fuse)
+        return x + b.mlp(b.ln_2(x))
+
+
 def enable_token_drop_(model: nn.Module, spec: Mapping[str, tuple[float, bool]]) -> None:
     """Make the named blocks drop tokens: ``{block name: (keep_rate, fuse)}``."""
     for name, (keep_rate, fuse) in spec.items():
@@ -125,7 +162,8 @@ def enable_token_drop_(model: nn.Module, spec: Mapping[str, tuple[float, bool]])
         if isinstance(block, TokenDropBlock):
             block.keep_rate, block.fuse = float(keep_rate), bool(fuse)
         else:
-            set_submodule(model, name, TokenDropBlock(block, keep_rate, fuse))
+            cls = TorchvisionTokenDropBlock if _is_tv_encoder_block(block) else TokenDropBlock
+            set_submodule(model, name, cls(block, keep_rate, fuse))
 
 
 def token_drop_spec(model: nn.Module) -> dict[str, list[float | bool]]:
