@@ -177,8 +177,24 @@ def load_task_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     classes: Sequence[int] | None = None,
+    seq_len: int | None = None,
 ) -> DataSplits:
-    """Text data for a Hugging Face model, images (``load_data``) for any other model."""
+    """Text data for a Hugging Face model (causal-LM data, wasi_tool.data.lm, for a causal
+    LM), images (``load_data``) for any other model."""
+    from wasi_tool.data import lm
+
+    if hf.is_causal_lm(loaded.model):
+        if is_text_spec(spec) or not lm.is_lm_spec(spec):
+            raise WasiToolError(
+                f"a causal LM trains on {lm.EMOJI_TRANSLATE}, a .txt or a .jsonl file, got {spec}"
+            )
+        if classes:
+            raise WasiToolError("classes do not apply to causal-LM data")
+        tokenizer = hf.load_tokenizer(loaded.tokenizer_dir)
+        return lm.load_lm_data(spec, tokenizer, seq_len, val_fraction, seed)
+    if lm.is_lm_spec(spec):
+        kind = "text classifier" if hf.is_hf(loaded.model) else "vision model"
+        raise WasiToolError(f"{spec} is causal-LM data (--task causal-lm); this is a {kind}")
     if hf.is_hf(loaded.model):
         return load_text_data(spec, loaded.tokenizer_dir, val_fraction, seed, classes)
     if is_text_spec(spec):

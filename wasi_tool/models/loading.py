@@ -47,6 +47,7 @@ class ModelSource:
     random_init: bool = False
     seed: int = 0
     model_kwargs: dict[str, Any] | None = None  # ARCH_KWARGS, e.g. {"patch_size": 4}
+    task: str | None = None  # Hugging Face models: causal-lm or classify (default: by checkpoint)
 
 
 @dataclass
@@ -78,8 +79,11 @@ def load_model(src: ModelSource) -> LoadedModel:
     path = Path(src.checkpoint)
     if not path.exists():
         raise WasiToolError(f"no such file or directory: {path}")
+    hf.check_task(src.task)
     if hf.is_hf_dir(path) or (src.arch == hf.HF_ARCH and hf.is_hf_dir(path.parent)):
         return _from_hf_dir(path if path.is_dir() else path.parent, src)
+    if path.is_file() and hf.is_gguf(path):
+        return _from_gguf(path, src)
     if path.is_dir():
         if not artifacts.is_artifact_dir(path):
             raise WasiToolError(
@@ -97,7 +101,8 @@ def load_model(src: ModelSource) -> LoadedModel:
         return _from_torch_file(path, src)
     raise WasiToolError(
         f"unsupported checkpoint {path.name}: expected .safetensors, "
-        f"{'/'.join(TORCH_SUFFIXES)} or a wasi-tool artifact directory"
+        f"{'/'.join(TORCH_SUFFIXES)}, .gguf, a Hugging Face directory or a wasi-tool artifact "
+        "directory"
     )
 
 
@@ -149,8 +154,19 @@ def _source(path: Path, kind: str) -> dict[str, Any]:
     return {"kind": kind, "path": str(path), "sha256": artifacts.sha256_file(path)}
 
 
+def _from_gguf(path: Path, src: ModelSource) -> LoadedModel:
+    model, tokenizer_dir = hf.load_gguf(path, src.task)
+    return LoadedModel(
+        model,
+        hf.HF_ARCH,
+        hf.model_kwargs(model),
+        _source(path, "gguf"),
+        tokenizer_dir=tokenizer_dir,
+    )
+
+
 def _from_hf_dir(directory: Path, src: ModelSource) -> LoadedModel:
-    model = hf.load_dir(directory, src.num_classes, src.seed)
+    model = hf.load_dir(directory, src.num_classes, src.seed, src.task)
     weights = next(directory / f for f in hf.WEIGHT_FILES if (directory / f).is_file())
     source = {**_source(weights, "hf-dir"), "directory": str(directory)}
     return LoadedModel(model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=directory)
@@ -228,6 +244,8 @@ def _from_wasi_weights(
         return model
 
     model = _load_into(build, tensors, arch)
+    if arch == hf.HF_ARCH:
+        hf.retie_(model)
     source = _source(path, "wasi-tool-weights")
     return LoadedModel(model.eval(), arch, dict(kwargs), source)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
@@ -30,6 +29,7 @@ from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter, peak_rss_bytes
 from wasi_tool.models.family import family_of
 from wasi_tool.nn.recompute import recompute_, undo_recompute_
 from wasi_tool.nn.subspace import SubspaceLayer, WASILinear
+from wasi_tool.training.loss import task_loss
 
 MODES = ("off", "attn", "mlp", "block")  # least recompute first
 MARGIN = 0.05  # a plan fits when its predicted peak is within 95% of the budget
@@ -141,7 +141,7 @@ def _probe(
     try:
         with LiveTensorMeter() as live:
             with meter:
-                loss = F.cross_entropy(model(x), y)
+                loss = task_loss(model(x), y)
             loss.backward()
             del loss
     finally:
