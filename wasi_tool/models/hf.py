@@ -276,6 +276,24 @@ def load_dir(
     return _adopt(model.float(), task)
 
 
+def random_dir(directory: Path, task: str | None, seed: int = 0) -> nn.Module:
+    """A random-init model from the ``config.json`` of ``directory`` alone (no weights read):
+    the published shapes of a model, for memory and time figures that do not depend on the
+    values. transformers' own init, drawn with ``seed``."""
+    config = read_config(directory)
+    task = default_task(config, task)
+    config = _prepare_config(config, None, task)
+    cls = _model_class(config, task)
+    torch.manual_seed(seed)
+    try:
+        model = cls(config)
+    except Exception as exc:
+        raise WasiToolError(
+            f"cannot build {cls.__name__} from {directory / CONFIG}: {exc}"
+        ) from None
+    return _adopt(model.float(), task)
+
+
 def _check_gguf_header(path: Path) -> None:
     try:
         with path.open("rb") as f:
@@ -318,7 +336,13 @@ def load_gguf(path: Path, task: str | None = None) -> tuple[nn.Module, Path]:
         raise WasiToolError(f"cannot load GGUF file {path}: {first}") from None
     tok_dir = Path(tempfile.mkdtemp(prefix="wasi-tool-gguf-tokenizer-"))
     tokenizer.save_pretrained(str(tok_dir))
-    return _adopt(model.float(), CAUSAL_LM), tok_dir
+    for p in model.parameters():  # transformers refuses .float() on a model read from GGUF
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    # what is left of the GGUF reading: the weights are plain float32 tensors now
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return _adopt(model, CAUSAL_LM), tok_dir
 
 
 def build(kwargs: dict[str, Any]) -> nn.Module:

@@ -72,6 +72,8 @@ def load_model(src: ModelSource) -> LoadedModel:
     bad = sorted(set(extra) - set(ARCH_KWARGS)) if isinstance(extra, dict) else ["model_kwargs"]
     if bad:
         raise WasiToolError(f"unsupported model_kwargs {bad}; allowed: {', '.join(ARCH_KWARGS)}")
+    if src.random_init and src.checkpoint is not None and hf.is_hf_dir(Path(src.checkpoint)):
+        return _hf_random_init(Path(src.checkpoint), src)
     if src.random_init:
         return _random_init(src)
     if src.checkpoint is None:
@@ -170,6 +172,18 @@ def _from_hf_dir(directory: Path, src: ModelSource) -> LoadedModel:
     weights = next(directory / f for f in hf.WEIGHT_FILES if (directory / f).is_file())
     source = {**_source(weights, "hf-dir"), "directory": str(directory)}
     return LoadedModel(model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=directory)
+
+
+def _hf_random_init(directory: Path, src: ModelSource) -> LoadedModel:
+    """``--random-init`` with a Hugging Face directory: its config's shapes, random values."""
+    hf.check_task(src.task)
+    model = hf.random_dir(directory, src.task, src.seed)
+    source = {"kind": "random-init", "path": str(directory / hf.CONFIG), "sha256": None}
+    source["seed"] = src.seed
+    tokenizer_dir = directory if hf.tokenizer_files(directory) else None
+    return LoadedModel(
+        model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=tokenizer_dir
+    )
 
 
 def _random_init(src: ModelSource) -> LoadedModel:
