@@ -223,8 +223,9 @@ def check_inputs(
             padded[row, hf.DEFAULT_SEQ_LEN - row - 1 :] = int(pad)  # 1 .. B padding tokens
         sets.append((f"padded ids {check_batch} x {hf.DEFAULT_SEQ_LEN}", padded))
     if data is not None:
-        test = load_text_data(data, loaded.tokenizer_dir).test
-        assert isinstance(test, TokenDataset)
-        n = min(count, len(test))
-        sets.append((f"{n} held-out texts of {data}", test.ids[:n]))
+        test = load_task_data(loaded, data, hf.DEFAULT_SEQ_LEN).test
+        ids = getattr(test, "ids", None)
+        assert isinstance(ids, torch.Tensor)
+        n = min(count, len(ids))
+        sets.append((f"{n} held-out texts of {data}", ids[:n]))
     return sets

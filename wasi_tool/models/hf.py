@@ -21,6 +21,8 @@ set and every load passes ``local_files_only``; remote code is refused.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 from functools import cache
@@ -326,9 +328,11 @@ def load_gguf(path: Path, task: str | None = None) -> tuple[nn.Module, Path]:
         config = tf.AutoConfig.from_pretrained(where, gguf_file=name, local_files_only=True)
         config = _prepare_config(config, None, CAUSAL_LM)
         cls = _model_class(config, CAUSAL_LM)
-        model = cls.from_pretrained(  # type: ignore[attr-defined]
-            where, gguf_file=name, config=config, local_files_only=True, dtype=torch.float32
-        )
+        # transformers' GGUF reader draws its own tqdm bar on stderr: kept off the terminal
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = cls.from_pretrained(  # type: ignore[attr-defined]
+                where, gguf_file=name, config=config, local_files_only=True, dtype=torch.float32
+            )
     except WasiToolError:
         raise
     except Exception as exc:  # truncated tensors, an unsupported architecture, ...
