@@ -194,7 +194,7 @@ def save_weights(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     seen: set[tuple[int, int]] = set()
     for k, v in tensors.items():
         t = v.detach().contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
         # safetensors refuses shared storage (tied embeddings): the second name gets a copy
         plain[k] = t.clone() if key in seen and t.numel() else t
         seen.add(key)

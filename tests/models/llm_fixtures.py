@@ -19,7 +19,7 @@ def make_tokenizer(chat_template: bool = True) -> Any:
     import tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from wasi_tool.data.text import emoji_names
+    from wasi_tool.data.cldr import emoji_names
 
     corpus = [name for row in emoji_names()[:400] for name in row]
     corpus += ["Translate this emoji name from English to German: ", "<|user|>", "<|assistant|>"]

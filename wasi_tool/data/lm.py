@@ -28,12 +28,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wasi_tool.data.cldr import EMOJI_LANGUAGES, emoji_names
 from wasi_tool.data.datasets import DataSplits
 from wasi_tool.errors import WasiToolError
 from wasi_tool.training.loss import IGNORE
@@ -83,6 +84,10 @@ class LMDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ids[idx], self.labels[idx]
+
+
+def _splits(train: LMDataset, test: LMDataset, classes: list[str], what: str) -> DataSplits:
+    return DataSplits(cast(Any, train), cast(Any, test), classes, what)
 
 
 def is_lm_spec(spec: str | Path) -> bool:
@@ -182,7 +187,7 @@ def text_chunks(
         ids[c, : min(seq_len, len(piece))] = torch.tensor(piece[:seq_len])
         labels[c, : len(piece) - 1] = torch.tensor(piece[1:])
     train, test = _split(chunks, val_fraction, seed)
-    return DataSplits(
+    return _splits(
         LMDataset(ids[train], labels[train]),
         LMDataset(ids[test], labels[test]),
         [],
@@ -243,7 +248,7 @@ def jsonl_pairs(
     what = str(path)
     tr = encode_examples(tokenizer, [examples[i] for i in train], seq_len, what)
     te = encode_examples(tokenizer, [examples[i] for i in test], seq_len, what)
-    return DataSplits(
+    return _splits(
         tr,
         te,
         [],
@@ -253,7 +258,8 @@ def jsonl_pairs(
 
 def _translate_spec(spec: str) -> tuple[int, tuple[str, ...]]:
     parts = spec.split(":")
-    count, langs = DEFAULT_EMOJI, DEFAULT_TRANSLATE_LANGS
+    count = DEFAULT_EMOJI
+    langs: tuple[str, ...] = DEFAULT_TRANSLATE_LANGS
     if len(parts) > 3:
         raise WasiToolError(f"{EMOJI_TRANSLATE}[:N[:de,fr]] takes at most two arguments: {spec}")
     if len(parts) > 1 and parts[1]:
@@ -278,8 +284,6 @@ def _translate_spec(spec: str) -> tuple[int, tuple[str, ...]]:
 def emoji_translate(
     spec: str, tokenizer: Any, seq_len: int, val_fraction: float, seed: int
 ) -> DataSplits:
-    from wasi_tool.data.text import EMOJI_LANGUAGES, emoji_names
-
     count, langs = _translate_spec(spec)
     rows = emoji_names()
     count = min(count, len(rows))
@@ -314,7 +318,7 @@ def emoji_translate(
     except Exception as exc:
         raise WasiToolError(f"cannot tokenize {EMOJI_TRANSLATE}: {exc}") from None
     train, test = sets["train"], sets["test"]
-    return DataSplits(
+    return _splits(
         train,
         test,
         [],

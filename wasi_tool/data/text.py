@@ -17,10 +17,8 @@ derives its attention mask from the padding id.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wasi_tool.data.cldr import EMOJI_LANGUAGES, emoji_names
 from wasi_tool.data.datasets import BatchTransform, DataSplits, load_data, select_classes
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import hf
 
 EMOJI_LANG = "emoji-lang"
-EMOJI_LANGUAGES = ("en", "de", "es", "fr", "it", "pt", "id", "tr")
 DEFAULT_EMOJI = 1000
 MAX_TOKENS = 64
 TEXT_DATASETS = (EMOJI_LANG,)
@@ -82,34 +80,6 @@ def _emoji_count(spec: str) -> int:
     if count < 2:
         raise WasiToolError(f"{EMOJI_LANG}:N needs N >= 2, got {count}")
     return count
-
-
-def emoji_names() -> list[list[str]]:
-    """Per emoji (in code point order), its name in each of EMOJI_LANGUAGES, as plain text."""
-    try:
-        codes = resources.files("emoji") / "unicode_codes"
-        tables: dict[str, dict[str, Any]] = {}
-        for lang in EMOJI_LANGUAGES:
-            name = "emoji.json" if lang == "en" else f"emoji_{lang}.json"
-            tables[lang] = json.loads((codes / name).read_text(encoding="utf-8"))
-    except ModuleNotFoundError:
-        raise WasiToolError(
-            f"the {EMOJI_LANG} dataset needs the PyPI package 'emoji' (pip install emoji)"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise WasiToolError(f"cannot read the emoji package's name tables: {exc}") from None
-
-    def plain(name: Any) -> str:
-        if isinstance(name, dict):
-            name = name.get("en", "")
-        return str(name).strip(":").replace("_", " ")
-
-    rows = []
-    for char in sorted(tables["en"]):
-        names = [plain(tables[lang].get(char, "")) for lang in EMOJI_LANGUAGES]
-        if all(names):
-            rows.append(names)
-    return rows
 
 
 def emoji_lang(spec: str, tokenizer: Any, val_fraction: float = 0.1, seed: int = 0) -> DataSplits:

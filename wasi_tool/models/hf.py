@@ -150,7 +150,7 @@ class _CausalLMMixin(_LogitsMixin):
     what ``generate`` passes) returns the transformers output object unchanged.
     """
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> Any:
         if kwargs:

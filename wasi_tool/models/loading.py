@@ -178,7 +178,8 @@ def _hf_random_init(directory: Path, src: ModelSource) -> LoadedModel:
     """``--random-init`` with a Hugging Face directory: its config's shapes, random values."""
     hf.check_task(src.task)
     model = hf.random_dir(directory, src.task, src.seed)
-    source = {"kind": "random-init", "path": str(directory / hf.CONFIG), "sha256": None}
+    path = str(directory / hf.CONFIG)
+    source: dict[str, Any] = {"kind": "random-init", "path": path, "sha256": None}
     source["seed"] = src.seed
     tokenizer_dir = directory if hf.tokenizer_files(directory) else None
     return LoadedModel(

@@ -70,7 +70,7 @@ def evaluate_lm(
     if n:
         result.exact_match = hits / n
         result.exact_match_count = n
-    elif samples and len(test_set):  # text chunks: continue the first held-out chunk
+    elif samples and len(test_set):  # type: ignore[arg-type]  # text chunks: continue the first held-out chunk
         ids, _ = test_set[0]
         head = ids[: max(1, len(ids) // 2)].tolist()
         new = hf.generate(model, head, SAMPLE_TOKENS)
