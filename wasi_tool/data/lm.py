@@ -16,7 +16,8 @@ Three sources, tokenized with the model's own tokenizer:
 
 A prompt is rendered with the chat template as a user message (when the tokenizer has one),
 and the response ends with the end-of-sequence token. Each example is (ids, labels), both
-(T,): ids right-padded to one length for the whole dataset; ``labels[t]`` is the token that
+(T,): ids right-padded to one length for the whole dataset (``seq_len`` when given, else the
+longest example, at most 128 tokens); ``labels[t]`` is the token that
 follows position t when that token belongs to the response (or, for text, to the chunk), else
 -100, so padding and the prompt take no part in the loss.
 """
@@ -128,10 +129,11 @@ def _pad(tokenizer: Any) -> int:
 
 
 def encode_examples(
-    tokenizer: Any, examples: Sequence[Example], seq_len: int, what: str
+    tokenizer: Any, examples: Sequence[Example], seq_len: int, what: str, fixed: bool = False
 ) -> LMDataset:
     """Tokenize prompt/response pairs (see the module doc); examples longer than ``seq_len``
-    are cut, and those whose response is cut away entirely are dropped."""
+    are cut, and those whose response is cut away entirely are dropped. Padded to the longest
+    example, or to exactly ``seq_len`` when ``fixed``."""
     eos, pad = _eos(tokenizer), _pad(tokenizer)
     rows, prompts, answers = [], [], []
     for ex in examples:
@@ -145,7 +147,7 @@ def encode_examples(
         answers.append(ex.response)
     if not rows:
         raise WasiToolError(f"{what}: no example fits in {seq_len} tokens with its response")
-    length = min(seq_len, max(len(full) - 1 for full, _ in rows))
+    length = seq_len if fixed else min(seq_len, max(len(full) - 1 for full, _ in rows))
     ids = torch.full((len(rows), length), pad, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
     for i, (full, start) in enumerate(rows):
@@ -241,13 +243,13 @@ def _jsonl_examples(path: Path, tokenizer: Any) -> list[Example]:
 
 
 def jsonl_pairs(
-    path: Path, tokenizer: Any, seq_len: int, val_fraction: float, seed: int
+    path: Path, tokenizer: Any, seq_len: int, val_fraction: float, seed: int, fixed: bool = False
 ) -> DataSplits:
     examples = _jsonl_examples(path, tokenizer)
     train, test = _split(len(examples), val_fraction, seed)
     what = str(path)
-    tr = encode_examples(tokenizer, [examples[i] for i in train], seq_len, what)
-    te = encode_examples(tokenizer, [examples[i] for i in test], seq_len, what)
+    tr = encode_examples(tokenizer, [examples[i] for i in train], seq_len, what, fixed)
+    te = encode_examples(tokenizer, [examples[i] for i in test], seq_len, what, fixed)
     return _splits(
         tr,
         te,
@@ -282,7 +284,7 @@ def _translate_spec(spec: str) -> tuple[int, tuple[str, ...]]:
 
 
 def emoji_translate(
-    spec: str, tokenizer: Any, seq_len: int, val_fraction: float, seed: int
+    spec: str, tokenizer: Any, seq_len: int, val_fraction: float, seed: int, fixed: bool = False
 ) -> DataSplits:
     count, langs = _translate_spec(spec)
     rows = emoji_names()
@@ -310,7 +312,7 @@ def emoji_translate(
 
     try:
         sets = {
-            side: encode_examples(tokenizer, examples(idx), seq_len, EMOJI_TRANSLATE)
+            side: encode_examples(tokenizer, examples(idx), seq_len, EMOJI_TRANSLATE, fixed)
             for side, idx in sides.items()
         }
     except WasiToolError:
@@ -335,13 +337,15 @@ def load_lm_data(
     val_fraction: float = 0.1,
     seed: int = 0,
 ) -> DataSplits:
-    """Causal-LM data named by ``spec`` (see the module doc)."""
+    """Causal-LM data named by ``spec`` (see the module doc). Prompt/response examples are
+    padded to exactly ``seq_len`` when it is given, else to the longest (at most 128)."""
+    fixed = seq_len is not None
     seq_len = seq_len or DEFAULT_SEQ_LEN
     if seq_len < 2:
         raise WasiToolError(f"seq_len must be >= 2, got {seq_len}")
     text = str(spec)
     if text.split(":", 1)[0] == EMOJI_TRANSLATE:
-        return emoji_translate(text, tokenizer, seq_len, val_fraction, seed)
+        return emoji_translate(text, tokenizer, seq_len, val_fraction, seed, fixed)
     path = Path(text)
     if not path.is_file():
         raise WasiToolError(
@@ -350,5 +354,5 @@ def load_lm_data(
     if path.suffix == ".txt":
         return text_chunks(path, tokenizer, seq_len, val_fraction, seed)
     if path.suffix == ".jsonl":
-        return jsonl_pairs(path, tokenizer, seq_len, val_fraction, seed)
+        return jsonl_pairs(path, tokenizer, seq_len, val_fraction, seed, fixed)
     raise WasiToolError(f"causal-LM data must be .txt or .jsonl, got {path.name}")
