@@ -87,7 +87,13 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"failed: {' '.join(cmd)}")
 
 
-def smollm2(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def save(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Write what is measured so far (a long run keeps its finished rows)."""
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def smollm2(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> dict[str, Any]:
     gguf = smollm2_gguf()
     common = [
         *("--data", args.data, "--batch-size", "8", "--seq-len", str(args.seq_len)),
@@ -95,7 +101,7 @@ def smollm2(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         *("--lr-min", str(args.lr / 10), "--eps", str(args.eps)),
         *("--eval-examples", str(args.eval_examples), "--seed", "0"),
     ]
-    rows: dict[str, Any] = {}
+    rows: dict[str, Any] = result.setdefault("smollm2", {})
     for name, extra in variants(args.last).items():
         if args.only and name not in args.only:
             continue
@@ -129,10 +135,11 @@ def smollm2(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "data": m["data"],
         }
         print(json.dumps({name: rows[name]}, indent=1), flush=True)
+        save(args, result)
     base = rows.get("vanilla")
     if base:
         gain = base["perplexity_before"] - base["perplexity_after"]
-        for name, r in rows.items():
+        for r in rows.values():
             r["perplexity_gain"] = r["perplexity_before"] - r["perplexity_after"]
             r["gain_vs_vanilla"] = r["perplexity_gain"] / gain if gain else None
             r["peak_above_floor_ratio_vs_vanilla"] = (
@@ -145,11 +152,11 @@ def smollm2(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return rows
 
 
-def tinyllama(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def tinyllama(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> dict[str, Any]:
     cfg_dir = work / "tinyllama-config"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     (cfg_dir / "config.json").write_text(json.dumps(TINYLLAMA, indent=1))
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = result.setdefault("tinyllama", {})
     runs = {"off": "vanilla,lora,wasi", "block": "wasi"}
     for mode, methods in runs.items():
         result = work / f"tinyllama-{mode}.json"
@@ -182,6 +189,7 @@ def tinyllama(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 )
             }
             out[key]["peak_above_floor_bytes"] = m["peak_rss_bytes"] - (m["floor_rss_bytes"] or 0)
+        save(args, result)
     base = out.get("vanilla")
     if base:
         for r in out.values():
@@ -191,6 +199,31 @@ def tinyllama(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             r["peak_above_floor_ratio_vs_vanilla"] = (
                 base["peak_above_floor_bytes"] / r["peak_above_floor_bytes"]
             )
+    return out
+
+
+def onnx_latency(work: Path, dense: str, factored: str) -> dict[str, Any]:
+    """Export two fine-tuned SmolLM2 artifacts (dense and factored) to ONNX, checked against
+    torch by the export, and time them in one onnxruntime bench (batch 1, 128 tokens)."""
+    out: dict[str, Any] = {}
+    paths = {}
+    for role, name in (("dense", dense), ("factored", factored)):
+        art = work / name
+        exp = work / f"onnx-{role}"
+        run([sys.executable, "-m", "wasi_tool", "export", str(art), "--onnx", "--out", str(exp),
+             "--overwrite"])  # fmt: skip
+        report = json.loads((exp / "report.json").read_text())
+        out[role] = {"artifact": name, "checks": report.get("checks")}
+        paths[role] = exp / "model.onnx"
+    result = work / "onnx-bench.json"
+    run(
+        [
+            *(sys.executable, "-m", "wasi_tool", "bench", str(paths["factored"])),
+            *("--vs", str(paths["dense"]), "--seq-len", "128", "--batch-size", "1"),
+            *("--json", str(result)),
+        ]
+    )
+    out["bench"] = json.loads(result.read_text())
     return out
 
 
@@ -208,6 +241,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="SmolLM2 variants to run (default: all)")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-tinyllama", action="store_true")
+    ap.add_argument("--onnx", action="store_true", help="dense vs factored ONNX latency")
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="wasi-llm-bench-"))
@@ -223,15 +257,21 @@ def main() -> None:
     }
     previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
     if not args.skip_smollm2:
-        result["smollm2"] = smollm2(args, work)
+        if args.only and "smollm2" in previous:  # keep the other variants' rows
+            result["smollm2"] = previous["smollm2"]
+        smollm2(args, work, result)
     elif "smollm2" in previous:
         result["smollm2"] = previous["smollm2"]
+    if args.onnx:
+        result["onnx"] = onnx_latency(work, "vanilla", "wasi_mlp_all")
+        save(args, result)
+    elif "onnx" in previous:
+        result["onnx"] = previous["onnx"]
     if not args.skip_tinyllama:
-        result["tinyllama"] = tinyllama(args, work)
+        tinyllama(args, work, result)
     elif "tinyllama" in previous:
         result["tinyllama"] = previous["tinyllama"]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    save(args, result)
     print(f"wrote {args.json}")
 
 

@@ -184,6 +184,9 @@ def test_every_method_trains_a_causal_lm(lm_dir: Path, method: str) -> None:
     y = torch.cat([x[:, 1:], torch.full((2, 1), IGNORE)], 1)
     first = train_step(model, opt, x, y).loss
     assert torch.isfinite(torch.tensor(first)) and prepared.targets
+    if method == "lora":  # adapters only: the pretrained vocabulary head stays frozen
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
 
 
 def test_memory_mode_block_equals_off_on_a_causal_lm(lm_dir: Path) -> None:
