@@ -68,14 +68,14 @@ def smollm2_gguf() -> Path:
 
 def variants(last: int) -> dict[str, list[str]]:
     paper = f"mlp@last{last}"
-    return {
+    return {  # in order of importance (a reduced run may stop early)
         "vanilla": ["--method", "vanilla", "--targets", paper],
-        "lora": ["--method", "lora", "--targets", paper, "--lora-rank", "8", "--lora-alpha", "16"],
         f"wasi {paper}": ["--method", "wasi", "--targets", paper],
-        "wasi mlp (all)": ["--method", "wasi", "--targets", "mlp"],
         f"wasi {paper} + block": [
             *("--method", "wasi", "--targets", paper, "--memory-mode", "block"),
         ],
+        "lora": ["--method", "lora", "--targets", paper, "--lora-rank", "8", "--lora-alpha", "16"],
+        "wasi mlp (all)": ["--method", "wasi", "--targets", "mlp"],
     }
 
 
@@ -157,7 +157,11 @@ def tinyllama(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> d
     cfg_dir.mkdir(parents=True, exist_ok=True)
     (cfg_dir / "config.json").write_text(json.dumps(TINYLLAMA, indent=1))
     out: dict[str, Any] = result.setdefault("tinyllama", {})
-    runs = {"off": "vanilla,lora,wasi", "block": "wasi"}
+    runs = (
+        {"off": args.tiny_methods, "block": "wasi"}
+        if args.tiny_block
+        else {"off": args.tiny_methods}
+    )
     for mode, methods in runs.items():
         result = work / f"tinyllama-{mode}.json"
         run(
@@ -238,6 +242,8 @@ def main() -> None:
     ap.add_argument("--last", type=int, default=4, help="the paper's setting: mlp@lastN")
     ap.add_argument("--eval-examples", type=int, default=30)
     ap.add_argument("--tiny-steps", type=int, default=1)
+    ap.add_argument("--tiny-methods", default="vanilla,lora,wasi")
+    ap.add_argument("--tiny-block", action="store_true", help="also wasi + block at TinyLlama")
     ap.add_argument("--only", nargs="*", help="SmolLM2 variants to run (default: all)")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--skip-tinyllama", action="store_true")
