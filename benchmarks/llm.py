@@ -93,6 +93,23 @@ def save(args: argparse.Namespace, result: dict[str, Any]) -> None:
     args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
+def add_ratios(rows: dict[str, Any]) -> None:
+    """Each SmolLM2 row against vanilla's, measured in the same run."""
+    base = rows.get("vanilla")
+    if base:
+        gain = base["perplexity_before"] - base["perplexity_after"]
+        for r in rows.values():
+            r["perplexity_gain"] = r["perplexity_before"] - r["perplexity_after"]
+            r["gain_vs_vanilla"] = r["perplexity_gain"] / gain if gain else None
+            r["peak_above_floor_ratio_vs_vanilla"] = (
+                base["peak_above_floor_bytes"] / r["peak_above_floor_bytes"]
+            )
+            r["target_saved_ratio_vs_vanilla"] = base["saved_bytes_targets"] / max(
+                1, r["saved_bytes_targets"]
+            )
+            r["step_speedup_vs_vanilla"] = base["median_step_seconds"] / r["median_step_seconds"]
+
+
 def smollm2(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> dict[str, Any]:
     gguf = smollm2_gguf()
     common = [
@@ -136,19 +153,8 @@ def smollm2(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> dic
         }
         print(json.dumps({name: rows[name]}, indent=1), flush=True)
         save(args, result)
-    base = rows.get("vanilla")
-    if base:
-        gain = base["perplexity_before"] - base["perplexity_after"]
-        for r in rows.values():
-            r["perplexity_gain"] = r["perplexity_before"] - r["perplexity_after"]
-            r["gain_vs_vanilla"] = r["perplexity_gain"] / gain if gain else None
-            r["peak_above_floor_ratio_vs_vanilla"] = (
-                base["peak_above_floor_bytes"] / r["peak_above_floor_bytes"]
-            )
-            r["target_saved_ratio_vs_vanilla"] = base["saved_bytes_targets"] / max(
-                1, r["saved_bytes_targets"]
-            )
-            r["step_speedup_vs_vanilla"] = base["median_step_seconds"] / r["median_step_seconds"]
+    add_ratios(rows)
+    save(args, result)
     return rows
 
 
@@ -231,6 +237,59 @@ def onnx_latency(work: Path, dense: str, factored: str) -> dict[str, Any]:
     return out
 
 
+def gb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f}"
+
+
+def mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The BENCHMARKS.md tables of a result JSON."""
+    lines = []
+    rows = result.get("smollm2", {})
+    add_ratios(rows)
+    if rows:
+        lines += [
+            "| run | ppl before -> after | gain vs vanilla | exact match before -> after | "
+            "step (s) | peak RSS (GB) | above floor (GB) | vs vanilla | saved / step (MB) | "
+            "in targets (MB) | vs vanilla |",
+            "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in rows.items():
+            gain = r.get("gain_vs_vanilla")
+            em_n = r["exact_match_count"]
+            lines.append(
+                f"| {name} | {r['perplexity_before']:.2f} -> {r['perplexity_after']:.2f} | "
+                f"{'-' if gain is None else f'{gain:.2f}'} | "
+                f"{r['exact_match_before']:.3f} -> {r['exact_match_after']:.3f} (of {em_n}) | "
+                f"{r['median_step_seconds']:.1f} | {gb(r['peak_rss_bytes'])} | "
+                f"{gb(r['peak_above_floor_bytes'])} | "
+                f"{r.get('peak_above_floor_ratio_vs_vanilla', 1.0):.2f}x | "
+                f"{mb(r['saved_bytes_total'])} | {mb(r['saved_bytes_targets'])} | "
+                f"{r.get('target_saved_ratio_vs_vanilla', 1.0):.1f}x |"
+            )
+    tiny = result.get("tinyllama", {})
+    if tiny:
+        lines += [
+            "",
+            "| TinyLlama-1.1B shapes | step (s) | peak RSS (GB) | above floor (GB) | vs vanilla | "
+            "live-tensor peak (GB) | saved / step (MB) | in targets (MB) | vs vanilla |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in tiny.items():
+            lines.append(
+                f"| {name} | {r['median_step_seconds']:.1f} | {gb(r['peak_rss_bytes'])} | "
+                f"{gb(r['peak_above_floor_bytes'])} | "
+                f"{r.get('peak_above_floor_ratio_vs_vanilla', 1.0):.2f}x | "
+                f"{gb(r['live_tensor_peak_bytes'])} | {mb(r['saved_bytes_total'])} | "
+                f"{mb(r['saved_bytes_targets'])} | "
+                f"{r.get('target_saved_ratio_vs_vanilla', 1.0):.1f}x |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/llm.json"))
@@ -249,7 +308,11 @@ def main() -> None:
     ap.add_argument("--skip-tinyllama", action="store_true")
     ap.add_argument("--onnx", action="store_true", help="dense vs factored ONNX latency")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--markdown", action="store_true", help="print the tables of --json")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.json.read_text())))
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="wasi-llm-bench-"))
     result: dict[str, Any] = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
