@@ -190,7 +190,14 @@ def save_weights(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     metadata = {
         k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()
     }
-    plain = {k: v.detach().contiguous() for k, v in tensors.items()}
+    plain: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous()
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
+        # safetensors refuses shared storage (tied embeddings): the second name gets a copy
+        plain[k] = t.clone() if key in seen and t.numel() else t
+        seen.add(key)
     save_file(plain, str(path), metadata=metadata)
 
 

@@ -187,9 +187,11 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     )
     from wasi_tool.methods import SubspaceSGD
     from wasi_tool.methods.calibrate import map_inputs
+    from wasi_tool.models import hf
     from wasi_tool.models.family import family_of
     from wasi_tool.models.loading import ModelSource, load_model
     from wasi_tool.training.loop import train_step
+    from wasi_tool.training.loss import IGNORE
     from wasi_tool.training.plan import parse_size, plan_memory
     from wasi_tool.training.prepare import prepare_for_training
 
@@ -211,7 +213,10 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     family = family_of(model)
     spec = family.input_spec(model, loaded.model_kwargs)
     x = family.example_input(model, spec, config.batch_size, config.seq_len)
-    y = torch.randint(0, classes, (config.batch_size,))
+    if hf.is_causal_lm(model):  # next-token labels: the input shifted by one
+        y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)
+    else:
+        y = torch.randint(0, classes, (config.batch_size,))
 
     def default_ranks(targets: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
         if config.act_ranks:

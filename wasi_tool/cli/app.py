@@ -11,6 +11,7 @@ from wasi_tool.cli.bench import bench
 from wasi_tool.cli.compress import compress
 from wasi_tool.cli.export import export
 from wasi_tool.cli.finetune import finetune
+from wasi_tool.cli.generate import generate
 from wasi_tool.cli.run import run
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.command()(finetune)
 app.command()(export)
 app.command()(bench)
 app.command()(run)
+app.command()(generate)
 
 
 def _version(value: bool) -> None:

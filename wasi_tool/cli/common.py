@@ -44,7 +44,8 @@ def user_errors() -> Iterator[None]:
 Checkpoint = Annotated[
     Path | None,
     typer.Argument(
-        help="Checkpoint: .safetensors, .pt/.pth state dict, or a wasi-tool artifact directory.",
+        help="Checkpoint: .safetensors, .pt/.pth state dict, a Hugging Face directory, a .gguf "
+        "file, or a wasi-tool artifact directory.",
         show_default=False,
     ),
 ]
@@ -68,6 +69,13 @@ TrustPickle = Annotated[
 RandomInit = Annotated[
     bool, typer.Option(help="No checkpoint: a randomly initialised --arch (for trying the tool).")
 ]
+Task = Annotated[
+    str | None,
+    typer.Option(
+        help="Hugging Face models: causal-lm (next-token) | classify (default: causal-lm for a "
+        "*ForCausalLM directory or a .gguf file, else classify)."
+    ),
+]
 SeedInit = Annotated[
     int, typer.Option("--seed-init", help="Seed of --random-init (the weights it draws).")
 ]
@@ -81,8 +89,10 @@ def model_source(
     trust_pickle: bool,
     random_init: bool,
     seed: int,
+    task: str | None = None,
 ) -> ModelSource:
     return ModelSource(
+        task=task,
         checkpoint=checkpoint,
         arch=arch,
         num_classes=num_classes,

@@ -36,7 +36,8 @@ def finetune(
         str,
         typer.Option(
             help="digits (built in), a .npz with x_train/y_train/x_test/y_test, a CIFAR batch "
-            "folder, or an image-folder tree root/<class>/*.jpg."
+            "folder, or an image-folder tree root/<class>/*.jpg; text: emoji-lang (classify), "
+            "emoji-translate[:N[:de,fr]], a .txt or a .jsonl (causal-lm)."
         ),
     ] = "digits",
     method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")] = default(
@@ -48,6 +49,13 @@ def finetune(
     trust_pickle: common.TrustPickle = False,
     random_init: common.RandomInit = False,
     seed_init: common.SeedInit = 0,
+    task: common.Task = None,
+    seq_len: Annotated[
+        int | None, typer.Option(help="causal-lm: tokens per .txt chunk / example (128).")
+    ] = default(F, "seq_len"),
+    eval_examples: Annotated[
+        int, typer.Option(help="causal-lm: held-out prompts scored by exact match.")
+    ] = default(F, "eval_examples"),
     targets: Annotated[
         str | None,
         typer.Option(help="Layers the method acts on (default: the factored layers, else mlp)."),
@@ -163,6 +171,8 @@ def finetune(
             val_fraction=val_fraction,
             classes=_ints(classes, "--classes"),
             max_steps=max_steps,
+            seq_len=seq_len,
+            eval_examples=eval_examples,
             bsr_blocks=_ints(bsr_blocks, "--bsr-blocks"),
             drop_at=_ints(drop_at, "--drop-at"),
             keep_rate=keep_rate,
@@ -176,7 +186,7 @@ def finetune(
             lossy=lossy,
         )
         source = common.model_source(
-            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
+            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init, task
         )
         try:
             with RichProgress() as progress:
@@ -200,7 +210,18 @@ def render(result: FinetuneResult) -> None:
     table.add_column("figure")
     table.add_column("value", justify="right")
     accuracy = m.final.test_accuracy if m.final else float("nan")
-    table.add_row("test accuracy", f"{accuracy:.4f}")
+    if m.lm is not None:
+        before, after = m.lm["before"], m.lm["after"]
+        table.add_row(
+            "held-out perplexity", f"{before['perplexity']:.3f} -> {after['perplexity']:.3f}"
+        )
+        if after["exact_match"] is not None:
+            table.add_row(
+                f"exact match ({after['exact_match_count']} held out)",
+                f"{before['exact_match']:.3f} -> {after['exact_match']:.3f}",
+            )
+    else:
+        table.add_row("test accuracy", f"{accuracy:.4f}")
     table.add_row("targets", f"{len(m.targets)} layers")
     model = m.analytic["model"]
     table.add_row("trainable parameters", f"{model['trainable_parameters']:,}")
@@ -227,6 +248,14 @@ def render(result: FinetuneResult) -> None:
             human_bytes(plan["predicted_peak_bytes"]),
         )
     console.print(table)
+    if m.lm is not None and m.lm["after"]["samples"]:
+        sample = m.lm["after"]["samples"][0]
+        console.print(
+            f"sample: {sample['prompt']!r} -> {sample['generated']!r} "
+            f"(reference {sample['reference']!r})",
+            markup=False,
+            highlight=False,
+        )
     console.print(
         f"wrote {result.out}/ (model.safetensors, manifest.json, report.json, metrics.json)"
     )

@@ -17,10 +17,8 @@ derives its attention mask from the padding id.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wasi_tool.data.cldr import EMOJI_LANGUAGES, emoji_names
 from wasi_tool.data.datasets import BatchTransform, DataSplits, load_data, select_classes
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import hf
 
 EMOJI_LANG = "emoji-lang"
-EMOJI_LANGUAGES = ("en", "de", "es", "fr", "it", "pt", "id", "tr")
 DEFAULT_EMOJI = 1000
 MAX_TOKENS = 64
 TEXT_DATASETS = (EMOJI_LANG,)
@@ -82,34 +80,6 @@ def _emoji_count(spec: str) -> int:
     if count < 2:
         raise WasiToolError(f"{EMOJI_LANG}:N needs N >= 2, got {count}")
     return count
-
-
-def emoji_names() -> list[list[str]]:
-    """Per emoji (in code point order), its name in each of EMOJI_LANGUAGES, as plain text."""
-    try:
-        codes = resources.files("emoji") / "unicode_codes"
-        tables: dict[str, dict[str, Any]] = {}
-        for lang in EMOJI_LANGUAGES:
-            name = "emoji.json" if lang == "en" else f"emoji_{lang}.json"
-            tables[lang] = json.loads((codes / name).read_text(encoding="utf-8"))
-    except ModuleNotFoundError:
-        raise WasiToolError(
-            f"the {EMOJI_LANG} dataset needs the PyPI package 'emoji' (pip install emoji)"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise WasiToolError(f"cannot read the emoji package's name tables: {exc}") from None
-
-    def plain(name: Any) -> str:
-        if isinstance(name, dict):
-            name = name.get("en", "")
-        return str(name).strip(":").replace("_", " ")
-
-    rows = []
-    for char in sorted(tables["en"]):
-        names = [plain(tables[lang].get(char, "")) for lang in EMOJI_LANGUAGES]
-        if all(names):
-            rows.append(names)
-    return rows
 
 
 def emoji_lang(spec: str, tokenizer: Any, val_fraction: float = 0.1, seed: int = 0) -> DataSplits:
@@ -177,8 +147,24 @@ def load_task_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     classes: Sequence[int] | None = None,
+    seq_len: int | None = None,
 ) -> DataSplits:
-    """Text data for a Hugging Face model, images (``load_data``) for any other model."""
+    """Text data for a Hugging Face model (causal-LM data, wasi_tool.data.lm, for a causal
+    LM), images (``load_data``) for any other model."""
+    from wasi_tool.data import lm
+
+    if hf.is_causal_lm(loaded.model):
+        if is_text_spec(spec) or not lm.is_lm_spec(spec):
+            raise WasiToolError(
+                f"a causal LM trains on {lm.EMOJI_TRANSLATE}, a .txt or a .jsonl file, got {spec}"
+            )
+        if classes:
+            raise WasiToolError("classes do not apply to causal-LM data")
+        tokenizer = hf.load_tokenizer(loaded.tokenizer_dir)
+        return lm.load_lm_data(spec, tokenizer, seq_len, val_fraction, seed)
+    if lm.is_lm_spec(spec):
+        kind = "text classifier" if hf.is_hf(loaded.model) else "vision model"
+        raise WasiToolError(f"{spec} is causal-LM data (--task causal-lm); this is a {kind}")
     if hf.is_hf(loaded.model):
         return load_text_data(spec, loaded.tokenizer_dir, val_fraction, seed, classes)
     if is_text_spec(spec):
@@ -207,8 +193,9 @@ def check_inputs(
             padded[row, hf.DEFAULT_SEQ_LEN - row - 1 :] = int(pad)  # 1 .. B padding tokens
         sets.append((f"padded ids {check_batch} x {hf.DEFAULT_SEQ_LEN}", padded))
     if data is not None:
-        test = load_text_data(data, loaded.tokenizer_dir).test
-        assert isinstance(test, TokenDataset)
-        n = min(count, len(test))
-        sets.append((f"{n} held-out texts of {data}", test.ids[:n]))
+        test = load_task_data(loaded, data, hf.DEFAULT_SEQ_LEN).test
+        ids = getattr(test, "ids", None)
+        assert isinstance(ids, torch.Tensor)
+        n = min(count, len(ids))
+        sets.append((f"{n} held-out texts of {data}", ids[:n]))
     return sets

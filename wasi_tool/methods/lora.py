@@ -17,6 +17,7 @@ from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.base import LayerOptions, Method, Note, dense, register_method
+from wasi_tool.models import hf
 from wasi_tool.models.family import family_of
 from wasi_tool.nn.swap import set_submodule
 
@@ -52,7 +53,9 @@ def apply_lora_(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model)
-    for name in family_of(model).heads(model):
+    if hf.is_causal_lm(model):  # the vocabulary head is pretrained (and often tied): frozen
+        return
+    for name in family_of(model).heads(model):  # a new task head trains with the adapters
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
 

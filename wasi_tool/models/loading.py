@@ -48,6 +48,7 @@ class ModelSource:
     random_init: bool = False
     seed: int = 0
     model_kwargs: dict[str, Any] | None = None  # ARCH_KWARGS, e.g. {"patch_size": 4}
+    task: str | None = None  # Hugging Face models: causal-lm or classify (default: by checkpoint)
 
 
 @dataclass
@@ -72,6 +73,8 @@ def load_model(src: ModelSource) -> LoadedModel:
     bad = sorted(set(extra) - set(ARCH_KWARGS)) if isinstance(extra, dict) else ["model_kwargs"]
     if bad:
         raise WasiToolError(f"unsupported model_kwargs {bad}; allowed: {', '.join(ARCH_KWARGS)}")
+    if src.random_init and src.checkpoint is not None and hf.is_hf_dir(Path(src.checkpoint)):
+        return _hf_random_init(Path(src.checkpoint), src)
     if src.random_init:
         return _random_init(src)
     if src.checkpoint is None:
@@ -79,8 +82,11 @@ def load_model(src: ModelSource) -> LoadedModel:
     path = Path(src.checkpoint)
     if not path.exists():
         raise WasiToolError(f"no such file or directory: {path}")
+    hf.check_task(src.task)
     if hf.is_hf_dir(path) or (src.arch == hf.HF_ARCH and hf.is_hf_dir(path.parent)):
         return _from_hf_dir(path if path.is_dir() else path.parent, src)
+    if path.is_file() and hf.is_gguf(path):
+        return _from_gguf(path, src)
     if path.is_dir():
         if not artifacts.is_artifact_dir(path):
             raise WasiToolError(
@@ -98,7 +104,8 @@ def load_model(src: ModelSource) -> LoadedModel:
         return _from_torch_file(path, src)
     raise WasiToolError(
         f"unsupported checkpoint {path.name}: expected .safetensors, "
-        f"{'/'.join(TORCH_SUFFIXES)} or a wasi-tool artifact directory"
+        f"{'/'.join(TORCH_SUFFIXES)}, .gguf, a Hugging Face directory or a wasi-tool artifact "
+        "directory"
     )
 
 
@@ -150,11 +157,35 @@ def _source(path: Path, kind: str) -> dict[str, Any]:
     return {"kind": kind, "path": str(path), "sha256": artifacts.sha256_file(path)}
 
 
+def _from_gguf(path: Path, src: ModelSource) -> LoadedModel:
+    model, tokenizer_dir = hf.load_gguf(path, src.task)
+    return LoadedModel(
+        model,
+        hf.HF_ARCH,
+        hf.model_kwargs(model),
+        _source(path, "gguf"),
+        tokenizer_dir=tokenizer_dir,
+    )
+
+
 def _from_hf_dir(directory: Path, src: ModelSource) -> LoadedModel:
-    model = hf.load_dir(directory, src.num_classes, src.seed)
+    model = hf.load_dir(directory, src.num_classes, src.seed, src.task)
     weights = next(directory / f for f in hf.WEIGHT_FILES if (directory / f).is_file())
     source = {**_source(weights, "hf-dir"), "directory": str(directory)}
     return LoadedModel(model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=directory)
+
+
+def _hf_random_init(directory: Path, src: ModelSource) -> LoadedModel:
+    """``--random-init`` with a Hugging Face directory: its config's shapes, random values."""
+    hf.check_task(src.task)
+    model = hf.random_dir(directory, src.task, src.seed)
+    path = str(directory / hf.CONFIG)
+    source: dict[str, Any] = {"kind": "random-init", "path": path, "sha256": None}
+    source["seed"] = src.seed
+    tokenizer_dir = directory if hf.tokenizer_files(directory) else None
+    return LoadedModel(
+        model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=tokenizer_dir
+    )
 
 
 def _random_init(src: ModelSource) -> LoadedModel:
@@ -229,6 +260,8 @@ def _from_wasi_weights(
         return model
 
     model = _load_into(build, tensors, arch)
+    if arch == hf.HF_ARCH:
+        hf.retie_(model)
     source = _source(path, "wasi-tool-weights")
     return LoadedModel(model.eval(), arch, dict(kwargs), source)
 

@@ -22,11 +22,13 @@ from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import library_floor, reset_peak_rss
 from wasi_tool.methods import finalize_, get_method
+from wasi_tool.models import hf
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.stages.common import layer_records, write_stage_artifact
 from wasi_tool.training import checkpoint
 from wasi_tool.training.accounting import LAYERS_NOTE, layer_accounting, model_accounting
 from wasi_tool.training.config import FinetuneConfig
+from wasi_tool.training.lm import evaluate_lm
 from wasi_tool.training.loop import Trainer, first_batch
 from wasi_tool.training.plan import parse_size, plan_memory, plan_table
 from wasi_tool.training.prepare import calibrated_ranks, prepare_for_training
@@ -74,6 +76,15 @@ def _fit_head(loaded: LoadedModel, classes: int, new_head: bool, progress: Progr
     loaded.model_kwargs["num_classes"] = classes
 
 
+def _lm_eval(
+    model: torch.nn.Module, test: Any, tokenizer: Any, config: FinetuneConfig, progress: Progress
+) -> dict[str, Any]:
+    found = evaluate_lm(model, test, tokenizer, config.batch_size, config.eval_examples)
+    em = "" if found.exact_match is None else f", exact match {found.exact_match:.3f}"
+    progress.note(f"held-out perplexity {found.perplexity:.3f}{em} ({found.seconds:.1f} s)")
+    return found.to_dict()
+
+
 def run_finetune(
     source: ModelSource,
     data: str | Path,
@@ -105,9 +116,21 @@ def run_finetune(
     model = loaded.model
     transform = batch_transform(loaded)
     splits = load_task_data(
-        loaded, data, transform.size, config.val_fraction, config.seed, config.classes
+        loaded,
+        data,
+        transform.size,
+        config.val_fraction,
+        config.seed,
+        config.classes,
+        seq_len=config.seq_len,
     )
-    _fit_head(loaded, splits.num_classes, config.new_head, progress)
+    causal = hf.is_causal_lm(model)
+    lm_eval: dict[str, Any] | None = None
+    if causal:  # next-token prediction keeps its vocabulary head
+        tokenizer = hf.load_tokenizer(loaded.tokenizer_dir)
+        lm_eval = {"before": _lm_eval(model, splits.test, tokenizer, config, progress)}
+    else:
+        _fit_head(loaded, splits.num_classes, config.new_head, progress)
     floor = library_floor(model)  # model and data loaded, less the weights
 
     method = get_method(config.method)
@@ -183,6 +206,9 @@ def run_finetune(
         metrics.memory_plan = plan.to_dict()
     finalize_(model, method)
     model.eval()
+    if lm_eval is not None:
+        lm_eval["after"] = _lm_eval(model, splits.test, tokenizer, config, progress)
+        metrics.lm = lm_eval
     stages = [{"stage": "finetune", "config": config.to_dict(), "data": splits.description}]
     if prepared.compress_report is not None:
         stages.insert(0, {"stage": "compress", "config": prepared.compress_report["config"]})
@@ -192,6 +218,8 @@ def run_finetune(
 
     as_dict = metrics.to_dict()
     report = {"stage": "finetune", "final": as_dict["final"], "measured": as_dict["measured"]}
+    if metrics.lm is not None:
+        report["lm"] = metrics.lm
     files = write_stage_artifact(
         loaded,
         out,

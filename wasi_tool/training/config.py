@@ -40,6 +40,10 @@ class FinetuneConfig(StageConfig, BaselineOptions):
         val_fraction: held-out share when the dataset has no test split.
         classes: train on these classes only (relabelled 0..n-1).
         max_steps: stop each epoch after this many steps (quick runs).
+        seq_len: causal-LM data: tokens per .txt chunk, and the most an example keeps
+            (default 128).
+        eval_examples: causal LM with prompt/response data: held-out examples whose greedy
+            answer is checked by exact match, before and after training (0: none).
         bsr_blocks, drop_at, keep_rate, fuse, lora_rank, lora_alpha, lora_dropout: the
             baselines' settings (BaselineOptions); targets outside BSR's trained blocks stay
             frozen.
@@ -77,6 +81,8 @@ class FinetuneConfig(StageConfig, BaselineOptions):
     val_fraction: float = 0.1
     classes: list[int] | None = None
     max_steps: int | None = None
+    seq_len: int | None = None
+    eval_examples: int = 32
     new_head: bool = False
     memory_mode: str = "off"
     memory_budget: str | None = None
@@ -113,6 +119,10 @@ class FinetuneConfig(StageConfig, BaselineOptions):
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise WasiToolError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise WasiToolError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.eval_examples < 0:
+            raise WasiToolError(f"eval_examples must be >= 0, got {self.eval_examples}")
         if self.max_steps is not None and self.max_steps < 1:
             raise WasiToolError(f"max_steps must be >= 1, got {self.max_steps}")
         for name in ("lr", "lr_min", "weight_decay", "momentum"):

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,6 +25,7 @@ from wasi_tool.methods.optim import NonFiniteGradient
 from wasi_tool.nn.subspace import WASILinear
 from wasi_tool.training import checkpoint
 from wasi_tool.training.config import FinetuneConfig
+from wasi_tool.training.loss import count_correct, task_loss
 from wasi_tool.training.progress import Progress
 from wasi_tool.training.results import EpochRecord, Measured, SavedBytes
 
@@ -53,7 +53,7 @@ def train_step(
     where: str = "",
     hint: str = "",
 ) -> StepResult:
-    """Forward, cross-entropy, backward, optimiser (and scheduler) step.
+    """Forward, cross-entropy (``task_loss``), backward, optimiser (and scheduler) step.
 
     A non-finite loss or gradient is a WasiToolError naming the first module (in execution
     order) whose output is not finite, or the first parameter (or WASI gradient factor) whose
@@ -62,7 +62,7 @@ def train_step(
     start = time.perf_counter()
     with meter if meter is not None else contextlib.nullcontext():
         logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    loss = task_loss(logits, y)
     at = f" at {where}" if where else ""
     if not torch.isfinite(loss):
         raise WasiToolError(
@@ -106,15 +106,17 @@ def evaluate(
     transform: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int,
 ) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy over ``ds`` in eval mode."""
+    """Mean cross-entropy and top-1 accuracy over ``ds`` in eval mode (a causal LM: per
+    predicted token, prompt and padding left out)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for images, labels in loader(ds, batch_size):
         logits = model(transform(images))
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
-        count += len(labels)
+        loss_sum += float(task_loss(logits, labels, reduction="sum"))
+        hits, counted = count_correct(logits, labels)
+        correct += hits
+        count += counted
     model.train(was_training)
     return {"loss": loss_sum / max(1, count), "accuracy": correct / max(1, count)}
 
@@ -301,12 +303,12 @@ class Trainer:
             self.step_times.append(result.seconds)
             self.saved_total.append(result.saved_total)
             self.saved_targets.append(result.saved_targets)
-            batch_correct = int((result.logits.argmax(-1) == labels).sum())
-            loss_sum += result.loss * len(labels)
+            batch_correct, counted = count_correct(result.logits, labels)
+            loss_sum += result.loss * counted
             correct += batch_correct
-            seen += len(labels)
+            seen += counted
             self.progress.step(
-                result.loss, batch_correct / len(labels), len(labels) / result.seconds
+                result.loss, batch_correct / max(1, counted), len(labels) / result.seconds
             )
             if self.stop_requested:
                 spent = time.perf_counter() - start

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
@@ -33,6 +32,7 @@ from wasi_tool.models.family import family_of
 from wasi_tool.nn.lossy import lossy_modules, store_lossy_, undo_lossy_
 from wasi_tool.nn.recompute import recompute_, recomputed, undo_recompute_
 from wasi_tool.nn.subspace import SubspaceLayer, WASILinear
+from wasi_tool.training.loss import task_loss
 
 MODES = ("off", "attn", "mlp", "block")  # least recompute first
 MARGIN = 0.05  # a plan fits when its predicted peak is within 95% of the budget
@@ -150,7 +150,7 @@ def _probe(
     try:
         with LiveTensorMeter() as live:
             with meter:
-                loss = F.cross_entropy(model(x), y)
+                loss = task_loss(model(x), y)
             loss.backward()
             del loss
     finally:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
@@ -20,6 +19,7 @@ from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.lossy import lossy_modules, store_lossy_
 from wasi_tool.nn.recompute import recompute_
 from wasi_tool.training.config import FinetuneConfig
+from wasi_tool.training.loss import task_loss
 from wasi_tool.transforms.compress import CompressConfig, compress_
 
 Ranks = dict[str, tuple[int, ...]]
@@ -114,7 +114,7 @@ def calibrated_ranks(
     start = time.perf_counter()
     info: dict[str, Any]
     if config.act_budget_mb is not None:
-        captured = capture(model, targets, x, y, F.cross_entropy)
+        captured = capture(model, targets, x, y, task_loss)
         choice = ranks_under_budget(captured, config.act_budget_mb)
         info = {
             "rule": "budget",

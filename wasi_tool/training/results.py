@@ -74,6 +74,7 @@ class FinetuneMetrics:
     analytic: dict[str, Any]
     bsr: dict[str, Any] | None = None
     memory_plan: dict[str, Any] | None = None
+    lm: dict[str, Any] | None = None  # causal LM: held-out evaluation before and after
     schema: str = field(default=FINETUNE_SCHEMA)
 
     @property
@@ -83,7 +84,7 @@ class FinetuneMetrics:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["final"] = dataclasses.asdict(self.final) if self.final else None
-        for key in ("bsr", "memory_plan"):
+        for key in ("bsr", "memory_plan", "lm"):
             if out[key] is None:
                 out.pop(key)
         return out
