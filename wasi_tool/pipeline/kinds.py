@@ -91,7 +91,20 @@ def _export(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
     run_export(_source(spec, run_dir), ExportConfig.from_dict(spec.config), out, overwrite=True)
 
 
-TRAIN_BENCH_OPTIONS = ("method", "batch_size", "steps", "warmup")
+TRAIN_BENCH_OPTIONS = (
+    "method",
+    "batch_size",
+    "steps",
+    "warmup",
+    "targets",
+    "eps",
+    "act_ranks",
+    "seed",
+    "memory_mode",
+    "memory_budget",
+    "lossy",
+    "allocator",
+)
 
 
 def _bench_inputs(spec: StageSpec) -> list[str]:
