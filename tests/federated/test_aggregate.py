@@ -21,7 +21,10 @@ def _clients(n: int, o: int, i: int, k: int, seed: int = 0):
 def test_factor_aggregation_is_the_truncated_svd_of_the_dense_mean(n, o, i, k):
     lefts, rights, weights = _clients(n, o, i, k)
     total = sum(weights)
-    dense = sum(w / total * (lf.double() @ r.double()) for w, lf, r in zip(weights, lefts, rights))
+    dense = sum(
+        w / total * (lf.double() @ r.double())
+        for w, lf, r in zip(weights, lefts, rights, strict=True)
+    )
     u, s, vh = torch.linalg.svd(dense, full_matrices=False)
     best = (u[:, :k] * s[:k]) @ vh[:k]
 
@@ -41,7 +44,7 @@ def test_balanced_split_for_lora_and_rank_padding():
     lefts, rights, weights = _clients(2, 10, 8, 2, seed=3)
     left, right, _ = aggregate_factors(lefts, rights, weights, 6, balanced=True)
     assert left.shape == (10, 6) and right.shape == (6, 8)  # rank 4 padded to 6 with zeros
-    dense = sum(w / sum(weights) * lf @ r for w, lf, r in zip(weights, lefts, rights))
+    dense = sum(w / sum(weights) * lf @ r for w, lf, r in zip(weights, lefts, rights, strict=True))
     torch.testing.assert_close(left @ right, dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(left.norm(dim=0), right.norm(dim=1), rtol=1e-5, atol=1e-6)
 

@@ -13,7 +13,7 @@ def test_iid_covers_everything_once_and_is_seeded():
     assert sorted(np.concatenate(parts).tolist()) == list(range(103))
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
     again = split(labels, 4, PartitionSpec.parse("iid"), seed=1)
-    assert all((a == b).all() for a, b in zip(parts, again))
+    assert all((a == b).all() for a, b in zip(parts, again, strict=True))
 
 
 def test_dirichlet_skews_labels_more_at_small_alpha():

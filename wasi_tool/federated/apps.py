@@ -60,10 +60,15 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(msg.content.config_records["config"]["round"])  # type: ignore[arg-type]
     part, client, config = participant(task, context)
     state = {
-        k: torch.from_numpy(a.numpy().copy()) for k, a in msg.content.array_records["arrays"].items()
+        k: torch.from_numpy(a.numpy().copy())
+        for k, a in msg.content.array_records["arrays"].items()
     }
     result = train_round(part, state, config.round_config(rnd, client))
-    metrics = {**result.metrics, "samples": float(result.samples), "partition_id": float(client)}
+    metrics: dict[str, Any] = {
+        **result.metrics,
+        "samples": float(result.samples),
+        "partition_id": float(client),
+    }
     content = RecordDict(
         {"arrays": _arrays_record(to_arrays(result.state)), "metrics": MetricRecord(metrics)}
     )

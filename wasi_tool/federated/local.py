@@ -53,7 +53,9 @@ class Participant:
         return self.loaded.model
 
 
-def fit_head(loaded: LoadedModel, classes: int, new_head: bool, note: Callable[[str], None]) -> None:
+def fit_head(
+    loaded: LoadedModel, classes: int, new_head: bool, note: Callable[[str], None]
+) -> None:
     """A new classifier when the data has another class count (as finetune does)."""
     model = loaded.model
     head_classes = getattr(model, "num_classes", None)
@@ -65,9 +67,7 @@ def fit_head(loaded: LoadedModel, classes: int, new_head: bool, note: Callable[[
     loaded.model_kwargs["num_classes"] = classes
 
 
-def client_data(
-    splits: DataSplits, config: FederateConfig, client: int
-) -> tuple[ImageSet, str]:
+def client_data(splits: DataSplits, config: FederateConfig, client: int) -> tuple[ImageSet, str]:
     """Client ``client``'s share of ``splits.train`` (iid or dirichlet)."""
     labels = np.asarray(_labels_of(splits.train))
     spec = PartitionSpec.parse(config.partition)
@@ -75,7 +75,9 @@ def client_data(
     if not 0 <= client < len(parts):
         raise WasiToolError(f"partition id {client} is not in 0..{len(parts) - 1}")
     idx = parts[client].tolist()
-    return Subset(splits.train, idx), f"client {client}/{config.clients} ({spec}): {len(idx)} samples"
+    return Subset(
+        splits.train, idx
+    ), f"client {client}/{config.clients} ({spec}): {len(idx)} samples"
 
 
 def build(

@@ -39,7 +39,9 @@ class PartitionSpec:
             except ValueError:
                 alpha = float("nan")
             if not alpha > 0:
-                raise WasiToolError(f"dirichlet needs a positive alpha, e.g. dirichlet:0.5 ({text!r})")
+                raise WasiToolError(
+                    f"dirichlet needs a positive alpha, e.g. dirichlet:0.5 ({text!r})"
+                )
             return cls("dirichlet", alpha)
         raise WasiToolError(f"partition must be iid, dirichlet:ALPHA or folders, got {text!r}")
 
@@ -92,7 +94,9 @@ def client_folders(root: Path, clients: int) -> list[Path]:
     """The per-client datasets under ``root`` (sub-folders and .npz files, in name order)."""
     root = Path(root)
     if not root.is_dir():
-        raise WasiToolError(f"partition folders needs --data DIR with one dataset per client: {root}")
+        raise WasiToolError(
+            f"partition folders needs --data DIR with one dataset per client: {root}"
+        )
     found = sorted(
         p
         for p in root.iterdir()

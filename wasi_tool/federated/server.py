@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from wasi_tool import artifacts
 from wasi_tool.errors import WasiToolError
@@ -117,7 +116,7 @@ def _read_reply(reply: Any, reference: State) -> tuple[dict[str, np.ndarray], di
         arrays = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
     except Exception as exc:  # a malformed buffer; numpy refuses pickles (allow_pickle=False)
         raise WasiToolError(f"unreadable arrays: {exc}") from None
-    metrics = {k: float(v) for k, v in content.metric_records["metrics"].items()}  # type: ignore[arg-type]
+    metrics = {k: float(v) for k, v in content.metric_records["metrics"].items()}
     why = check_update(arrays, reference)
     if why is not None:
         raise WasiToolError(why)
