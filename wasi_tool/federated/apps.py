@@ -42,8 +42,13 @@ def participant(task: Task, context: Context) -> tuple[Participant, int, Federat
     parts = int(_node_value(context, "num-partitions", config.clients))
     model = str(_node_value(context, "model", task.model))
     data = str(_node_value(context, "data", task.data))
+    changes: dict[str, Any] = {}
     if parts != config.clients:
-        config = FederateConfig.from_dict({**task.config, "clients": parts})
+        changes["clients"] = parts
+    if "data" in context.node_config and config.partition != "folders":
+        changes["partition"] = "folders"  # the device's own dataset, all of it
+    if changes:
+        config = FederateConfig.from_dict({**task.config, **changes})
     key = json.dumps([model, data, config.to_dict(), client], sort_keys=True, default=str)
     if key not in _CACHE:
         _CACHE.clear()
