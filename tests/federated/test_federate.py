@@ -107,3 +107,20 @@ def test_crash_keeps_the_server_state_and_resume_continues(start, tmp_path):
     manifest = read_manifest(out)
     assert manifest["stages"][-1]["stage"] == "federate"
     assert manifest["federated"]["history"][1]["clients"][0]["bytes_up"] > 0
+
+
+def test_a_node_with_its_own_data_trains_on_all_of_it(start: Path) -> None:
+    from types import SimpleNamespace
+
+    from wasi_tool.federated.apps import participant
+    from wasi_tool.federated.server import Task
+
+    config = FederateConfig(**RECIPE, clients=2, partition="iid").to_dict()
+    task = Task(str(start), "digits", config)
+    shared = SimpleNamespace(node_config={"partition-id": 1, "num-partitions": 2})
+    own = SimpleNamespace(node_config={**shared.node_config, "data": "digits"})
+    share, _, _ = participant(task, shared)  # type: ignore[arg-type]
+    n_share = len(share.train)
+    whole, _, used = participant(task, own)  # type: ignore[arg-type]
+    assert used.partition == "folders"
+    assert 0 < n_share < len(whole.train)
