@@ -19,7 +19,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # What a training run of a timm model on the digits data must not import.
-NOT_FOR_TRAINING = ("onnx", "onnxruntime", "onnxscript", "matplotlib", "peft", "transformers")
+NOT_FOR_TRAINING = (
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "matplotlib",
+    "peft",
+    "transformers",
+    "flwr",
+)
 WATCHED = (*NOT_FOR_TRAINING, "sklearn", "scipy", "wasi_tool.pipeline", "wasi_tool.bench.inference")
 
 

@@ -10,6 +10,7 @@ from wasi_tool._version import __version__
 from wasi_tool.cli.bench import bench
 from wasi_tool.cli.compress import compress
 from wasi_tool.cli.export import export
+from wasi_tool.cli.federate import federate
 from wasi_tool.cli.finetune import finetune
 from wasi_tool.cli.generate import generate
 from wasi_tool.cli.run import run
@@ -27,6 +28,7 @@ app.command()(export)
 app.command()(bench)
 app.command()(run)
 app.command()(generate)
+app.command()(federate)
 
 
 def _version(value: bool) -> None:

@@ -22,6 +22,7 @@ from wasi_tool.bench import (
 )
 from wasi_tool.config import StageConfig
 from wasi_tool.errors import WasiToolError
+from wasi_tool.federated.config import FederateConfig
 from wasi_tool.models.loading import ModelSource
 from wasi_tool.pipeline.report import BENCH_FILE, write_report
 from wasi_tool.pipeline.spec import Pipeline, StageSpec
@@ -85,6 +86,29 @@ def _finetune(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
 def _check_finetune(pipeline: Pipeline, spec: StageSpec) -> None:
     if "data" not in spec.options:
         raise WasiToolError("a finetune stage needs data")
+
+
+def _federate(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
+    from wasi_tool.federated import FederateConfig, run_federate  # Flower only when used
+
+    if spec.input is None:
+        raise WasiToolError("a federate stage starts from an artifact: give it an input stage")
+    cfg = FederateConfig.from_dict(spec.config)
+    run_federate(
+        run_dir / spec.input,
+        spec.options["data"],
+        cfg,
+        out,
+        overwrite=True,
+        test_data=spec.options.get("test_data"),
+    )
+
+
+def _check_federate(pipeline: Pipeline, spec: StageSpec) -> None:
+    if "data" not in spec.options:
+        raise WasiToolError("a federate stage needs data")
+    if spec.input is None:
+        raise WasiToolError("a federate stage needs an input stage (its starting artifact)")
 
 
 def _export(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
@@ -176,6 +200,15 @@ def _report(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
 register_kind(StageKind("compress", CompressConfig, frozenset({"plot"}), _compress))
 register_kind(
     StageKind("finetune", FinetuneConfig, frozenset({"data"}), _finetune, check=_check_finetune)
+)
+register_kind(
+    StageKind(
+        "federate",
+        FederateConfig,
+        frozenset({"data", "test_data"}),
+        _federate,
+        check=_check_federate,
+    )
 )
 register_kind(StageKind("export", ExportConfig, frozenset(), _export))
 register_kind(

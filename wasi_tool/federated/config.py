@@ -1,0 +1,73 @@
+"""The settings of a federated run: a fine-tuning recipe run locally by each client, plus the
+federation (clients, partition, rounds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from wasi_tool.config import register_config
+from wasi_tool.errors import WasiToolError
+from wasi_tool.federated.partition import PartitionSpec
+from wasi_tool.training.config import FinetuneConfig
+
+
+@register_config
+@dataclass
+class FederateConfig(FinetuneConfig):
+    """A finetune recipe (every FinetuneConfig field; ``epochs`` are local epochs per round)
+    and the federation.
+
+    Args:
+        clients: how many clients (simulation: partitions of ``data``).
+        partition: ``iid``, ``dirichlet:ALPHA`` (label skew) or ``folders``.
+        rounds: federated rounds; the learning rate follows one cosine from lr to lr_min over
+            all rounds (each round runs its own stretch of it locally).
+        min_clients: a round needs at least this many accepted updates (default 1); below it
+            the round fails, and the run stops with the last completed round saved.
+        round_timeout: seconds the server waits for the replies of a round (None: no limit).
+    """
+
+    stage: ClassVar[str] = "federate"
+
+    epochs: int = 1
+    clients: int = 4
+    partition: str = "iid"
+    rounds: int = 5
+    min_clients: int = 1
+    round_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        PartitionSpec.parse(self.partition)
+        for name in ("clients", "rounds", "min_clients"):
+            if int(getattr(self, name)) < 1:
+                raise WasiToolError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_clients > self.clients:
+            raise WasiToolError(f"min_clients {self.min_clients} > clients {self.clients}")
+        if self.round_timeout is not None and not self.round_timeout > 0:
+            raise WasiToolError(f"round_timeout must be positive, got {self.round_timeout}")
+        if self.memory_budget is not None:
+            raise WasiToolError("memory_budget is not supported in a federated run (yet)")
+
+    def round_config(self, rnd: int, client: int) -> FinetuneConfig:
+        """The local recipe of client ``client`` in round ``rnd`` (0-based): this round's
+        stretch of the global cosine, a seed of its own (round 0, client 0: the run's seed)."""
+        fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        base = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+
+        def at(t: float) -> float:
+            return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * t)) / 2
+
+        base.update(
+            lr=at(rnd / self.rounds),
+            lr_min=at((rnd + 1) / self.rounds),
+            seed=self.seed + 1000 * rnd + client,
+        )
+        return FinetuneConfig(**base)
+
+    def local_config(self) -> FinetuneConfig:
+        """The recipe a client is prepared with (round 0, client 0)."""
+        return self.round_config(0, 0)

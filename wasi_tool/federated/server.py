@@ -1,0 +1,305 @@
+"""The server's side of a federated run: rounds over a Flower ``Grid``, checks, aggregation,
+global evaluation, the round history, resumable state, and the final artifact.
+
+Flower is imported inside the functions that use it: a plain training process never loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wasi_tool import artifacts
+from wasi_tool.errors import WasiToolError
+from wasi_tool.federated.config import FederateConfig
+from wasi_tool.federated.local import Participant, build, evaluate_global
+from wasi_tool.federated.payload import State, aggregate, check_update, to_arrays, trainable_state
+from wasi_tool.methods import finalize_
+from wasi_tool.models.loading import ModelSource
+from wasi_tool.stages.common import layer_records, write_stage_artifact
+
+log = logging.getLogger("wasi_tool.federated")
+
+HISTORY = "federated.json"
+PLOT = "federated.png"
+STATE_FILE = "state.safetensors"
+SCHEMA = "wasi-tool-federated/1"
+
+
+@dataclass
+class Task:
+    """Everything a client needs to take part, sent with each round (JSON in a ConfigRecord):
+    the starting artifact, the data, the recipe and the round."""
+
+    model: str
+    data: str
+    config: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps({"model": self.model, "data": self.data, "config": self.config})
+
+    @classmethod
+    def from_json(cls, text: str) -> Task:
+        raw = json.loads(text)
+        return cls(str(raw["model"]), str(raw["data"]), dict(raw["config"]))
+
+
+@dataclass
+class FederatedRun:
+    out: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+
+
+def state_dir(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its server state: ``<out>.fedstate/`` beside it."""
+    return out.parent / f"{out.name}.fedstate"
+
+
+def save_state(directory: Path, state: State, meta: dict[str, Any]) -> None:
+    """Global tensors and the history in one safetensors file, replaced atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{STATE_FILE}.tmp"
+    artifacts.save_weights(tmp, state, {"fedstate": meta})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / STATE_FILE)
+
+
+def load_state(directory: Path, identity: dict[str, Any]) -> tuple[State, dict[str, Any]]:
+    tensors, meta = artifacts.load_weights(directory / STATE_FILE)
+    saved = json.loads(meta.get("fedstate", "{}"))
+    if saved.get("identity") != identity:
+        raise WasiToolError(
+            f"{directory} was made with other settings or data; resume with the same command, "
+            "or start again with --overwrite"
+        )
+    return tensors, saved
+
+
+def _arrays_record(arrays: dict[str, np.ndarray]) -> Any:
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord.from_array_dict({k: Array(v) for k, v in arrays.items()})
+
+
+def serialized_bytes(record: Any) -> int:
+    """Bytes of the serialised arrays in a Flower ArrayRecord (np.save buffers)."""
+    return int(sum(len(a.data) for a in record.values()))
+
+
+def _wait_for_nodes(grid: Any, count: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count or time.monotonic() > deadline:
+            return nodes[:count]
+        time.sleep(1.0)
+
+
+def _read_reply(reply: Any, reference: State) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The update and metrics of a reply, or WasiToolError saying why it is unusable."""
+    if reply.has_error():
+        raise WasiToolError(f"client error: {reply.error.reason}")
+    content = reply.content
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        raise WasiToolError("reply lacks its arrays or metrics")
+    try:
+        arrays = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
+    except Exception as exc:  # a malformed buffer; numpy refuses pickles (allow_pickle=False)
+        raise WasiToolError(f"unreadable arrays: {exc}") from None
+    metrics = {k: float(v) for k, v in content.metric_records["metrics"].items()}
+    why = check_update(arrays, reference)
+    if why is not None:
+        raise WasiToolError(why)
+    if not metrics.get("samples", 0) > 0:
+        raise WasiToolError("reply reports no training samples")
+    return arrays, metrics
+
+
+def run_round(
+    grid: Any, rnd: int, task: Task, state: State, config: FederateConfig, wait: float
+) -> tuple[State | None, list[dict[str, Any]]]:
+    """Send the global state to the clients, collect, check and aggregate their updates.
+    Returns the new state (None when fewer than min_clients updates were usable) and one
+    record per client: status, reason, bytes down/up, local figures."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    nodes = _wait_for_nodes(grid, config.clients, wait)
+    arrays = to_arrays(state)
+    messages, rows = [], {}
+    for node in nodes:
+        record = _arrays_record(arrays)
+        content = RecordDict(
+            {
+                "arrays": record,
+                "config": ConfigRecord({"task": task.to_json(), "round": rnd}),
+            }
+        )
+        messages.append(Message(content, node, MessageType.TRAIN, group_id=str(rnd)))
+        rows[node] = {"node": node, "bytes_down": serialized_bytes(record), "status": "missing"}
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    updates, weights = [], []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        row = rows.setdefault(node, {"node": node, "bytes_down": 0})
+        if not reply.has_error() and "arrays" in reply.content.array_records:
+            row["bytes_up"] = serialized_bytes(reply.content.array_records["arrays"])
+        try:
+            update, metrics = _read_reply(reply, state)
+        except WasiToolError as exc:
+            row.update(status="dropped", reason=str(exc))
+            log.warning("round %d: dropped the update of node %s: %s", rnd + 1, node, exc)
+            continue
+        row.update(status="ok", **metrics)
+        updates.append(update)
+        weights.append(metrics["samples"])
+    for row in rows.values():
+        if row["status"] == "missing":
+            row["reason"] = "no reply"
+            log.warning("round %d: no reply from node %s", rnd + 1, row["node"])
+    records = sorted(rows.values(), key=lambda r: (r.get("partition_id", 1e9), r["node"]))
+    if len(updates) < config.min_clients:
+        return None, records
+    return aggregate(updates, weights, state), records
+
+
+def serve(
+    grid: Any,
+    source: str | Path,
+    data: str | Path,
+    config: FederateConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    test_data: str | Path | None = None,
+    node_wait: float = 300.0,
+    on_round: Callable[[dict[str, Any]], None] = lambda row: None,
+    note: Callable[[str], None] = lambda m: None,
+) -> FederatedRun:
+    """Run ``config.rounds`` rounds over ``grid`` and write the final artifact at ``out``.
+
+    After each completed round the global state and history are saved atomically in
+    ``<out>.fedstate/``; ``resume`` continues from the last completed round. A round with
+    fewer than ``min_clients`` usable updates stops the run (WasiToolError) with that state
+    kept, so a later ``resume`` retries it.
+    """
+    out = Path(out)
+    sdir = state_dir(out)
+    if resume and overwrite:
+        raise WasiToolError("--resume continues a run; --overwrite starts it again: pick one")
+    if not resume:
+        artifacts.check_output_dir(out, overwrite)
+        if (sdir / STATE_FILE).exists() and not overwrite:
+            raise WasiToolError(
+                f"an interrupted run left {sdir}; pass --resume to continue it or --overwrite"
+            )
+    elif out.exists():
+        raise WasiToolError(f"output {out} already exists: that run has finished")
+    task = Task(str(source), str(data), config.to_dict())
+    identity = {"task": json.loads(task.to_json()), "test_data": str(test_data)}
+    server = build(ModelSource(checkpoint=Path(source)), data, config, None, note, test_data)
+    state = trainable_state(server.model)
+    history: list[dict[str, Any]] = []
+    if resume and (sdir / STATE_FILE).exists():
+        state, saved = load_state(sdir, identity)
+        history = list(saved["history"])
+        note(f"resumed after round {len(history)} from {sdir / STATE_FILE}")
+    elif resume:
+        raise WasiToolError(f"nothing to resume: no server state at {sdir / STATE_FILE}")
+    else:
+        save_state(sdir, state, {"identity": identity, "history": history})
+    for rnd in range(len(history), config.rounds):
+        start = time.perf_counter()
+        new, clients = run_round(grid, rnd, task, state, config, node_wait)
+        if new is None:
+            accepted = sum(c["status"] == "ok" for c in clients)
+            raise WasiToolError(
+                f"round {rnd + 1}: {accepted} usable update(s), min_clients is "
+                f"{config.min_clients}; the state after round {rnd} is kept in {sdir} "
+                "(--resume retries)"
+            )
+        state = new
+        from wasi_tool.federated.payload import load_state_
+
+        load_state_(server.model, state)
+        test = evaluate_global(server, config.batch_size)
+        row = {
+            "round": rnd + 1,
+            "clients": clients,
+            "accepted": sum(c["status"] == "ok" for c in clients),
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        history.append(row)
+        save_state(sdir, state, {"identity": identity, "history": history})
+        on_round(row)
+    result = write_federated_artifact(server, config, data, out, history, overwrite)
+    import shutil
+
+    shutil.rmtree(sdir, ignore_errors=True)
+    return result
+
+
+def write_federated_artifact(
+    server: Participant,
+    config: FederateConfig,
+    data: str | Path,
+    out: Path,
+    history: list[dict[str, Any]],
+    overwrite: bool,
+) -> FederatedRun:
+    model = server.model
+    prepared = server.prepared
+    finalize_(model, config.method)
+    model.eval()
+    summary = {
+        "schema": SCHEMA,
+        "clients": config.clients,
+        "partition": config.partition,
+        "rounds": config.rounds,
+        "local_epochs": config.epochs,
+        "method": config.method,
+        "data": str(data),
+        "test": server.description,
+        "history": history,
+    }
+    stages = [{"stage": "federate", "config": config.to_dict(), "data": str(data)}]
+    if prepared.compress_report is not None:
+        stages.insert(0, {"stage": "compress", "config": prepared.compress_report["config"]})
+    final = {k: history[-1][k] for k in ("test_loss", "test_accuracy")} if history else {}
+
+    def extra(staging: Path) -> None:
+        artifacts.write_json(staging / HISTORY, summary)
+        try:
+            from wasi_tool.federated.report import plot_history
+
+            plot_history(history, staging / PLOT)
+        except ImportError:  # matplotlib is optional
+            pass
+
+    write_stage_artifact(
+        server.loaded,
+        out,
+        stages,
+        layer_records(model, prepared.targets, prepared.act_ranks),
+        {"stage": "federate", "final": final},
+        extra=extra,
+        overwrite=overwrite,
+        federated=summary,
+    )
+    return FederatedRun(out, history, final)
+
+
+def round_nodes(history: Iterable[dict[str, Any]]) -> int:
+    return max((len(r["clients"]) for r in history), default=0)
