@@ -31,7 +31,7 @@ from wasi_tool.methods import SubspaceSGD, finalize_, get_method
 from wasi_tool.methods.calibrate import streamed_ranks_by_eps
 from wasi_tool.models import custom
 from wasi_tool.models.registry import classifier_names
-from wasi_tool.models.targets import LINEAR_TYPES, select_targets
+from wasi_tool.models.targets import LINEAR_TYPES, select_targets, split_patterns
 from wasi_tool.nn.fastpath import fast_paths_given_up
 
 Targets = str | Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...]
@@ -62,8 +62,10 @@ class PrepareReport:
 
 def resolve_targets(model: nn.Module, targets: Targets, exclude: Sequence[str] = ()) -> list[str]:
     """Target names from a preset or globs (as ``--targets``), a list of names/globs, or
-    module types (every linear of those types, the classifier head left out). Linears that
-    nn.MultiheadAttention reads as raw weights (``out_proj``) are never targets."""
+    module types (every linear of those types but the classifier head: timm's
+    ``get_classifier()``, else the model's last linear in module order). Linears that
+    nn.MultiheadAttention reads as raw weights (``out_proj``) are never targets. As for
+    ``--targets``, the head is left out unless named exactly."""
     mha = {
         f"{n}.out_proj" if n else "out_proj"
         for n, m in model.named_modules()
@@ -73,7 +75,8 @@ def resolve_targets(model: nn.Module, targets: Targets, exclude: Sequence[str] =
         isinstance(targets, tuple) and targets and all(isinstance(t, type) for t in targets)
     ):
         kinds = targets if isinstance(targets, tuple) else (targets,)
-        heads = classifier_names(model)
+        linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+        heads = classifier_names(model) or set(linears[-1:])
         names = [
             n
             for n, m in model.named_modules()
@@ -86,6 +89,10 @@ def resolve_targets(model: nn.Module, targets: Targets, exclude: Sequence[str] =
     else:
         spec = targets if isinstance(targets, str) else ",".join(targets)  # type: ignore[arg-type]
     chosen = select_targets(model, spec, exclude)
+    if not classifier_names(model):  # not a timm model: its last linear is taken as the head
+        last = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)][-1]
+        if last in chosen and last not in split_patterns(spec) and len(chosen) > 1:
+            chosen.remove(last)
     named_mha = [n for n in chosen if n in mha]
     chosen = [n for n in chosen if n not in mha]
     if not chosen:
