@@ -27,7 +27,7 @@ _LINEAR_TYPES = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
 def _set(module: nn.Module, attr: str, declined: bool) -> None:
-    if declined and not hasattr(module, _SAVED):
+    if declined and not hasattr(module, _SAVED) and getattr(module, attr):  # on: decline it
         object.__setattr__(module, _SAVED, getattr(module, attr))
         setattr(module, attr, False)
     elif not declined and hasattr(module, _SAVED):
