@@ -2,7 +2,7 @@
 
 python examples/own_loop.py --tiny                      # random data, seconds
 python examples/own_loop.py --data ../shared/data/cifar10_subset.npz --epochs 3
-PYTHONPATH=examples wasi-tool export runs/own-vit --model-class vit_model:ViT --out runs/own-vit-onnx
+PYTHONPATH=examples wasi-tool export runs/own-vit --model-class vit_model:ViT --out runs/o-onnx
 """
 
 from __future__ import annotations
