@@ -21,9 +21,13 @@ _LAZY = {
     "ModelSource": "wasi_tool.models.loading",
     "load_model": "wasi_tool.models.loading",
     "run_compress": "wasi_tool.stages.compress",
+    "prepare": "wasi_tool.api",
+    "save_artifact": "wasi_tool.api",
+    "PrepareReport": "wasi_tool.api",
 }
 
 if TYPE_CHECKING:
+    from wasi_tool.api import PrepareReport, prepare, save_artifact
     from wasi_tool.models.loading import ModelSource, load_model
     from wasi_tool.nn.factored import FactoredLinear
     from wasi_tool.stages.compress import run_compress
@@ -42,10 +46,13 @@ __all__ = [
     "CompressReport",
     "FactoredLinear",
     "ModelSource",
+    "PrepareReport",
     "WasiToolError",
     "__version__",
     "compress_",
     "load_model",
     "merge_",
+    "prepare",
     "run_compress",
+    "save_artifact",
 ]

@@ -80,6 +80,14 @@ SeedInit = Annotated[
     int, typer.Option("--seed-init", help="Seed of --random-init (the weights it draws).")
 ]
 
+ModelClass = Annotated[
+    str | None,
+    typer.Option(
+        help="pkg.mod:Class of a custom model's artifact: imported and run to rebuild it "
+        "(only name classes you trust)."
+    ),
+]
+
 
 def model_source(
     checkpoint: Path | None,
@@ -90,6 +98,7 @@ def model_source(
     random_init: bool,
     seed: int,
     task: str | None = None,
+    model_class: str | None = None,
 ) -> ModelSource:
     return ModelSource(
         task=task,
@@ -100,6 +109,7 @@ def model_source(
         trust_pickle=trust_pickle,
         random_init=random_init,
         seed=seed,
+        model_class=model_class,
     )
 
 

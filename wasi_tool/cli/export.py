@@ -52,6 +52,7 @@ def export(
     trust_pickle: common.TrustPickle = False,
     random_init: common.RandomInit = False,
     seed_init: common.SeedInit = 0,
+    model_class: common.ModelClass = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
 ) -> None:
     """Export weights (factored or merged) and ONNX (two MatMuls per factored linear)."""
@@ -68,7 +69,14 @@ def export(
             data=data,
         )
         source = common.model_source(
-            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
+            checkpoint,
+            arch,
+            num_classes,
+            img_size,
+            trust_pickle,
+            random_init,
+            seed_init,
+            model_class,
         )
         with console.status("exporting and checking..."):
             result = run_export(source, config, out, overwrite=overwrite)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models import hf, tv
+from wasi_tool.models import custom, hf, tv
 from wasi_tool.models.registry import classifier_names
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)  # ImageNet, when a model records no normalisation
@@ -268,11 +268,49 @@ class TorchvisionVision(ModelFamily):
         )
 
 
-FAMILIES: list[ModelFamily] = [
-    TorchvisionVision(),
-    TimmVision(),
-    HFText(),
-]  # disjoint: each matches its own
+class TorchCustom(TimmVision):
+    """The user's own model (saved by ``wasi_tool.save_artifact``): its input is the recorded
+    example input's shape; blocks are the layers of its ``nn.TransformerEncoder``s/Decoders;
+    ``mlp`` means their ``linear1``/``linear2`` (PyTorch's names)."""
+
+    name = "custom"
+    presets: ClassVar[Mapping[str, tuple[str, ...]]] = {"mlp": ("*linear1", "*linear2")}
+    attn_children = ("self_attn",)
+    mlp_children = ()
+
+    def matches(self, model: nn.Module) -> bool:
+        return custom.custom_kwargs(model) is not None
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        kinds = (nn.TransformerEncoder, nn.TransformerDecoder)
+        return [
+            f"{name}.layers.{i}" if name else f"layers.{i}"
+            for name, m in model.named_modules()
+            if isinstance(m, kinds)
+            for i in range(len(m.layers))
+        ] or super().blocks(model)
+
+    def input_spec(self, model: nn.Module, model_kwargs: Mapping[str, Any]) -> InputSpec:
+        kw = custom.custom_kwargs(model) or dict(model_kwargs)
+        shape = kw["input_shape"]
+        images = len(shape) == 4 and str(kw.get("input_dtype", "float32")).startswith("float")
+        return InputSpec("images" if images else "tensor", int(shape[-1]), onnx_input="input")
+
+    def example_input(
+        self,
+        model: nn.Module,
+        spec: InputSpec,
+        batch: int,
+        seq_len: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        kw = custom.custom_kwargs(model)
+        assert kw is not None
+        return custom.example_like(kw, batch, generator)
+
+
+# disjoint: the custom family first (marked models only), then each matches its own
+FAMILIES: list[ModelFamily] = [TorchCustom(), TorchvisionVision(), TimmVision(), HFText()]
 
 
 def family_of(model: nn.Module) -> ModelFamily:

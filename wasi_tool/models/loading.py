@@ -20,7 +20,7 @@ from torch import nn
 
 from wasi_tool import artifacts
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models import hf, tv
+from wasi_tool.models import custom, hf, tv
 from wasi_tool.models.registry import (
     ARCH_KWARGS,
     arch_of,
@@ -49,6 +49,7 @@ class ModelSource:
     seed: int = 0
     model_kwargs: dict[str, Any] | None = None  # ARCH_KWARGS, e.g. {"patch_size": 4}
     task: str | None = None  # Hugging Face models: causal-lm or classify (default: by checkpoint)
+    model_class: str | None = None  # pkg.mod:Class, to rebuild a custom model's artifact
 
 
 @dataclass
@@ -93,11 +94,11 @@ def load_model(src: ModelSource) -> LoadedModel:
                 f"{path} is a directory but not a wasi-tool artifact (no manifest.json) nor a "
                 "Hugging Face model (no config.json)"
             )
-        return load_artifact(path, expect_arch=src.arch)
+        return load_artifact(path, expect_arch=src.arch, model_class=src.model_class)
     if path.suffix == ".safetensors":
         tensors, meta = artifacts.load_weights(path)
         if meta.get("format") == artifacts.WEIGHTS_FORMAT:
-            return _from_wasi_weights(path, tensors, meta, src.arch)
+            return _from_wasi_weights(path, tensors, meta, src.arch, src.model_class)
         arch = src.arch or meta.get("arch")
         return _from_state_dict(tensors, arch, src, _source(path, "safetensors"))
     if path.suffix in TORCH_SUFFIXES:
@@ -109,13 +110,16 @@ def load_model(src: ModelSource) -> LoadedModel:
     )
 
 
-def load_artifact(directory: Path, expect_arch: str | None = None) -> LoadedModel:
-    """Rebuild the model of a wasi-tool artifact directory (its weights are hash-checked)."""
+def load_artifact(
+    directory: Path, expect_arch: str | None = None, model_class: str | None = None
+) -> LoadedModel:
+    """Rebuild the model of a wasi-tool artifact directory (its weights are hash-checked);
+    a custom model only when ``model_class`` names the class it records."""
     manifest = artifacts.read_manifest(directory)
     artifacts.verify_files(directory, manifest, [artifacts.WEIGHTS])
     weights = directory / artifacts.WEIGHTS
     tensors, meta = artifacts.load_weights(weights)
-    loaded = _from_wasi_weights(weights, tensors, meta, expect_arch)
+    loaded = _from_wasi_weights(weights, tensors, meta, expect_arch, model_class)
     loaded.source = {
         **manifest["source"],
         "parent": {
@@ -215,7 +219,11 @@ def _kwargs_of(model: nn.Module, src: ModelSource) -> dict[str, Any]:
 
 
 def _from_wasi_weights(
-    path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], expect_arch: str | None
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    expect_arch: str | None,
+    model_class: str | None = None,
 ) -> LoadedModel:
     try:
         version = int(meta.get("format_version", "-1"))
@@ -238,12 +246,19 @@ def _from_wasi_weights(
         raise WasiToolError(f"{path}: weights format_version {version} is not supported")
     if expect_arch is not None and expect_arch != arch:
         raise WasiToolError(f"{path} holds a {arch} model, not {expect_arch}")
-    if arch != hf.HF_ARCH:
+    if arch == custom.CUSTOM_ARCH:
+        custom.check_named(str(kwargs.get("model_class")), model_class, str(path.parent))
+    elif arch != hf.HF_ARCH:
         check_arch(arch)
 
     def build(device: str) -> nn.Module:
         with torch.device(device):
-            model = hf.build(kwargs) if arch == hf.HF_ARCH else build_model(arch, **kwargs)
+            if arch == custom.CUSTOM_ARCH:
+                model = custom.build_custom(kwargs)
+            elif arch == hf.HF_ARCH:
+                model = hf.build(kwargs)
+            else:
+                model = build_model(arch, **kwargs)
         for name, (out_f, in_f, rank, bias) in shapes.items():
             try:
                 # skip_init: the weights come from the file, a random init would be wasted work
