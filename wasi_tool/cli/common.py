@@ -97,6 +97,7 @@ def model_source(
     trust_pickle: bool,
     random_init: bool,
     seed: int,
+    *,
     task: str | None = None,
     model_class: str | None = None,
 ) -> ModelSource:

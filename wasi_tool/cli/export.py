@@ -76,7 +76,7 @@ def export(
             trust_pickle,
             random_init,
             seed_init,
-            model_class,
+            model_class=model_class,
         )
         with console.status("exporting and checking..."):
             result = run_export(source, config, out, overwrite=overwrite)

@@ -186,7 +186,7 @@ def finetune(
             lossy=lossy,
         )
         source = common.model_source(
-            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init, task
+            checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init, task=task
         )
         try:
             with RichProgress() as progress:
