@@ -8,6 +8,6 @@ bash scripts/install.sh
 # memory that follows live memory"): use tcmalloc when it is installed.
 TCMALLOC=$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1 || true)
 if [ -n "$TCMALLOC" ]; then
-  export LD_PRELOAD="$TCMALLOC${LD_PRELOAD:+ $LD_PRELOAD}" TCMALLOC_AGGRESSIVE_DECOMMIT=true
+  export LD_PRELOAD="$TCMALLOC${LD_PRELOAD:+ $LD_PRELOAD}"
 fi
 wasi-tool run pipelines/demo.toml --out runs/demo

@@ -5,15 +5,17 @@ mmap threshold grows to the size of freed blocks, so after the first step large 
 from the heap, whose freed space stays resident: a ViT-B/32 step whose live tensors peak at
 0.17 GB held 1.1 GB above its floor (benchmarks/e2e_step.py, BENCHMARKS.md).
 
-Two ways out, measured on that step (wasi, all 72 linears, memory mode ``block``):
+Two ways out, measured on that step (wasi, all 72 linears, memory mode ``block``; BENCHMARKS.md,
+e2e_memory):
 
-- tcmalloc (gperftools) loaded with ``LD_PRELOAD`` and ``TCMALLOC_AGGRESSIVE_DECOMMIT``:
-  0.59 GB above the floor at the same step time. It must be loaded before the process starts,
-  so the training bench starts its workers with it; ``finetune`` runs on it when the user
-  starts wasi-tool with it (README: "Memory").
+- tcmalloc (gperftools) loaded with ``LD_PRELOAD``: 0.61 GB above the floor at glibc's step
+  time. It must be loaded before the process starts, so the training bench starts its workers
+  with it; ``finetune`` runs on it when the user starts wasi-tool with it (README: "Resident
+  memory that follows live memory"). ``TCMALLOC_AGGRESSIVE_DECOMMIT=true`` gets 0.55 GB but
+  made the step 1.5x slower, so it is left to the user.
 - In a process already running on glibc, a fixed 64 KiB mmap threshold (``mallopt``) maps
-  every large tensor and unmaps it on free: 0.62 GB above the floor, but each new tensor's
-  pages fault in again, and the step was 1.4x slower.
+  every large tensor and unmaps it on free: 0.55-0.59 GB above the floor, but each new
+  tensor's pages fault in again, and the step was 1.4-1.6x slower.
 
 Intel's PyTorch CPU tuning guide recommends the same preload of tcmalloc or jemalloc for speed.
 """
@@ -42,9 +44,10 @@ _DIRS = (
     "/usr/lib",
     "/usr/local/lib",
 )
-# Each allocator's setting that hands freed pages back to the system promptly.
-_SETTINGS = {
-    "tcmalloc": {"TCMALLOC_AGGRESSIVE_DECOMMIT": "true"},
+# Settings beyond the preload (tcmalloc's defaults already reuse freed pages; its aggressive
+# decommit and jemalloc's default decay were measured slower).
+_SETTINGS: dict[str, dict[str, str]] = {
+    "tcmalloc": {},
     "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"},
 }
 
