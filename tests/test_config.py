@@ -13,8 +13,10 @@ from wasi_tool.training.results import FINETUNE_SCHEMA, FinetuneMetrics
 
 
 def test_every_stage_config_is_versioned_and_allow_listed() -> None:
-    assert set(CONFIGS) == {"compress", "finetune", "export", "bench-train"}
-    for cls in (CompressConfig, FinetuneConfig, ExportConfig, TrainBenchConfig):
+    from wasi_tool.federated.config import FederateConfig  # registered when imported
+
+    assert set(CONFIGS) == {"compress", "finetune", "export", "bench-train", "federate"}
+    for cls in (CompressConfig, FinetuneConfig, ExportConfig, TrainBenchConfig, FederateConfig):
         data = cls().to_dict()
         assert data[VERSION_KEY] == cls.version == 1
         assert load_config(cls.stage, data) == cls()

@@ -276,7 +276,12 @@ CASES: dict[str, tuple[list[str], str]] = {
     "unknown device profile": (["bench", "{onnx}", "--device", "pi9"], "unknown device profile"),
     "ssh target with shell metacharacters": (["bench", "{onnx}", "--ssh", "pi@host; rm -rf ~"], "--ssh takes user@host[:port]"),
     "ssh target with spaces": (["bench", "{onnx}", "--ssh", "p i@my host"], "--ssh takes user@host[:port]"),
+    "generate from a missing artifact": (["generate", "{d}/absent", "--prompt", "hi"], "no such file or directory"),
+    "generate from an image model": (["generate", "{artifact}", "--prompt", "hi"], "is not a causal language model"),
+    "federate with an unknown partition": (["federate", "{artifact}", "--data", "digits", "--partition", "zipf:2"], "partition must be iid, dirichlet:ALPHA or folders"),
+    "federate with no clients": (["federate", "{artifact}", "--data", "digits", "--clients", "0"], "clients must be >= 1"),
 }  # fmt: skip
+NO_OUT = {"generate"}  # commands that write nothing
 
 
 # Cases that run real work before they fail (over ~5 s): marked slow, still run by default.
@@ -291,7 +296,7 @@ def test_malformed_input_corpus(case: str, files: dict[str, Path], tmp_path: Pat
     subs = {**{k: str(v) for k, v in files.items()}, "d": str(files["pth"].parent)}
     argv = [a.format(**subs) if "{" in a else a for a in args]
     out = tmp_path / "runs" / "out"
-    if "--out" not in argv:
+    if "--out" not in argv and argv[0] not in NO_OUT:
         argv += ["--out", str(out)] if argv[0] != "bench" else ["--json", str(out)]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 1, (case, result.output)
