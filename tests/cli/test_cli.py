@@ -277,7 +277,7 @@ def test_export_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.Monk
         (["{junk}"], "not a readable ONNX model"),
         (["{junk}", "--device", "pi9"], "unknown device profile"),
         (["{junk}", "--ssh", "bad host@x"], "--ssh takes user@host[:port]"),
-        ([], "give an ONNX model, or --train CHECKPOINT"),
+        ([], "give an ONNX model, or CHECKPOINT --train"),
         (["--train", "absent.pth", "--arch", "vit_tiny_patch16_224"], "no such file"),
         (["--train", "x.pth", "--method", "sgd"], "unknown method"),
     ],
@@ -290,7 +290,19 @@ def test_bench_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
     assert result.exit_code == 1, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert lines[0].count("error:") == 1, lines  # a worker's own "error: " is not repeated
     assert not (tmp_path / "out.json").exists()
+
+
+def test_bench_train_is_a_flag_and_does_not_swallow_the_next_one(tmp_path: Path) -> None:
+    # `--train` used to take a value, so `--train --random-init` read "--random-init" as a path.
+    result = invoke("bench", "--train", "--random-init", *TINY_FLAGS, "--method", "sgd")
+    assert result.exit_code == 1
+    assert "unknown method" in result.stderr and "--random-init" not in result.stderr
+    # the checkpoint is the positional argument, before or after the flag
+    for args in (["--train", "x.pth"], ["x.pth", "--train"]):
+        result = invoke("bench", *args, "--method", "sgd")
+        assert result.exit_code == 1 and "unknown method" in result.stderr, result.stderr
 
 
 def test_bench_runs_locally_and_writes_json(tmp_path: Path, tiny_onnx: Callable[..., Path]) -> None:
