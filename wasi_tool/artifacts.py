@@ -106,6 +106,48 @@ def validate_manifest(manifest: Any, where: Path | str = MANIFEST) -> None:
             raise WasiToolError(f"{where}: key {key!r} has the wrong type")
 
 
+def describe(directory: Path) -> dict[str, Any]:
+    """What an artifact is and how it was made, for ``wasi-tool info``: its kind (the last
+    stage), source, model, stage history, layers, and every file with its size, its recorded
+    sha256 and whether the file on disk still matches it."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise WasiToolError(f"no such file or directory: {directory}")
+    manifest = read_manifest(directory)
+    stages = [s for s in manifest["stages"] if isinstance(s, dict)]
+    files: dict[str, dict[str, Any]] = {}
+    for name, entry in sorted(manifest["files"].items()):
+        entry = entry if isinstance(entry, dict) else {}
+        path = directory / name
+        present = path.is_file()
+        files[name] = {
+            "bytes": path.stat().st_size if present else entry.get("bytes"),
+            "sha256": entry.get("sha256"),
+            "status": (
+                "missing"
+                if not present
+                else "ok"
+                if sha256_file(path) == entry.get("sha256")
+                else "mismatch"
+            ),
+        }
+    manifest_bytes = (directory / MANIFEST).stat().st_size
+    files[MANIFEST] = {"bytes": manifest_bytes, "sha256": None, "status": "this record"}
+    return {
+        "path": str(directory),
+        "kind": str(stages[-1].get("stage", "artifact")) if stages else "artifact",
+        "created": manifest["created"],
+        "versions": manifest["versions"],
+        "source": manifest["source"],
+        "model": manifest["model"],
+        "stages": stages,
+        "layers": manifest["layers"],
+        "outputs": manifest.get("outputs"),
+        "files": files,
+        "total_bytes": sum(int(f["bytes"] or 0) for f in files.values()),
+    }
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -13,6 +13,7 @@ from wasi_tool.cli.export import export
 from wasi_tool.cli.federate import federate
 from wasi_tool.cli.finetune import finetune
 from wasi_tool.cli.generate import generate
+from wasi_tool.cli.inspect import evaluate, info
 from wasi_tool.cli.run import run
 
 app = typer.Typer(
@@ -29,6 +30,8 @@ app.command()(bench)
 app.command()(run)
 app.command()(generate)
 app.command()(federate)
+app.command()(info)
+app.command("eval")(evaluate)
 
 
 def _version(value: bool) -> None:

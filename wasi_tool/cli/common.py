@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,40 @@ def user_errors() -> Iterator[None]:
     except WasiToolError as exc:
         err_console.print(f"error: {exc}", markup=False, highlight=False)
         raise typer.Exit(1) from None
+
+
+DATA_HELP = (
+    "digits (built in), a .npz with x_train/y_train/x_test/y_test, a CIFAR batch folder, or an "
+    "image-folder tree root/<class>/*.jpg; text: emoji-lang[:N] (classify), "
+    "emoji-translate[:N[:de,fr]], a .txt or a .jsonl (causal-lm)."
+)
+
+JsonOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--json",
+        help="Write every figure as JSON to this file ('-': to stdout, instead of the table).",
+        show_default=False,
+    ),
+]
+
+
+def is_stdout(path: Path | None) -> bool:
+    return path is not None and str(path) == "-"
+
+
+def write_json(path: Path | None, payload: Any) -> None:
+    """``--json PATH``: the payload to PATH, or to stdout for ``-``; nothing for None."""
+    if path is None:
+        return
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    if is_stdout(path):
+        sys.stdout.write(text)
+        return
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise WasiToolError(f"cannot write {path}: {exc.strerror}") from None
 
 
 Checkpoint = Annotated[

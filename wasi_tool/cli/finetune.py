@@ -34,11 +34,7 @@ def finetune(
     checkpoint: common.Checkpoint = None,
     data: Annotated[
         str,
-        typer.Option(
-            help="digits (built in), a .npz with x_train/y_train/x_test/y_test, a CIFAR batch "
-            "folder, or an image-folder tree root/<class>/*.jpg; text: emoji-lang (classify), "
-            "emoji-translate[:N[:de,fr]], a .txt or a .jsonl (causal-lm)."
-        ),
+        typer.Option(help=common.DATA_HELP),
     ] = "digits",
     method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")] = default(
         F, "method"

@@ -105,14 +105,18 @@ def evaluate(
     ds: Dataset[Any],
     transform: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int,
+    predictions: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, float]:
     """Mean cross-entropy and top-1 accuracy over ``ds`` in eval mode (a causal LM: per
-    predicted token, prompt and padding left out)."""
+    predicted token, prompt and padding left out); ``predictions`` collects each batch's
+    (top-1, labels) when given."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for images, labels in loader(ds, batch_size):
         logits = model(transform(images))
+        if predictions is not None:
+            predictions.append((logits.argmax(-1), labels))
         loss_sum += float(task_loss(logits, labels, reduction="sum"))
         hits, counted = count_correct(logits, labels)
         correct += hits

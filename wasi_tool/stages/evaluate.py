@@ -1,0 +1,146 @@
+"""Evaluate an artifact (or checkpoint) on a dataset: mean loss and top-1 accuracy, and the
+predictions, over the same held-out split that ``finetune`` evaluates on.
+
+The split is a function of the dataset, the validation fraction, the seed and the class subset;
+when the model's history has a finetune stage, those default to that stage's, so ``eval`` of a
+fine-tuned artifact reads the images it was evaluated on and none it trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wasi_tool.data import batch_transform
+from wasi_tool.data.text import load_task_data
+from wasi_tool.errors import WasiToolError
+from wasi_tool.models import hf
+from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
+from wasi_tool.training.loop import evaluate
+
+__all__ = ["EvalResult", "run_eval"]
+
+SPLITS = ("test", "train")
+
+
+@dataclass
+class EvalResult:
+    loaded: LoadedModel
+    data: str
+    split: str
+    examples: int
+    loss: float
+    accuracy: float
+    classes: list[str]
+    settings: dict[str, Any]
+    predictions: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.loaded.arch,
+            "data": self.data,
+            "split": self.split,
+            "examples": self.examples,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "classes": self.classes,
+            "settings": self.settings,
+        }
+
+
+def _finetune_settings(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    for stage in reversed(stages):
+        if stage.get("stage") == "finetune" and isinstance(stage.get("config"), dict):
+            return dict(stage["config"])
+    return {}
+
+
+def _write_predictions(path: Path, result: EvalResult) -> None:
+    names = result.classes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f)
+            out.writerow(["index", "label", "prediction", "label_name", "prediction_name"])
+            for i, (y, p) in enumerate(zip(result.labels, result.predictions, strict=True)):
+                out.writerow([i, y, p, names[y], names[p] if p < len(names) else ""])
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise WasiToolError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def run_eval(
+    source: ModelSource,
+    data: str | Path,
+    *,
+    split: str = "test",
+    batch_size: int = 64,
+    classes: list[int] | None = None,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+    seq_len: int | None = None,
+    predictions: Path | None = None,
+) -> EvalResult:
+    """Loss and accuracy of the model ``source`` names on ``split`` of ``data``; with
+    ``predictions``, one CSV row per example (classifiers only)."""
+    if split not in SPLITS:
+        raise WasiToolError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if batch_size < 1:
+        raise WasiToolError(f"batch size must be >= 1, got {batch_size}")
+    loaded = load_model(source)
+    model = loaded.model
+    tuned = _finetune_settings(loaded.stages)
+    settings: dict[str, Any] = {
+        "val_fraction": tuned.get("val_fraction", 0.1) if val_fraction is None else val_fraction,
+        "seed": tuned.get("seed", 0) if seed is None else seed,
+        "classes": tuned.get("classes") if classes is None else classes,
+        "seq_len": tuned.get("seq_len") if seq_len is None else seq_len,
+        "from_finetune_stage": bool(tuned),
+    }
+    transform = batch_transform(loaded)
+    splits = load_task_data(
+        loaded,
+        data,
+        transform.size,
+        settings["val_fraction"],
+        settings["seed"],
+        settings["classes"],
+        seq_len=settings["seq_len"],
+    )
+    causal = hf.is_causal_lm(model)
+    if predictions is not None and causal:
+        raise WasiToolError("--predictions is per example: it applies to classifiers only")
+    head = getattr(model, "num_classes", None)
+    if not causal and isinstance(head, int) and head != splits.num_classes:
+        raise WasiToolError(
+            f"the model has {head} classes and {data} has {splits.num_classes}: choose the "
+            "classes it was trained on with --classes"
+        )
+    ds = splits.test if split == "test" else splits.train
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+    figures = evaluate(model, ds, transform, batch_size, predictions=found)
+    result = EvalResult(
+        loaded,
+        splits.description,
+        split,
+        len(ds),  # type: ignore[arg-type]
+        figures["loss"],
+        figures["accuracy"],
+        splits.classes,
+        settings,
+    )
+    if not causal:
+        result.predictions = [int(p) for top1, _ in found for p in top1.tolist()]
+        result.labels = [int(y) for _, labels in found for y in labels.tolist()]
+    if predictions is not None:
+        _write_predictions(predictions, result)
+    return result
