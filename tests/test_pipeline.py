@@ -150,3 +150,30 @@ def test_cli_run_errors_are_one_line(tmp_path: Path) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "tiny.toml:11: unknown key 'epsilon'" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_set_error_names_the_set_not_the_recipe_line(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, TINY_RECIPE.replace("rank_ratio = 0.5", "eps = 0.8"))
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["run", str(path), "--set", "compress.eps=1.3", "-o", out])
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --set compress.eps=1.3: "), lines
+    assert "eps must be in" in lines[0] and "tiny.toml:" not in lines[0]
+    assert not out.exists()
+    # a recipe that is wrong as written is still reported at its line, --set or not
+    bad = _recipe(tmp_path, TINY_RECIPE.replace("rank_ratio = 0.5", "eps = 1.5"))
+    with pytest.raises(WasiToolError, match=r"tiny.toml:\d+: stage 'compress': eps must be in"):
+        load_pipeline(bad, ["compress.force=true"])
+
+
+def test_a_failed_run_leaves_no_directory(tmp_path: Path) -> None:
+    absent = tmp_path / "absent.pth"
+    path = _recipe(
+        tmp_path,
+        TINY_RECIPE.replace("random_init = true,", f"checkpoint = '{absent}',"),
+    )
+    out = tmp_path / "runs" / "r"  # its parent is created by the run as well
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 1 and "no such file" in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()

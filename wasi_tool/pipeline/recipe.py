@@ -12,6 +12,7 @@ whose key (a hash of its kind, settings and input) is unchanged is reused unless
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -78,11 +79,28 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     pipeline = Pipeline(
         str(head.get("name", path.stem)), str(head.get("description", "")), stages, path
     )
+    as_written = copy.deepcopy(pipeline)
     for item in overrides or []:
         _override(pipeline, item)
-    for spec in pipeline.stages:
-        _validate(pipeline, spec)
+    for spec, written in zip(pipeline.stages, as_written.stages, strict=True):
+        try:
+            _validate(pipeline, spec)
+        except WasiToolError as exc:
+            items = [i for i in overrides or [] if _stage_of(i) == spec.name]
+            if not items:
+                raise
+            try:  # valid as the recipe wrote it: the --set values are at fault
+                _validate(as_written, written)
+            except WasiToolError:
+                raise exc from None
+            where = f"{pipeline.path}:{spec.line}: stage {spec.name!r}: "
+            message = str(exc).removeprefix(where)
+            raise WasiToolError(f"--set {', --set '.join(items)}: {message}") from None
     return pipeline
+
+
+def _stage_of(item: str) -> str:
+    return item.partition("=")[0].strip().partition(".")[0]
 
 
 def _stage(path: Path, text: str, raw: dict[str, Any], line: int, earlier: list[str]) -> StageSpec:

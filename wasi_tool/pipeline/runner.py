@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,7 +59,35 @@ def run_pipeline(
 ) -> list[StageRecord]:
     """Run the stages in order under ``run_dir`` (default ``runs/<pipeline name>``)."""
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / pipeline.name
+    created = _first_missing(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_stages(pipeline, run_dir, force, on_stage, progress)
+    except BaseException:
+        # a run that fails before it wrote anything leaves no directory behind (a stage's
+        # artifact is written atomically; an interrupted fine-tune's checkpoint is a file, kept)
+        if created is not None and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory that ``path.mkdir(parents=True)`` would create, if any."""
+    missing = None
+    for p in [path.absolute(), *path.absolute().parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _run_stages(
+    pipeline: Pipeline,
+    run_dir: Path,
+    force: bool,
+    on_stage: Callable[[StageRecord], None] | None,
+    progress: Any,
+) -> list[StageRecord]:
     previous = _read_state(run_dir)
     keys: dict[str, str] = {}
     records: list[StageRecord] = []
