@@ -211,5 +211,8 @@ class LiveTensorMeter(TorchDispatchMode):
 
 
 def pace(speedup: float) -> str:
-    """A time ratio (baseline time / this time) in words: "1.66x faster" or "1.47x slower"."""
-    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+    """A time ratio (baseline time / this time) in words: "1.66x faster", "1.47x slower" or
+    "same" (the one wording rule, wasi_tool/wording.py)."""
+    from wasi_tool.wording import ratio
+
+    return ratio(speedup, "time")

@@ -23,6 +23,7 @@ from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import pace
+from wasi_tool.wording import ratio as words
 
 _I = InferenceBenchConfig()  # the defaults, read from the configs, never copied by hand
 _T = TrainBenchConfig()
@@ -191,7 +192,7 @@ def render_inference(result: dict[str, Any]) -> None:
     if "ratios" in result:
         r = result["ratios"]
         table.add_section()
-        size = f"{1 / r['file_size_ratio_vs']:.2f}x the size"
+        size = words(r["file_size_ratio_vs"], "size")
         table.add_row("model vs --vs", size, pace(r["p50_speedup_vs"]), *[""] * 6)
     console.print(table)
     console.print(
@@ -220,9 +221,9 @@ def render_train(result: TrainBenchResult) -> None:
             f"{name} vs {result.vs}",
             "",
             pace(r.step_speedup_vs),
-            f"{r.saved_bytes_ratio_vs:.1f}x fewer",
-            f"{r.target_saved_bytes_ratio_vs:.1f}x fewer",
-            f"{r.peak_rss_ratio_vs:.2f}x less",
+            words(r.saved_bytes_ratio_vs),
+            words(r.target_saved_bytes_ratio_vs),
+            words(r.peak_rss_ratio_vs, "memory"),
         )
     console.print(table)
     for name, m in result.methods.items():

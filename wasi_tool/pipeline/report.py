@@ -12,6 +12,7 @@ from wasi_tool import artifacts
 from wasi_tool.bench.train import TrainBenchResult
 from wasi_tool.measure import pace
 from wasi_tool.training.results import FinetuneMetrics
+from wasi_tool.wording import ratio as words
 
 BENCH_FILE = "bench.json"
 METRICS_FILE = "metrics.json"
@@ -75,7 +76,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             ratio = ""
             base_targets = base.measured.saved_bytes_per_step.targets if base else None
             if base_targets and saved.targets:
-                ratio = f"{base_targets / saved.targets:.1f}x fewer"
+                ratio = words(base_targets / saved.targets)
             acc = m.final.test_accuracy if m.final else float("nan")
             step = f"{m.measured.median_step_seconds * 1e3:.1f} ms"
             lines.append(
@@ -133,11 +134,11 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
                     "ratio",
                     "",
                     pace(ratios.step_speedup_vs),
-                    f"{ratios.peak_rss_ratio_vs:.2f}x less",
+                    words(ratios.peak_rss_ratio_vs, "memory"),
                     "",
                     "",
-                    f"{ratios.saved_bytes_ratio_vs:.1f}x fewer",
-                    f"{ratios.target_saved_bytes_ratio_vs:.1f}x fewer",
+                    words(ratios.saved_bytes_ratio_vs),
+                    words(ratios.target_saved_bytes_ratio_vs),
                 )
             )
         summary["train_bench"][name] = dataclasses.asdict(ratios) if ratios else {}
@@ -156,7 +157,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             lines.append(_row(stage, _mb(m["file_bytes"]), p50, p90))
         if "ratios" in b:
             r = b["ratios"]
-            size = f"{1 / r['file_size_ratio_vs']:.2f}x the size"
+            size = words(r["file_size_ratio_vs"], "size")
             lines.append(_row("ratio", size, pace(r["p50_speedup_vs"]), ""))
         summary["inference"][name] = b.get("ratios", {})
         lines.append("")
@@ -220,11 +221,7 @@ def _memory_lead(
         acc = accuracy.get(method)
         ratio = ""
         if base is not None and above and base_above and r is not base:
-            ratio = (
-                f"{base_above / above:.2f}x less"
-                if above <= base_above
-                else (f"{above / base_above:.2f}x more")
-            )
+            ratio = words(base_above / above, "memory")
         lines.append(
             _row(
                 method,
