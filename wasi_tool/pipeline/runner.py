@@ -77,6 +77,8 @@ def run_pipeline(
         start = time.perf_counter()
         reused = not force and old.get("key") == key and out.exists()
         if not reused:
+            if progress is not None:  # said before a stage that may run for minutes
+                progress.note(f"{spec.name} ({spec.kind}): running...")
             kind.run(spec, run_dir, out, progress)
         record = StageRecord(
             spec.name,
