@@ -69,6 +69,15 @@ RUNS: dict[str, tuple[str, str, str, str]] = {
 ALLOCATOR = {"vanilla (tcmalloc)": "tcmalloc", "wasi (all) + block (glibc)": "system"}
 
 
+def _anon_above(r: dict[str, Any]) -> int | None:
+    """Peak RSS above the floor less the file-backed library code the steps paged in
+    (StepMeasurement.anon_above_floor_bytes, from its JSON fields)."""
+    if r.get("floor_file_bytes") is None or r.get("file_bytes_at_peak") is None:
+        return None
+    paged_in = max(0, r["file_bytes_at_peak"] - r["floor_file_bytes"])
+    return int(r["peak_rss_bytes"] - r["floor_rss_bytes"] - paged_in)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
@@ -129,6 +138,10 @@ def main() -> None:
             "live_tensor_peak_gb": r["live_tensor_peak_bytes"] / 1e9,
             "allocator": r.get("allocator"),
         }
+        anon = _anon_above(r)
+        if anon is not None:  # less the library code the steps paged in (file-backed)
+            row["paged_in_code_gb"] = (r["file_bytes_at_peak"] - r["floor_file_bytes"]) / 1e9
+            row["anon_above_floor_gb"] = anon / 1e9
         if base_row is not None:
             row["speedup_vs_vanilla"] = base_row["median_step_seconds"] / r["median_step_seconds"]
             row["peak_rss_ratio_vs_vanilla"] = base_row["peak_rss_bytes"] / r["peak_rss_bytes"]
@@ -136,18 +149,24 @@ def main() -> None:
             base_above = base_row["peak_rss_bytes"] - base_row["floor_rss_bytes"]
             above = r["peak_rss_bytes"] - r["floor_rss_bytes"]
             row["above_floor_ratio_vs_vanilla"] = base_above / above
+            base_anon = _anon_above(base_row)
+            if base_anon is not None and anon:
+                row["anon_above_floor_ratio_vs_vanilla"] = base_anon / anon
         table.append(row)
     print(
         "\n| run | step (ms) | vs vanilla | peak RSS (GB) | above floor (GB) | vs vanilla "
+        "| code paged in (GB) | above floor less code (GB) | vs vanilla "
         "| saved/step (MB) | vs vanilla | in targets (MB) | live-tensor peak (GB) | allocator |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- |" + " ---: |" * 12 + " --- |")
     nan = float("nan")
     for row in table:
         print(
             f"| {row['method']} | {row['median_step_ms']:.0f} | "
             f"{row.get('speedup_vs_vanilla', nan):.2f}x | {row['peak_rss_gb']:.2f} | "
             f"{row['above_floor_gb']:.2f} | {row.get('above_floor_ratio_vs_vanilla', nan):.2f}x | "
+            f"{row.get('paged_in_code_gb', nan):.2f} | {row.get('anon_above_floor_gb', nan):.2f} | "
+            f"{row.get('anon_above_floor_ratio_vs_vanilla', nan):.2f}x | "
             f"{row['saved_mb']:.1f} | {row.get('saved_ratio_vs_vanilla', nan):.1f}x | "
             f"{row['saved_targets_mb']:.1f} | {row['live_tensor_peak_gb']:.2f} | "
             f"{row['allocator']} |"
