@@ -320,7 +320,9 @@ def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> TrainBen
         lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0 or not lines:
             err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            raise WasiToolError(f"training bench of {m} failed: {err[-1] if err else 'no output'}")
+            line = err[-1] if err else "no output"
+            line = line.removeprefix("error: ")  # the worker's own one-line error, said once
+            raise WasiToolError(f"training bench of {m} failed: {line}")
         results[m] = StepMeasurement(**json.loads(lines[-1]))
     out = TrainBenchResult(config.to_dict(), vs, results)
     if vs:

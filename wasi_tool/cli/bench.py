@@ -31,7 +31,11 @@ _T = TrainBenchConfig()
 def bench(
     model: Annotated[
         Path | None,
-        typer.Argument(help="ONNX model to time (inference bench).", show_default=False),
+        typer.Argument(
+            help="ONNX model to time (inference bench), or with --train the checkpoint or "
+            "artifact to train (none with --random-init).",
+            show_default=False,
+        ),
     ] = None,
     vs: Annotated[
         str | None,
@@ -64,8 +68,11 @@ def bench(
         int, typer.Option(help="Tokens per input of a text model (inference bench).")
     ] = default(InferenceBenchConfig, "seq_len"),
     train: Annotated[
-        Path | None, typer.Option(help="Training bench of this checkpoint or artifact.")
-    ] = None,
+        bool,
+        typer.Option(
+            "--train", help="Time training steps of MODEL (a checkpoint or artifact) instead."
+        ),
+    ] = False,
     method: Annotated[
         str, typer.Option(help="Method(s) for --train, comma-separated: wasi,bsr,lora.")
     ] = default(TrainBenchConfig, "method"),
@@ -88,8 +95,8 @@ def bench(
     allocator: Annotated[
         str,
         typer.Option(
-            help="--train: the workers' allocator: auto (tcmalloc when saving memory and "
-            "installed) | system | tcmalloc | jemalloc."
+            help="--train: the workers' allocator: auto (jemalloc, else tcmalloc, when saving "
+            "memory and installed) | system | tcmalloc | jemalloc."
         ),
     ] = default(TrainBenchConfig, "allocator"),
     arch: common.Arch = None,
@@ -103,9 +110,9 @@ def bench(
     """Time an ONNX model on a device profile (locally or over SSH), or training steps."""
     result: dict[str, Any] | TrainBenchResult
     with common.user_errors():
-        if train is not None or random_init:
+        if train or random_init:
             result = _train(
-                train, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
+                model, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
                 num_classes, img_size, random_init, memory_mode, memory_budget, lossy,
                 allocator,
             )  # fmt: skip
