@@ -1,4 +1,5 @@
-"""The process measurements: the library floor counts weights that are really resident."""
+"""The process measurements (the library floor counts weights that are really resident) and
+the JSON the tool writes."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ def test_floor_pages_in_memory_mapped_weights(tmp_path: Path) -> None:
     # the pages came from the file (the floor read them), and the floor subtracted them
     assert paged_in > size // 2
     assert floor == pytest.approx(rss - size, abs=8 * 2**20)  # type: ignore[operator]
+
+
+def test_json_the_tool_writes_is_strict(tmp_path: Path) -> None:
+    """metrics.json, manifests, pipeline.json and bench JSON go through one writer: a NaN or
+    inf (a diverged loss) is written as null, never as the bare NaN strict readers refuse."""
+    import json
+
+    path = tmp_path / "m.json"
+    artifacts.write_json(path, {"loss": float("nan"), "x": [1.0, float("inf")], "n": 3})
+
+    def refuse(token: str) -> None:
+        raise ValueError(token)
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "loss": None,
+        "x": [1.0, None],
+        "n": 3,
+    }

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from wasi_tool import artifacts
 from wasi_tool.bench import (
     PROFILES,
     InferenceBenchConfig,
@@ -137,7 +137,7 @@ def bench(
         if json_path is not None:
             payload = result if isinstance(result, dict) else result.to_dict()
             try:
-                json_path.write_text(json.dumps(payload, indent=2) + "\n")
+                json_path.write_text(artifacts.dumps_json(payload))
             except OSError as exc:
                 raise WasiToolError(f"cannot write {json_path}: {exc.strerror}") from None
 
