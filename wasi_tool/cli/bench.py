@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from wasi_tool import artifacts
 from wasi_tool.bench import (
     PROFILES,
     InferenceBenchConfig,
@@ -33,7 +33,11 @@ _T = TrainBenchConfig()
 def bench(
     model: Annotated[
         Path | None,
-        typer.Argument(help="ONNX model to time (inference bench).", show_default=False),
+        typer.Argument(
+            help="ONNX model to time (inference bench), or with --train the checkpoint or "
+            "artifact to train (none with --random-init).",
+            show_default=False,
+        ),
     ] = None,
     vs: Annotated[
         str | None,
@@ -66,8 +70,11 @@ def bench(
         int, typer.Option(help="Tokens per input of a text model (inference bench).")
     ] = default(InferenceBenchConfig, "seq_len"),
     train: Annotated[
-        Path | None, typer.Option(help="Training bench of this checkpoint or artifact.")
-    ] = None,
+        bool,
+        typer.Option(
+            "--train", help="Time training steps of MODEL (a checkpoint or artifact) instead."
+        ),
+    ] = False,
     method: Annotated[
         str, typer.Option(help="Method(s) for --train, comma-separated: wasi,bsr,lora.")
     ] = default(TrainBenchConfig, "method"),
@@ -90,8 +97,8 @@ def bench(
     allocator: Annotated[
         str,
         typer.Option(
-            help="--train: the workers' allocator: auto (tcmalloc when saving memory and "
-            "installed) | system | tcmalloc | jemalloc."
+            help="--train: the workers' allocator: auto (jemalloc, else tcmalloc, when saving "
+            "memory and installed) | system | tcmalloc | jemalloc."
         ),
     ] = default(TrainBenchConfig, "allocator"),
     arch: common.Arch = None,
@@ -105,9 +112,9 @@ def bench(
     """Time an ONNX model on a device profile (locally or over SSH), or training steps."""
     result: dict[str, Any] | TrainBenchResult
     with common.user_errors():
-        if train is not None or random_init:
+        if train or random_init:
             result = _train(
-                train, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
+                model, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
                 num_classes, img_size, random_init, memory_mode, memory_budget, lossy,
                 allocator,
             )  # fmt: skip
@@ -132,7 +139,7 @@ def bench(
         if json_path is not None:
             payload = result if isinstance(result, dict) else result.to_dict()
             try:
-                json_path.write_text(json.dumps(payload, indent=2) + "\n")
+                json_path.write_text(artifacts.dumps_json(payload))
             except OSError as exc:
                 raise WasiToolError(f"cannot write {json_path}: {exc.strerror}") from None
 

@@ -123,5 +123,5 @@ def _write_state(
         "stages": [dataclasses.asdict(r) for r in records] + later,
     }
     tmp = run_dir / f".{PIPELINE_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(artifacts.dumps_json(payload))
     tmp.replace(run_dir / PIPELINE_FILE)
