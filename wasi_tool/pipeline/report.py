@@ -214,7 +214,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
         lines.append("")
     for name, d in exports:
         summary["export"][name] = {"onnx_bytes": (d / "model.onnx").stat().st_size}
-    plots = _plots(finetunes, compresses, out)
+    plots = _plots(finetunes, compresses, out, trains)
     if plots:
         lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -308,11 +308,9 @@ def _plots(
     finetunes: list[tuple[str, FinetuneMetrics]],
     compresses: list[tuple[str, dict[str, Any], Path]],
     out: Path,
+    trains: list[tuple[str, TrainBenchResult]] | None = None,
 ) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from wasi_tool.plots import plot_memory_accuracy, plot_ranks, plot_training
 
     made = []
     for name, _, d in compresses:
@@ -320,37 +318,28 @@ def _plots(
             shutil.copyfile(d / "energy.png", out / f"energy-{name}.png")
             made.append(f"energy-{name}.png")
     for name, rep, _ in compresses:
-        fig, ax = plt.subplots(figsize=(8, 3))
-        layers = rep["layers"]
-        ax.bar(range(len(layers)), [r["rank"] / r["full_rank"] for r in layers])
-        ax.set_xticks(range(len(layers)), [r["name"] for r in layers], rotation=90, fontsize=6)
-        ax.set_ylabel("rank / min(O, I)")
-        ax.set_title(f"rank per layer ({name})")
-        fig.tight_layout()
-        fig.savefig(out / f"ranks-{name}.png", dpi=110)
-        plt.close(fig)
+        cfg = rep.get("config", {})
+        eps = cfg.get("eps") if cfg.get("rank_ratio") is None else None
+        plot_ranks(rep["layers"], eps, f"rank per layer ({name})", out / f"ranks-{name}.png")
         made.append(f"ranks-{name}.png")
     if finetunes:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for name, m in finetunes:
-            epochs = [e.epoch for e in m.epochs]
-            ax.plot(epochs, [e.test_accuracy for e in m.epochs], marker="o", label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "training.png", dpi=110)
-        plt.close(fig)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
-        names = [n for n, _ in finetunes]
-        a1.bar(names, [m.final.test_accuracy if m.final else 0 for _, m in finetunes])
-        a1.set_title("test accuracy")
-        saved = [(m.measured.saved_bytes_per_step.targets or 0) / 1e6 for _, m in finetunes]
-        a2.bar(names, saved)
-        a2.set_title("saved for backward in targets (MB/step)")
-        fig.tight_layout()
-        fig.savefig(out / "memory-accuracy.png", dpi=110)
-        plt.close(fig)
+        plot_training(finetunes, out / "training.png")
+        # the whole process's peak per method: the training bench's fresh processes (off mode)
+        peaks: dict[str, tuple[float, float | None, str]] = {}
+        for bench_name, b in trains or []:
+            for method, r in b.methods.items():
+                if method not in peaks and r.memory_mode == "off":
+                    where = f"bench {bench_name}: a fresh process per method"
+                    peaks[method] = (r.peak_rss_bytes, r.floor_rss_bytes, where)
+        # one task: the one most fine-tunes trained (a pretraining stage is another task)
+        task = lambda m: (m.data, tuple(m.classes))  # noqa: E731
+        tasks = [task(m) for _, m in finetunes]
+        main = max(set(tasks), key=tasks.count)
+        shown = [(n, m) for n, m in finetunes if task(m) == main]
+        plot_memory_accuracy(
+            shown,
+            {k: v for k, v in peaks.items() if k in {m.method for _, m in shown}},
+            out / "memory-accuracy.png",
+        )
         made += ["training.png", "memory-accuracy.png"]
     return made
