@@ -14,8 +14,8 @@ ranks (B/4, N/4, 32). Methods and their models:
     bsr+wasi           all 72 factored; bsr with WASI on the linears of its trained blocks
     lora               dense, frozen; peft LoRA r=8 on all 72 block linears + head
     ... + block/mlp/attn   the same with --memory-mode: recompute that region in backward
-                           (workers on tcmalloc when installed: wasi_tool/allocator.py)
-    vanilla (tcmalloc), wasi (all) + block (glibc)   the allocator apart
+                           (workers on jemalloc, else tcmalloc: wasi_tool/allocator.py)
+    vanilla (jemalloc / tcmalloc), wasi (all) + block (glibc / tcmalloc)   the allocator apart
 
 Per run: the median step, the worker's own peak RSS (VmHWM), the library floor (resident with
 the model loaded, less its weights), the bytes saved for backward per step, and the live-tensor
@@ -60,13 +60,29 @@ RUNS: dict[str, tuple[str, str, str, str]] = {
     "wasi (all) + attn": ("all", "wasi", "all", "attn"),
     "bsr+wasi + block": ("all", "bsr+wasi", "all", "block"),
     "lora + block": ("dense", "lora", "all", "block"),
-    # the allocator apart: vanilla on tcmalloc too, and the memory mode on glibc (fixed mmap
-    # threshold) for a machine without tcmalloc
+    # the allocator apart: vanilla on jemalloc / tcmalloc too, and the memory mode on tcmalloc
+    # and on glibc (fixed mmap threshold) for a machine without jemalloc
     "vanilla (tcmalloc)": ("dense", "vanilla", "all", "off"),
+    "vanilla (jemalloc)": ("dense", "vanilla", "all", "off"),
     "wasi (all) + block (glibc)": ("all", "wasi", "all", "block"),
+    "wasi (all) + block (tcmalloc)": ("all", "wasi", "all", "block"),
 }
-# runs whose workers' allocator is not "auto" (tcmalloc with a memory mode, else the system's)
-ALLOCATOR = {"vanilla (tcmalloc)": "tcmalloc", "wasi (all) + block (glibc)": "system"}
+# runs whose workers' allocator is not "auto" (jemalloc with a memory mode, else the system's)
+ALLOCATOR = {
+    "vanilla (tcmalloc)": "tcmalloc",
+    "wasi (all) + block (glibc)": "system",
+    "wasi (all) + block (tcmalloc)": "tcmalloc",
+    "vanilla (jemalloc)": "jemalloc",
+}
+
+
+def _anon_above(r: dict[str, Any]) -> int | None:
+    """Peak RSS above the floor less the file-backed library code the steps paged in
+    (StepMeasurement.anon_above_floor_bytes, from its JSON fields)."""
+    if r.get("floor_file_bytes") is None or r.get("file_bytes_at_peak") is None:
+        return None
+    paged_in = max(0, r["file_bytes_at_peak"] - r["floor_file_bytes"])
+    return int(r["peak_rss_bytes"] - r["floor_rss_bytes"] - paged_in)
 
 
 def main() -> None:
@@ -129,6 +145,10 @@ def main() -> None:
             "live_tensor_peak_gb": r["live_tensor_peak_bytes"] / 1e9,
             "allocator": r.get("allocator"),
         }
+        anon = _anon_above(r)
+        if anon is not None:  # less the library code the steps paged in (file-backed)
+            row["paged_in_code_gb"] = (r["file_bytes_at_peak"] - r["floor_file_bytes"]) / 1e9
+            row["anon_above_floor_gb"] = anon / 1e9
         if base_row is not None:
             row["speedup_vs_vanilla"] = base_row["median_step_seconds"] / r["median_step_seconds"]
             row["peak_rss_ratio_vs_vanilla"] = base_row["peak_rss_bytes"] / r["peak_rss_bytes"]
@@ -136,18 +156,24 @@ def main() -> None:
             base_above = base_row["peak_rss_bytes"] - base_row["floor_rss_bytes"]
             above = r["peak_rss_bytes"] - r["floor_rss_bytes"]
             row["above_floor_ratio_vs_vanilla"] = base_above / above
+            base_anon = _anon_above(base_row)
+            if base_anon is not None and anon:
+                row["anon_above_floor_ratio_vs_vanilla"] = base_anon / anon
         table.append(row)
     print(
         "\n| run | step (ms) | vs vanilla | peak RSS (GB) | above floor (GB) | vs vanilla "
+        "| code paged in (GB) | above floor less code (GB) | vs vanilla "
         "| saved/step (MB) | vs vanilla | in targets (MB) | live-tensor peak (GB) | allocator |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- |" + " ---: |" * 12 + " --- |")
     nan = float("nan")
     for row in table:
         print(
             f"| {row['method']} | {row['median_step_ms']:.0f} | "
             f"{row.get('speedup_vs_vanilla', nan):.2f}x | {row['peak_rss_gb']:.2f} | "
             f"{row['above_floor_gb']:.2f} | {row.get('above_floor_ratio_vs_vanilla', nan):.2f}x | "
+            f"{row.get('paged_in_code_gb', nan):.2f} | {row.get('anon_above_floor_gb', nan):.2f} | "
+            f"{row.get('anon_above_floor_ratio_vs_vanilla', nan):.2f}x | "
             f"{row['saved_mb']:.1f} | {row.get('saved_ratio_vs_vanilla', nan):.1f}x | "
             f"{row['saved_targets_mb']:.1f} | {row['live_tensor_peak_gb']:.2f} | "
             f"{row['allocator']} |"

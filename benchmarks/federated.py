@@ -83,6 +83,13 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="cap local steps per epoch")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--partitions", default="iid,dirichlet:0.5")
+    ap.add_argument("--methods", default="wasi,vanilla", help="comma-separated: wasi, vanilla")
+    ap.add_argument(
+        "--centralized",
+        action="store_true",
+        help="also fine-tune wasi centrally from the same start for rounds x local epochs "
+        "(the accuracy baseline: global accuracy within 2 points of it, IID)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "federated.json")
     args = ap.parse_args()
 
@@ -90,8 +97,9 @@ def main() -> None:
 
     starts = sources(args.source, args.runs)
     results: list[dict[str, Any]] = []
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
     for partition in args.partitions.split(","):
-        for name, flags in METHODS.items():
+        for name, flags in methods.items():
             config = FederateConfig(
                 **flags, targets="all", clients=args.clients, partition=partition,
                 rounds=args.rounds, epochs=args.local_epochs, max_steps=args.max_steps,
@@ -128,9 +136,40 @@ def main() -> None:
     ratios = {}
     for partition in args.partitions.split(","):
         by = {e["method"]: e for e in results if e["partition"] == partition}
-        ratios[partition] = round(
-            by["vanilla"]["bytes_per_round"] / by["wasi"]["bytes_per_round"], 3
+        if {"vanilla", "wasi"} <= set(by):
+            ratios[partition] = round(
+                by["vanilla"]["bytes_per_round"] / by["wasi"]["bytes_per_round"], 3
+            )
+    centralized = None
+    if args.centralized:  # the same start, data and recipe, one process, rounds x local epochs
+        from wasi_tool.stages.finetune import run_finetune
+        from wasi_tool.training.config import FinetuneConfig
+
+        epochs = args.rounds * args.local_epochs
+        t0 = time.perf_counter()
+        from wasi_tool.models.loading import ModelSource
+
+        central_out = args.runs / "federated" / "wasi-centralized"
+        central = FinetuneConfig(
+            method="wasi", targets="all", epochs=epochs, max_steps=args.max_steps,
+            batch_size=args.batch_size, classes=[5, 6, 7, 8, 9], lr=0.05, lr_min=0.0005,
+        )  # fmt: skip
+        run_finetune(
+            ModelSource(checkpoint=starts["wasi"]), str(DATA), central, central_out, overwrite=True
         )
+        metrics = json.loads((central_out / "metrics.json").read_text())
+        centralized = {
+            "method": "wasi",
+            "epochs": epochs,
+            "test_accuracy": metrics["epochs"][-1]["test_accuracy"],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        for e in results:
+            if e["method"] == "wasi":
+                e["points_vs_centralized"] = round(
+                    100 * (e["final_accuracy"] - centralized["test_accuracy"]), 2
+                )
+        print("centralized wasi:", json.dumps(centralized), flush=True)
     report = {
         "source": args.source,
         "note": "accuracies meaningless with a random-init source; bytes are exact"
@@ -139,6 +178,7 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "machine": f"{platform.machine()}, shared, nice -n 10",
         "bytes_ratio_vanilla_over_wasi": ratios,
+        "centralized": centralized,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

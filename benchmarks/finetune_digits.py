@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from wasi_tool.wording import ratio
+
 METHODS = ["vanilla", "asi", "wsi", "wasi"]
 
 
@@ -69,7 +71,8 @@ def main() -> None:
         print(
             f"{r['method']:8s} {r['test_accuracy']:6.3f} {r['median_step_ms']:8.1f} "
             f"{r['saved_bytes_total'] / 1e6:9.1f}MB {r['saved_bytes_targets'] / 1e6:7.2f}MB "
-            f"{r['peak_rss_mb']:7.0f}  (targets {r['targets_saved_ratio_vs_vanilla']}x fewer bytes)"
+            f"{r['peak_rss_mb']:7.0f}  (targets: "
+            f"{ratio(r['targets_saved_ratio_vs_vanilla'])} bytes than vanilla)"
         )
     if args.json:
         payload = {

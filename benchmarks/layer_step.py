@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wasi_tool.measure import SavedBytesMeter
+from wasi_tool.measure import SavedBytesMeter, pace
 from wasi_tool.methods.optim import SubspaceSGD
 from wasi_tool.nn import FactoredLinear, WASILinear
 from wasi_tool.ops.accounting import layer_step_flops
+from wasi_tool.wording import ratio
 
 B, N = 64, 50
 SHAPES = [(768, 3072), (3072, 768)]  # (in, out): fc1, fc2
@@ -158,9 +159,9 @@ def main() -> None:
             f"{r['shape']:>10}  vanilla {r['vanilla_ms']:7.1f} ms ({r['vanilla_x_floor']:.2f}x "
             f"floor {r['vanilla_floor_ms']:.1f})  wasi {r['wasi_ms']:7.1f} ms "
             f"({r['wasi_x_floor']:.2f}x floor {r['wasi_floor_ms']:.1f})  "
-            f"speedup {r['speedup']:.2f}x  saved bytes {r['saved_bytes_ratio']:.1f}x fewer "
+            f"step {pace(r['speedup'])}  saved bytes {ratio(r['saved_bytes_ratio'])} "
             f"({r['wasi_saved_bytes']} vs formula {r['wasi_saved_bytes_formula']})  "
-            f"weights+grads {r['weight_mem_ratio']:.2f}x smaller"
+            f"weights+grads {ratio(r['weight_mem_ratio'], 'size')}"
         )
     summary = {
         "speedup": min(float(r["speedup"]) for r in rows),

@@ -34,6 +34,7 @@ from wasi_tool.models.targets import select_targets
 from wasi_tool.ops import accounting, kept_energy, rank_by_energy, saves_flops, spectrum
 from wasi_tool.stages import CompressConfig, run_compress
 from wasi_tool.stages.export import ExportConfig, run_export
+from wasi_tool.wording import ratio
 
 TARGETS = "mlp,attn"
 EPS_TABLE = (0.5, 0.8, 0.9)
@@ -137,7 +138,7 @@ def main() -> None:
     speedup = b["p50_ms"] / a["p50_ms"]
     print(
         f"batch 1 x {args.seq_len} tokens, {args.threads} threads: dense p50 {b['p50_ms']:.2f} ms, "
-        f"factored p50 {a['p50_ms']:.2f} ms ({speedup:.2f}x faster); files "
+        f"factored p50 {a['p50_ms']:.2f} ms ({ratio(speedup, 'time')}); files "
         f"{b['file_bytes'] / 1e6:.1f} MB vs {a['file_bytes'] / 1e6:.1f} MB"
     )
     if args.json:

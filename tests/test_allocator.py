@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from wasi_tool.allocator import find_library, in_use, worker_env
+from wasi_tool.allocator import JEMALLOC_CONF, find_library, in_use, worker_env
 from wasi_tool.bench.train import TrainBenchConfig
 from wasi_tool.errors import WasiToolError
 
@@ -18,15 +18,25 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux a
 
 @linux
 def test_auto_preloads_an_installed_allocator_only_when_saving_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr("wasi_tool.allocator._DIRS", ())  # only the libraries made here
     lib = tmp_path / "libtcmalloc_minimal.so.4"
     lib.write_bytes(b"")
     monkeypatch.setenv("WASI_TOOL_ALLOCATOR_PATH", str(tmp_path))
     monkeypatch.setenv("LD_PRELOAD", "/x/libother.so")
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
     env, name = worker_env("auto", memory_saving=True)
     assert name == "tcmalloc"
-    assert env["LD_PRELOAD"] == f"{lib} /x/libother.so"  # the user's own preload is kept
+    assert env == {"LD_PRELOAD": f"{lib} /x/libother.so"}  # the user's own preload is kept
     assert worker_env("auto", memory_saving=False) == ({}, "system")
     assert worker_env("system", memory_saving=True) == ({}, "system")
+    # with both installed, jemalloc comes first, with its measured decay
+    jemalloc = tmp_path / "libjemalloc.so.2"
+    jemalloc.write_bytes(b"")
+    env, name = worker_env("auto", memory_saving=True)
+    assert name == "jemalloc"
+    assert env == {"LD_PRELOAD": f"{jemalloc} /x/libother.so", "MALLOC_CONF": JEMALLOC_CONF}
+    monkeypatch.setenv("MALLOC_CONF", "narenas:1")  # the user's own settings win
+    assert "MALLOC_CONF" not in worker_env("auto", memory_saving=True)[0]
 
 
 def test_a_named_allocator_that_is_missing_is_one_clear_error(tmp_path, monkeypatch):
@@ -42,7 +52,7 @@ def test_a_named_allocator_that_is_missing_is_one_clear_error(tmp_path, monkeypa
 
 @linux
 def test_the_worker_environment_really_runs_on_the_allocator():
-    env, name = worker_env("tcmalloc" if find_library("tcmalloc") else "system", True)
+    env, name = worker_env("auto", True)  # jemalloc, tcmalloc, or glibc when neither is there
     code = (
         "import json; from wasi_tool.allocator import in_use, follow_live_memory;"
         "print(json.dumps([in_use(), follow_live_memory()]))"
@@ -55,8 +65,8 @@ def test_the_worker_environment_really_runs_on_the_allocator():
         check=True,
     )
     used, followed = json.loads(out.stdout)
-    if name == "tcmalloc":
-        assert used == followed == "tcmalloc"
+    if name in ("jemalloc", "tcmalloc"):
+        assert used == followed == name
     else:  # glibc: the mmap threshold is fixed instead
         assert used == "glibc"
         assert followed == "glibc, 64 KiB mmap threshold"

@@ -5,17 +5,21 @@ mmap threshold grows to the size of freed blocks, so after the first step large 
 from the heap, whose freed space stays resident: a ViT-B/32 step whose live tensors peak at
 0.17 GB held 1.1 GB above its floor (benchmarks/e2e_step.py, BENCHMARKS.md).
 
-Two ways out, measured on that step (wasi, all 72 linears, memory mode ``block``; BENCHMARKS.md,
-e2e_memory):
+Ways out, measured on that step (wasi, all 72 linears, memory mode ``block``; BENCHMARKS.md,
+e2e_allocator; vanilla on glibc 4.7 s a step, 2.04 GB above its floor, in the same run):
 
-- tcmalloc (gperftools) loaded with ``LD_PRELOAD``: 0.61 GB above the floor at glibc's step
-  time. It must be loaded before the process starts, so the training bench starts its workers
-  with it; ``finetune`` runs on it when the user starts wasi-tool with it (README: "Resident
-  memory that follows live memory"). ``TCMALLOC_AGGRESSIVE_DECOMMIT=true`` gets 0.55 GB but
-  made the step 1.5x slower, so it is left to the user.
+- jemalloc loaded with ``LD_PRELOAD`` and ``MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0``
+  (freed pages go back to the system after a second unused): 0.48 GB above the floor, 3.5 s
+  a step. Returning them at once (decay 0) holds 0.465 GB but made the step 6.4 s: every new
+  tensor's pages fault in again. This is "auto"'s first choice.
+- tcmalloc (gperftools) with its own settings: 0.53 GB, 3.3 s. The second choice.
+  ``TCMALLOC_AGGRESSIVE_DECOMMIT=true`` holds less but made the step 1.5x slower.
+- Both must be loaded before the process starts, so the training bench starts its workers with
+  one; ``finetune`` runs on one when the user starts wasi-tool with it (README: "Resident
+  memory that follows live memory"; scripts/demo.sh does).
 - In a process already running on glibc, a fixed 64 KiB mmap threshold (``mallopt``) maps
-  every large tensor and unmaps it on free: 0.55-0.59 GB above the floor, but each new
-  tensor's pages fault in again, and the step was 1.4-1.6x slower.
+  every large tensor and unmaps it on free: 0.47 GB above the floor, but 1.3-1.6x slower, as
+  jemalloc with decay 0.
 
 Intel's PyTorch CPU tuning guide recommends the same preload of tcmalloc or jemalloc for speed.
 """
@@ -44,12 +48,15 @@ _DIRS = (
     "/usr/lib",
     "/usr/local/lib",
 )
-# Settings beyond the preload (tcmalloc's defaults already reuse freed pages; its aggressive
-# decommit and jemalloc's default decay were measured slower).
+# Settings beyond the preload, measured (module docstring): jemalloc returns pages unused for a
+# second (its default keeps them 10 s; 0 returns them at once, 1.8x slower); tcmalloc's own.
+JEMALLOC_CONF = "dirty_decay_ms:1000,muzzy_decay_ms:0"
 _SETTINGS: dict[str, dict[str, str]] = {
     "tcmalloc": {},
-    "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"},
+    "jemalloc": {"MALLOC_CONF": JEMALLOC_CONF},
 }
+# "auto"'s order: the smaller peak at a step as fast as vanilla's first
+AUTO_ORDER = ("jemalloc", "tcmalloc")
 
 
 def check_allocator(choice: str) -> None:
@@ -87,19 +94,21 @@ def worker_env(choice: str, memory_saving: bool) -> tuple[dict[str, str], str]:
     """Environment variables that start a worker process on allocator ``choice``, and the
     allocator it names.
 
-    "auto" picks tcmalloc (else jemalloc) when the run saves memory (a memory mode or a budget)
+    "auto" picks jemalloc (else tcmalloc) when the run saves memory (a memory mode or a budget)
     and one is installed, and the system allocator otherwise; a named allocator that is not
     installed is an error.
     """
     check_allocator(choice)
     if choice == "system" or (choice == "auto" and not memory_saving):
         return {}, "system"
-    names = ("tcmalloc", "jemalloc") if choice == "auto" else (choice,)
+    names = AUTO_ORDER if choice == "auto" else (choice,)
     for name in names:
         lib = find_library(name)
         if lib is not None:
             preload = " ".join(filter(None, [str(lib), os.environ.get("LD_PRELOAD", "")]))
-            return {"LD_PRELOAD": preload, **_SETTINGS[name]}, name
+            # the user's own settings (say MALLOC_CONF) win over ours
+            own = {k: v for k, v in _SETTINGS[name].items() if k not in os.environ}
+            return {"LD_PRELOAD": preload, **own}, name
     if choice == "auto":
         return {}, "system"
     raise WasiToolError(

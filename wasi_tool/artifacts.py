@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -258,8 +259,25 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def finite_json(payload: Any) -> Any:
+    """``payload`` with every non-finite float (NaN, inf) as None: JSON has no NaN, and strict
+    readers refuse the bare ``NaN`` Python writes by default."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {k: finite_json(v) for k, v in payload.items()}
+    if isinstance(payload, list | tuple):
+        return [finite_json(v) for v in payload]
+    return payload
+
+
+def dumps_json(payload: Any) -> str:
+    """Strict JSON text of ``payload`` (non-finite floats as null), indented, newline-ended."""
+    return json.dumps(finite_json(payload), indent=2, allow_nan=False) + "\n"
+
+
 def write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_text(dumps_json(payload), encoding="utf-8")
 
 
 def file_entries(directory: Path) -> dict[str, dict[str, Any]]:

@@ -1,5 +1,6 @@
 """CLI tests: the Typer layer forwards flags, renders, and turns errors into one line + exit 1."""
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,7 @@ def test_export_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.Monk
         ([], "give an ONNX model, or CHECKPOINT --train"),
         (["--train", "absent.pth", "--arch", "vit_tiny_patch16_224"], "no such file"),
         (["--train", "x.pth", "--method", "sgd"], "unknown method"),
+        (["--train", "--arch", "vit_tiny_patch16_224"], "--random-init"),
     ],
 )
 def test_bench_bad_input(tmp_path: Path, args: list[str], message: str) -> None:
@@ -303,6 +305,24 @@ def test_bench_train_is_a_flag_and_does_not_swallow_the_next_one(tmp_path: Path)
     for args in (["--train", "x.pth"], ["x.pth", "--train"]):
         result = invoke("bench", *args, "--method", "sgd")
         assert result.exit_code == 1 and "unknown method" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_bench_train_is_a_flag_and_a_worker_error_is_said_once(tmp_path: Path) -> None:
+    """`--train` takes no value (it used to swallow the next flag as its checkpoint), and a
+    worker's own one-line error is not prefixed with "error:" a second time."""
+    tiny = ["--arch", "vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2"]
+    out = tmp_path / "t.json"
+    result = invoke(
+        "bench", "--train", "--random-init", *tiny, "--steps", "1", "--warmup", "0", "--json", out
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out.read_text())["methods"]["wasi"]["steps"] == 1
+    result = invoke("bench", "--train", "--random-init", *tiny, "--memory-budget", "1MB")
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].count("error:") == 1, lines
+    assert "memory budget" in lines[0]
 
 
 def test_bench_runs_locally_and_writes_json(tmp_path: Path, tiny_onnx: Callable[..., Path]) -> None:

@@ -1,4 +1,5 @@
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,31 @@ def test_npz(tmp_path: Path) -> None:
     np.savez(bad, x_train=np.zeros((2, 4, 4, 3), dtype=np.uint8))
     with pytest.raises(WasiToolError, match="lacks the arrays y_train, x_test, y_test"):
         load_data(bad, 32)
+
+
+@pytest.mark.parametrize(
+    ("y_train", "message"),
+    [
+        (np.array([0, 1, 2, 2**40]), "label 1099511627776 is out of range"),  # was 22 GB, killed
+        (np.array([0, 1, -3, 1]), "label -3 is out of range"),
+        (np.array([0.0, 1.0, 1.0, 0.0]), "labels must be integers, got float64"),
+        (np.array(["a", "b", "a", "b"]), "labels must be integers"),
+        (np.array([0, 1, 1]), "4 images but labels of shape (3,)"),
+    ],
+)
+def test_npz_labels_are_validated_before_anything_is_sized_by_them(
+    tmp_path: Path, y_train: np.ndarray, message: str
+) -> None:
+    import resource
+
+    path = tmp_path / "d.npz"
+    x = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    np.savez(path, x_train=x, y_train=y_train, x_test=x, y_test=np.arange(4) % 2)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(WasiToolError, match=re.escape(message)):
+        load_data(path, 32)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 200_000  # refused within bounded memory (the old loader needed 22 GB)
 
 
 def test_cifar_batches_without_running_code(tmp_path: Path) -> None:

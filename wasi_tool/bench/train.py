@@ -11,11 +11,14 @@ installed (``allocator``, wasi_tool/allocator.py), so their resident memory foll
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,6 +54,10 @@ class TrainBenchConfig(StageConfig, BaselineOptions):
     targets: str | None = None
     eps: float = DEFAULT_EPS
     act_ranks: list[int] | None = None
+    # per target layer, e.g. the ranks a fine-tune calibrated (``settings_of``); wins over
+    # ``act_ranks``; ``settings_from`` says where they came from (the tables print it)
+    act_ranks_by_layer: dict[str, list[int]] | None = None
+    settings_from: str | None = None
     batch_size: int = 32
     seq_len: int = 128  # tokens per input of a text model
     steps: int = 20
@@ -110,7 +117,26 @@ class StepMeasurement:
     memory_mode: str = "off"
     memory_plan: dict[str, Any] | None = None
     allocator: str | None = None  # what the worker ran on (wasi_tool/allocator.py)
+    act_ranks_rule: str | None = None  # how the activation ranks were chosen
+    min_step_seconds: float | None = None  # the spread beside the median
+    p10_step_seconds: float | None = None
+    max_step_seconds: float | None = None
+    # file-backed resident pages (library code: wasi_tool.measure.file_backed_bytes) at the
+    # floor and when the peak was read; their growth is code the steps paged in
+    floor_file_bytes: int | None = None
+    file_bytes_at_peak: int | None = None
     schema: str = SCHEMA
+
+    @property
+    def anon_above_floor_bytes(self) -> int | None:
+        """Peak RSS above the floor less the library code the steps paged in: the memory the
+        run itself holds (tensors, allocator caches), which a device cannot drop under
+        pressure."""
+        parts = (self.floor_rss_bytes, self.floor_file_bytes, self.file_bytes_at_peak)
+        if any(v is None for v in parts):
+            return None
+        paged_in = max(0, self.file_bytes_at_peak - self.floor_file_bytes)  # type: ignore[operator]
+        return self.peak_rss_bytes - self.floor_rss_bytes - paged_in  # type: ignore[operator]
 
 
 @dataclass
@@ -182,6 +208,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     from wasi_tool.measure import (
         LiveTensorMeter,
         SavedBytesMeter,
+        file_backed_bytes,
         library_floor,
         peak_rss_bytes,
     )
@@ -208,7 +235,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     )
     loaded = load_model(src)
     model = loaded.model
-    floor = library_floor(model)
+    floor, floor_file = library_floor(model), file_backed_bytes()
     classes = int(getattr(model, "num_classes", 1000) or 1000)
     family = family_of(model)
     spec = family.input_spec(model, loaded.model_kwargs)
@@ -219,6 +246,16 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
         y = torch.randint(0, classes, (config.batch_size,))
 
     def default_ranks(targets: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+        by_layer = config.act_ranks_by_layer
+        if by_layer:
+            missing = [n for n in targets if n not in by_layer]
+            if missing:
+                raise WasiToolError(
+                    f"no activation ranks for target(s) {missing[:3]} in "
+                    f"{config.settings_from or 'act_ranks_by_layer'}"
+                )
+            rule = f"calibrated by {config.settings_from}" if config.settings_from else "per layer"
+            return {n: tuple(by_layer[n]) for n in targets}, {"rule": rule}
         if config.act_ranks:
             return {n: tuple(config.act_ranks) for n in targets}, {"rule": "explicit"}
         shapes = map_inputs(model, targets, x, lambda a: tuple(a.shape))
@@ -227,6 +264,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     method = get_method(config.method)
     prepared = prepare_for_training(model, config.method_config(), default_ranks)
     targets, ranks = prepared.targets, prepared.act_ranks
+    rule = (prepared.calibration or {}).get("rule")
     plan = None
     if config.memory_budget is not None:
         budget = parse_size(config.memory_budget)
@@ -243,6 +281,9 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
             saved.append(result.saved_total)
             saved_targets.append(result.saved_targets)
     peak = peak_rss_bytes()  # before the slower metered step below
+    # library code paged in by the steps (file-backed, read when first run; warm-up steps run
+    # every kernel once, so this is the file-backed share of the peak within a few pages)
+    file_at_peak = file_backed_bytes()
     with LiveTensorMeter() as live:  # one more step: what it allocates over weights and input
         train_step(model, opt, x, y)
     return StepMeasurement(
@@ -257,15 +298,62 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
         warmup=config.warmup,
         median_step_seconds=statistics.median(times),
         p90_step_seconds=percentile(times, 90),
+        min_step_seconds=min(times),
+        p10_step_seconds=percentile(times, 10),
+        max_step_seconds=max(times),
         peak_rss_bytes=peak,
         saved_bytes_total=statistics.median(saved),
         saved_bytes_targets=statistics.median(saved_targets),
         threads=torch.get_num_threads(),
         floor_rss_bytes=floor,
         live_tensor_peak_bytes=live.peak,
+        floor_file_bytes=floor_file,
+        file_bytes_at_peak=file_at_peak,
         memory_mode=plan.chosen.label if plan else config.memory_mode,
         memory_plan={**plan.to_dict(), "measured_peak_bytes": peak} if plan else None,
         allocator=allocator,
+        act_ranks_rule=rule,
+    )
+
+
+def settings_of(artifact: Path) -> dict[str, Any] | None:
+    """What a fine-tune artifact says it trained with, as TrainBenchConfig fields: its
+    targets, calibrated activation ranks per layer, eps, seed and baseline options (None when
+    ``artifact`` holds no fine-tune metrics). The memory mode, budget and lossy storage stay
+    the bench's own: they are what a bench varies, and its tables state them."""
+    path = Path(artifact) / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+        cfg = metrics.get("config", {})
+        out: dict[str, Any] = {
+            "targets": ",".join(metrics["targets"]) or None,
+            "act_ranks_by_layer": metrics.get("act_ranks") or None,
+            "settings_from": str(artifact),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WasiToolError(f"cannot read the fine-tune settings in {path}: {exc}") from None
+    for key in ("eps", "seed", *(f.name for f in dataclasses.fields(BaselineOptions))):
+        if key in cfg:
+            out[key] = cfg[key]
+    return out
+
+
+def settings_text(result: TrainBenchResult) -> str:
+    """What a training bench ran with, in one sentence (its tables print it)."""
+    cfg = result.config
+    source = (
+        f"from {cfg['settings_from']}"
+        if cfg.get("settings_from")
+        else "explicit (--act-ranks)"
+        if cfg.get("act_ranks")
+        else "by the bench's default rule (B/4, N/4, 32), not a fine-tune's"
+    )
+    return (
+        f"{cfg.get('steps')} timed steps after {cfg.get('warmup')} warm-up, batch "
+        f"{cfg.get('batch_size')}, targets {cfg.get('targets') or 'the default preset'}, "
+        f"eps {cfg.get('eps')}; activation ranks {source}"
     )
 
 
@@ -274,10 +362,15 @@ def methods_of(config: TrainBenchConfig) -> list[str]:
     return [m.strip() for m in config.method.split(",") if m.strip()]
 
 
-def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> TrainBenchResult:
+def run_train_bench(
+    config: TrainBenchConfig,
+    vs: str | None = None,
+    note: Callable[[str], None] | None = None,
+) -> TrainBenchResult:
     """Each method of ``config.method`` (and the ``vs`` baseline), in a fresh Python process.
 
     ``ratios`` compares the first method with ``vs``; ``ratios_by_method`` every method.
+    ``note`` hears a line as each method starts and ends (the CLI prints them).
     """
     methods = [*methods_of(config), *([vs] if vs else [])]
     if not methods:
@@ -286,7 +379,14 @@ def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> TrainBen
         config.method_config(m)  # bad settings fail here, before any process starts
     env, _ = worker_env(config.allocator, config.saves_memory)
     results: dict[str, StepMeasurement] = {}
-    for m in dict.fromkeys(methods):
+    todo = list(dict.fromkeys(methods))
+    for i, m in enumerate(todo, 1):
+        if note:
+            note(
+                f"training bench {i}/{len(todo)}: {m}, {config.warmup} warm-up + "
+                f"{config.steps} timed steps in a fresh process..."
+            )
+        started = time.perf_counter()
         payload = json.dumps({**config.to_dict(), "method": m})
         proc = subprocess.run(
             [sys.executable, "-m", "wasi_tool.bench.train_worker", payload],
@@ -299,9 +399,17 @@ def run_train_bench(config: TrainBenchConfig, vs: str | None = None) -> TrainBen
         lines = proc.stdout.strip().splitlines()
         if proc.returncode != 0 or not lines:
             err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            last = err[-1].removeprefix("error: ") if err else "no output"
-            raise WasiToolError(f"training bench of {m} failed: {last}")
+            line = err[-1] if err else "no output"
+            line = line.removeprefix("error: ")  # the worker's own one-line error, said once
+            raise WasiToolError(f"training bench of {m} failed: {line}")
         results[m] = StepMeasurement(**json.loads(lines[-1]))
+        if note:
+            r = results[m]
+            note(
+                f"training bench {i}/{len(todo)}: {m}: median step "
+                f"{r.median_step_seconds * 1e3:.1f} ms, peak RSS {r.peak_rss_bytes / 1e6:.0f} MB "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
     out = TrainBenchResult(config.to_dict(), vs, results)
     if vs:
         b = results[vs]

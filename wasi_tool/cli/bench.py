@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from wasi_tool import artifacts
 from wasi_tool.bench import (
     PROFILES,
     InferenceBenchConfig,
@@ -18,11 +18,13 @@ from wasi_tool.bench import (
     run_inference_bench,
     run_train_bench,
 )
-from wasi_tool.bench.train import TrainBenchResult
+from wasi_tool.bench.train import TrainBenchResult, settings_of, settings_text
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import pace
+from wasi_tool.wording import ratio as words
+from wasi_tool.wording import spread, wide
 
 _I = InferenceBenchConfig()  # the defaults, read from the configs, never copied by hand
 _T = TrainBenchConfig()
@@ -32,7 +34,8 @@ def bench(
     model: Annotated[
         Path | None,
         typer.Argument(
-            help="ONNX model to time, or with --train the checkpoint or artifact to train.",
+            help="ONNX model to time (inference bench), or with --train the checkpoint or "
+            "artifact to train (none with --random-init).",
             show_default=False,
         ),
     ] = None,
@@ -69,8 +72,7 @@ def bench(
     train: Annotated[
         bool,
         typer.Option(
-            "--train",
-            help="Time training steps of MODEL (a checkpoint or artifact; or --random-init).",
+            "--train", help="Time training steps of MODEL (a checkpoint or artifact) instead."
         ),
     ] = False,
     method: Annotated[
@@ -95,8 +97,8 @@ def bench(
     allocator: Annotated[
         str,
         typer.Option(
-            help="--train: the workers' allocator: auto (tcmalloc when saving memory and "
-            "installed) | system | tcmalloc | jemalloc."
+            help="--train: the workers' allocator: auto (jemalloc, else tcmalloc, when saving "
+            "memory and installed) | system | tcmalloc | jemalloc."
         ),
     ] = default(TrainBenchConfig, "allocator"),
     arch: common.Arch = None,
@@ -118,7 +120,7 @@ def bench(
             )  # fmt: skip
         else:
             if model is None:
-                raise WasiToolError("give an ONNX model, or CHECKPOINT --train")
+                raise WasiToolError("give an ONNX model, or --train CHECKPOINT")
             profile = get_profile(device)
             config = InferenceBenchConfig(
                 batch_size=batch_size or _I.batch_size,
@@ -129,7 +131,7 @@ def bench(
             target = (
                 SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python) if ssh else None
             )
-            with console.status("benchmarking..."):
+            with common.status("benchmarking..."):
                 result = run_inference_bench(
                     model, Path(vs) if vs else None, profile, config, target
                 )
@@ -137,7 +139,7 @@ def bench(
         if json_path is not None:
             payload = result if isinstance(result, dict) else result.to_dict()
             try:
-                json_path.write_text(json.dumps(payload, indent=2) + "\n")
+                json_path.write_text(artifacts.dumps_json(payload))
             except OSError as exc:
                 raise WasiToolError(f"cannot write {json_path}: {exc.strerror}") from None
 
@@ -154,6 +156,8 @@ def _train(
         raise WasiToolError(
             f"--act-ranks takes comma-separated integers, got {act_ranks!r}"
         ) from None
+    # a fine-tune artifact says what it trained with: its targets and calibrated ranks
+    found = settings_of(train) if train is not None and not ranks and not targets else None
     config = TrainBenchConfig(
         checkpoint=str(train) if train else None,
         arch=arch,
@@ -171,10 +175,16 @@ def _train(
         lossy=lossy,
         allocator=allocator,
     )
-    with console.status("timing training steps (a fresh process per method)..."):
-        result = run_train_bench(config, vs)
+    if found:
+        config = TrainBenchConfig.from_dict({**config.to_dict(), **found})
+    with common.status("timing training steps (a fresh process per method)..."):
+        result = run_train_bench(config, vs, note=_note)
     render_train(result)
     return result
+
+
+def _note(message: str) -> None:
+    console.print(message, markup=False, highlight=False)
 
 
 def render_inference(result: dict[str, Any]) -> None:
@@ -184,23 +194,36 @@ def render_inference(result: dict[str, Any]) -> None:
         f"threads, {prof['name']} profile"
     )
     table = Table(title=title)
-    cols = ("model", "file", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "img/s", "+RSS")
+    cols = (
+        "model", "file", "p10 ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "img/s",
+        "+RSS (alone)",
+    )  # fmt: skip
     for col in cols:
         table.add_column(col, justify="left" if col == "model" else "right")
     for m in result["models"].values():
         table.add_row(
             Path(m["path"]).name if len(result["models"]) == 1 else m["path"],
             human_bytes(m["file_bytes"]),
-            *(f"{m[k]:.2f}" for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms")),
+            *(
+                f"{m[k]:.2f}" if k in m else ""
+                for k in ("p10_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms")
+            ),
             f"{m['images_per_second']:.1f}",
             human_bytes(m["rss_growth_bytes"]),
         )
     if "ratios" in result:
         r = result["ratios"]
         table.add_section()
-        size = f"{1 / r['file_size_ratio_vs']:.2f}x the size"
-        table.add_row("model vs --vs", size, pace(r["p50_speedup_vs"]), *[""] * 6)
+        size = words(r["file_size_ratio_vs"], "size")
+        table.add_row("model vs --vs", size, "", pace(r["p50_speedup_vs"]), *[""] * 6)
     console.print(table)
+    for m in result["models"].values():
+        if "p10_ms" in m and wide(m["p50_ms"], m["p10_ms"], m["p90_ms"]):
+            console.print(
+                f"warning: {Path(m['path']).name}: p10-p90 spans {m['p10_ms']:.2f}-"
+                f"{m['p90_ms']:.2f} ms around p50 {m['p50_ms']:.2f}: noisy (a busy machine?); "
+                "more --repeats or a quiet machine"
+            )
     console.print(
         f"ran on: {result['ran_on']['note']}; {prof['description']} "
         f"(process peak RSS {human_bytes(result['peak_rss_bytes'])})"
@@ -208,14 +231,27 @@ def render_inference(result: dict[str, Any]) -> None:
 
 
 def render_train(result: TrainBenchResult) -> None:
-    table = Table(title="training step (forward, backward, update), synthetic input")
-    for col in ("method", "input", "median step", "saved / step", "in targets", "peak RSS"):
+    table = Table(
+        title="training step (forward, backward, update), synthetic input",
+        caption=settings_text(result),
+    )
+    cols = (
+        "method", "memory mode", "act ranks (first target)", "input", "median step (p10-p90)",
+        "saved / step", "in targets", "peak RSS",
+    )  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="left" if col == "method" else "right")
     for name, m in result.methods.items():
+        act = m.act_ranks_first_target
+        step = f"{m.median_step_seconds * 1e3:.1f} ms"
+        if m.p10_step_seconds is not None:
+            step = spread(m.median_step_seconds, m.p10_step_seconds, m.p90_step_seconds)
         table.add_row(
             name,
+            m.memory_mode,
+            f"{'x'.join(map(str, act))} ({m.act_ranks_rule})" if act else "none",
             "x".join(map(str, m.input)),
-            f"{m.median_step_seconds * 1e3:.1f} ms",
+            step,
             human_bytes(m.saved_bytes_total),
             human_bytes(m.saved_bytes_targets),
             human_bytes(m.peak_rss_bytes),
@@ -226,13 +262,24 @@ def render_train(result: TrainBenchResult) -> None:
         table.add_row(
             f"{name} vs {result.vs}",
             "",
+            "",
+            "",
             pace(r.step_speedup_vs),
-            f"{r.saved_bytes_ratio_vs:.1f}x fewer",
-            f"{r.target_saved_bytes_ratio_vs:.1f}x fewer",
-            f"{r.peak_rss_ratio_vs:.2f}x less",
+            words(r.saved_bytes_ratio_vs),
+            words(r.target_saved_bytes_ratio_vs),
+            words(r.peak_rss_ratio_vs, "memory"),
         )
     console.print(table)
     for name, m in result.methods.items():
+        if m.p10_step_seconds is not None and wide(
+            m.median_step_seconds, m.p10_step_seconds, m.p90_step_seconds
+        ):
+            console.print(
+                f"warning: {name}: the step time is noisy (p10-p90 "
+                f"{m.p10_step_seconds * 1e3:.1f}-{m.p90_step_seconds * 1e3:.1f} ms around "
+                f"{m.median_step_seconds * 1e3:.1f} ms; a busy machine?): more --steps, or a "
+                "quiet machine"
+            )
         if m.floor_rss_bytes is not None:
             console.print(
                 f"{name}: library floor {human_bytes(m.floor_rss_bytes)}, peak above it "

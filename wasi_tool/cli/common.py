@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,6 +31,24 @@ def default(config_cls: type, name: str) -> Any:
             if f.default_factory is not dataclasses.MISSING:
                 return f.default_factory()
     raise KeyError(name)
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner on a terminal; otherwise (CI logs, ``| tee``) a plain line before and after,
+    so a log says what the command is doing while it does it."""
+    if console.is_terminal:
+        with console.status(message):
+            yield
+        return
+    console.print(message, markup=False, highlight=False)
+    start = time.perf_counter()
+    yield
+    console.print(
+        f"{message.rstrip('.')}: done in {time.perf_counter() - start:.1f} s",
+        markup=False,
+        highlight=False,
+    )
 
 
 @contextlib.contextmanager

@@ -56,7 +56,7 @@ def compress(
         source = common.model_source(
             checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init
         )
-        with console.status("compressing..."):
+        with common.status("compressing..."):
             result = run_compress(source, config, out, overwrite=overwrite, plot=plot)
     render(result)
 

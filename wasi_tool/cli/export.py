@@ -78,7 +78,7 @@ def export(
             seed_init,
             model_class=model_class,
         )
-        with console.status("exporting and checking..."):
+        with common.status("exporting and checking..."):
             result = run_export(source, config, out, overwrite=overwrite)
     render(result, config)
 

@@ -185,6 +185,34 @@ def _digits(val_fraction: float, seed: int) -> DataSplits:
     )
 
 
+MAX_CLASSES = 100_000  # a label above this is refused: class names are built per class
+
+
+def _label_count(source: str, *splits: tuple[np.ndarray, np.ndarray]) -> int:
+    """Validate each split's (images, labels) and return the number of classes: the labels must
+    be non-negative integers below MAX_CLASSES, one per image. Checked before anything is sized
+    by the labels (a label of 2**40 made a list of 2**40 class names)."""
+    top = -1
+    for images, labels in splits:
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu":
+            raise WasiToolError(f"{source}: labels must be integers, got {labels.dtype}")
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise WasiToolError(
+                f"{source}: {len(images)} images but labels of shape {tuple(labels.shape)}"
+            )
+        if labels.size == 0:
+            raise WasiToolError(f"{source}: a split has no labels")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= MAX_CLASSES:
+            bad = low if low < 0 else high
+            raise WasiToolError(
+                f"{source}: label {bad} is out of range (labels are 0..{MAX_CLASSES - 1})"
+            )
+        top = max(top, high)
+    return top + 1
+
+
 def _npz(path: Path) -> DataSplits:
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -197,10 +225,11 @@ def _npz(path: Path) -> DataSplits:
         raise
     except Exception as exc:  # OSError, ValueError, zipfile.BadZipFile, pickle refusals...
         raise WasiToolError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
-    labels = np.concatenate([arrays["y_train"], arrays["y_test"]]).astype(np.int64)
-    if labels.size == 0 or labels.min() < 0:
-        raise WasiToolError(f"{path}: labels must be non-negative integers")
-    count = int(labels.max()) + 1
+    count = _label_count(
+        str(path),
+        (arrays["x_train"], arrays["y_train"]),
+        (arrays["x_test"], arrays["y_test"]),
+    )
     return DataSplits(
         ArrayDataset(arrays["x_train"], arrays["y_train"]),
         ArrayDataset(arrays["x_test"], arrays["y_test"]),
@@ -258,8 +287,12 @@ def _cifar(root: Path) -> DataSplits:
         train, test = [_cifar_file(root / "train")], _cifar_file(root / "test")
         key, meta_file, names_key = "fine_labels", root / "meta", "fine_label_names"
     x_train = np.concatenate([images(b) for b in train])
-    y_train = np.concatenate([np.asarray(b[key]) for b in train])
-    count = int(max(y_train.max(), max(test[key]))) + 1
+    try:
+        y_train = np.concatenate([np.asarray(b[key]) for b in train])
+        y_test = np.asarray(test[key])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WasiToolError(f"CIFAR batches in {root}: no usable '{key}': {exc}") from None
+    count = _label_count(f"CIFAR batches in {root}", (x_train, y_train), (test["data"], y_test))
     names = [str(i) for i in range(count)]
     if meta_file.is_file():
         with open(meta_file, "rb") as fh:  # the meta file has no 'data' key
@@ -267,7 +300,7 @@ def _cifar(root: Path) -> DataSplits:
         names = [str(n) for n in meta.get(names_key, names)]
     return DataSplits(
         ArrayDataset(x_train, y_train),
-        ArrayDataset(images(test), np.asarray(test[key])),
+        ArrayDataset(images(test), y_test),
         names,
         f"CIFAR batches in {root}: {len(y_train)} train / {len(test[key])} test images",
     )

@@ -20,6 +20,7 @@ from wasi_tool.bench import (
     run_inference_bench,
     run_train_bench,
 )
+from wasi_tool.bench.train import settings_of
 from wasi_tool.config import StageConfig
 from wasi_tool.errors import WasiToolError
 from wasi_tool.federated.config import FederateConfig
@@ -134,7 +135,8 @@ TRAIN_BENCH_OPTIONS = (
 def _bench_inputs(spec: StageSpec) -> list[str]:
     vs = spec.options.get("vs")
     compared = [vs] if vs and not spec.options.get("train") else []  # --train: vs is a method
-    return [*([spec.input] if spec.input else []), *compared]
+    like = [str(spec.options["like"])] if spec.options.get("like") else []
+    return [*([spec.input] if spec.input else []), *compared, *like]
 
 
 def _check_bench(pipeline: Pipeline, spec: StageSpec) -> None:
@@ -143,21 +145,35 @@ def _check_bench(pipeline: Pipeline, spec: StageSpec) -> None:
     for ref in _bench_inputs(spec):
         if ref not in [s.name for s in pipeline.stages]:
             raise WasiToolError(f"refers to unknown stage {ref!r}")
+    if spec.options.get("like") and not spec.options.get("train"):
+        raise WasiToolError("like (train what a fine-tune stage trained) needs train = true")
     if spec.options.get("train"):
-        _train_bench_config(spec, Path("."))
+        _train_bench_config(spec, Path("."), ran=False)
 
 
-def _train_bench_config(spec: StageSpec, run_dir: Path) -> TrainBenchConfig:
-    """The training bench's settings: the stage's options over TrainBenchConfig's defaults."""
+def _train_bench_config(spec: StageSpec, run_dir: Path, ran: bool = True) -> TrainBenchConfig:
+    """The training bench's settings: the stage's options over, with ``like``, what that
+    fine-tune stage trained with (its targets, calibrated activation ranks per layer, eps,
+    baseline options), over TrainBenchConfig's defaults. ``ran``: the earlier stages have
+    run (at load time, only the stage's own options are checked)."""
     given = {k: spec.options[k] for k in TRAIN_BENCH_OPTIONS if k in spec.options}
-    return TrainBenchConfig.from_dict({"checkpoint": str(run_dir / str(spec.input)), **given})
+    like: dict[str, Any] = {}
+    if spec.options.get("like") and ran:
+        found = settings_of(run_dir / str(spec.options["like"]))
+        if found is None:
+            raise WasiToolError(f"like: stage {spec.options['like']!r} is not a fine-tune")
+        like = {**found, "settings_from": f"fine-tune stage {spec.options['like']!r}"}
+    return TrainBenchConfig.from_dict(
+        {"checkpoint": str(run_dir / str(spec.input)), **like, **given}
+    )
 
 
 def _bench(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
     opts = spec.options
     result: dict[str, Any]
     if opts.get("train"):
-        train = run_train_bench(_train_bench_config(spec, run_dir), opts.get("vs"))
+        note = getattr(progress, "note", None)
+        train = run_train_bench(_train_bench_config(spec, run_dir), opts.get("vs"), note=note)
         result = {**train.to_dict(), "kind": "train"}
     else:
         vs = opts.get("vs")
@@ -215,7 +231,7 @@ register_kind(
     StageKind(
         "bench",
         None,
-        frozenset({"vs", "device", "repeats", "train", *TRAIN_BENCH_OPTIONS}),
+        frozenset({"vs", "device", "repeats", "train", "like", *TRAIN_BENCH_OPTIONS}),
         _bench,
         reads_model=False,
         inputs=_bench_inputs,

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from wasi_tool import artifacts
-from wasi_tool.bench.train import TrainBenchResult
+from wasi_tool.bench.train import TrainBenchResult, settings_text
 from wasi_tool.measure import pace
 from wasi_tool.training.results import FinetuneMetrics
+from wasi_tool.wording import ratio as words
+from wasi_tool.wording import spread, wide
 
 BENCH_FILE = "bench.json"
 METRICS_FILE = "metrics.json"
@@ -23,6 +25,34 @@ def _row(*cells: object) -> str:
 
 def _mb(n: float | None) -> str:
     return "" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _ranks_text(ranks: dict[str, list[int]] | None, rule: str | None) -> str:
+    """Activation ranks in a cell: "16x5x24 (1 of 12 layers; eps 0.9)" or "none"."""
+    if not ranks:
+        return "none (no activation compression)"
+    shapes = list(dict.fromkeys("x".join(map(str, r)) for r in ranks.values()))
+    first = shapes[0] if len(shapes) == 1 else f"{shapes[0]} .. {shapes[-1]}"
+    return f"{first} ({len(ranks)} layers; {rule or 'given'})"
+
+
+def _rule_of(calibration: dict[str, Any] | None) -> str | None:
+    if not calibration:
+        return None
+    rule = str(calibration.get("rule"))
+    if rule == "eps":
+        return f"calibrated at act_eps {calibration.get('act_eps')}"
+    if rule == "budget":
+        return f"calibrated to {calibration.get('budget_mib')} MiB"
+    return rule
+
+
+def _step_cell(median: float, low: float | None, high: float | None) -> str:
+    """The median step with its spread, flagged when wide."""
+    if low is None or high is None:
+        return f"{median * 1e3:.1f} ms"
+    flag = " (wide: machine busy?)" if wide(median, low, high) else ""
+    return f"{spread(median, low, high)}{flag}"
 
 
 def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict[str, Any]:
@@ -58,9 +88,14 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
         lines += [
             "## Fine-tuning (measured in the run)",
             "",
+            "Each stage's own settings: its memory mode and activation ranks (per layer, "
+            "B x N x C of the saved input; the first and last when they differ).",
+            "",
             _row(
                 "stage",
                 "method",
+                "memory mode",
+                "act ranks",
                 "test acc",
                 "median step",
                 "saved / step",
@@ -68,20 +103,25 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
                 "vs vanilla (targets)",
                 "stage peak RSS (the run's process)",
             ),
-            _row(*["---"] * 8),
+            _row(*["---"] * 10),
         ]
         for name, m in finetunes:
             saved = m.measured.saved_bytes_per_step
             ratio = ""
             base_targets = base.measured.saved_bytes_per_step.targets if base else None
             if base_targets and saved.targets:
-                ratio = f"{base_targets / saved.targets:.1f}x fewer"
+                ratio = words(base_targets / saved.targets)
             acc = m.final.test_accuracy if m.final else float("nan")
-            step = f"{m.measured.median_step_seconds * 1e3:.1f} ms"
+            meas = m.measured
+            step = _step_cell(
+                meas.median_step_seconds, meas.p10_step_seconds, meas.p90_step_seconds
+            )
             lines.append(
                 _row(
                     name,
                     m.method,
+                    m.config.get("memory_mode", "off"),
+                    _ranks_text(m.act_ranks, _rule_of(m.act_calibration)),
                     f"{acc:.4f}",
                     step,
                     _mb(saved.total),
@@ -97,12 +137,17 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             }
         lines.append("")
     for name, b in trains:
+        first = next(iter(b.methods.values()), None)
         lines += [
             f"## Training step, a fresh process per method ({name})",
+            "",
+            f"Synthetic input {'x'.join(map(str, first.input)) if first else '?'}; "
+            f"{settings_text(b)}" + ". Median step with its p10-p90 spread.",
             "",
             _row(
                 "method",
                 "memory mode",
+                "act ranks (first target)",
                 "median step",
                 "peak RSS",
                 "library floor",
@@ -110,15 +155,17 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
                 "saved / step",
                 "in targets",
             ),
-            _row(*["---"] * 8),
+            _row(*["---"] * 9),
         ]
         for method, r in b.methods.items():
             floor = r.floor_rss_bytes
+            act = r.act_ranks_first_target
             lines.append(
                 _row(
                     method,
                     r.memory_mode,
-                    f"{r.median_step_seconds * 1e3:.1f} ms",
+                    f"{'x'.join(map(str, act))} ({r.act_ranks_rule})" if act else "none",
+                    _step_cell(r.median_step_seconds, r.p10_step_seconds, r.p90_step_seconds),
                     _mb(r.peak_rss_bytes),
                     _mb(floor),
                     _mb(None if floor is None else r.peak_rss_bytes - floor),
@@ -130,14 +177,15 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
         if ratios is not None:
             lines.append(
                 _row(
-                    "ratio",
+                    f"{b.first} vs {b.vs}",
+                    "",
                     "",
                     pace(ratios.step_speedup_vs),
-                    f"{ratios.peak_rss_ratio_vs:.2f}x less",
+                    words(ratios.peak_rss_ratio_vs, "memory"),
                     "",
                     "",
-                    f"{ratios.saved_bytes_ratio_vs:.1f}x fewer",
-                    f"{ratios.target_saved_bytes_ratio_vs:.1f}x fewer",
+                    words(ratios.saved_bytes_ratio_vs),
+                    words(ratios.target_saved_bytes_ratio_vs),
                 )
             )
         summary["train_bench"][name] = dataclasses.asdict(ratios) if ratios else {}
@@ -147,22 +195,26 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             f"## Inference, onnxruntime ({name}: {b['ran_on']['note']}, batch {b['batch']}, "
             f"{b['threads']} threads)",
             "",
-            _row("model", "file", "p50", "p90"),
-            _row(*["---"] * 4),
+            _row("model", "file", "p50 (p10-p90)"),
+            _row(*["---"] * 3),
         ]
         for key, stage in zip(("a", "b"), b.get("stages", []), strict=False):
             m = b["models"][key]
-            p50, p90 = f"{m['p50_ms']:.2f} ms", f"{m['p90_ms']:.2f} ms"
-            lines.append(_row(stage, _mb(m["file_bytes"]), p50, p90))
+            p50 = (
+                _step_cell(m["p50_ms"] / 1e3, m["p10_ms"] / 1e3, m["p90_ms"] / 1e3)
+                if "p10_ms" in m
+                else f"{m['p50_ms']:.2f} ms"
+            )
+            lines.append(_row(stage, _mb(m["file_bytes"]), p50))
         if "ratios" in b:
             r = b["ratios"]
-            size = f"{1 / r['file_size_ratio_vs']:.2f}x the size"
-            lines.append(_row("ratio", size, pace(r["p50_speedup_vs"]), ""))
+            size = words(r["file_size_ratio_vs"], "size")
+            lines.append(_row("ratio", size, pace(r["p50_speedup_vs"])))
         summary["inference"][name] = b.get("ratios", {})
         lines.append("")
     for name, d in exports:
         summary["export"][name] = {"onnx_bytes": (d / "model.onnx").stat().st_size}
-    plots = _plots(finetunes, compresses, out)
+    plots = _plots(finetunes, compresses, out, trains)
     if plots:
         lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
     (out / "report.md").write_text("\n".join(lines))
@@ -197,6 +249,7 @@ def _memory_lead(
         _row(
             "method",
             "memory (mode or plan)",
+            "act ranks (first target)",
             "test acc (fine-tune stage)",
             "peak RSS",
             "above floor",
@@ -205,7 +258,7 @@ def _memory_lead(
             "median step",
             "allocator",
         ),
-        _row(*["---"] * 9),
+        _row(*["---"] * 10),
     ]
     summary["memory"] = []
     for stage, method, r in rows:
@@ -220,21 +273,19 @@ def _memory_lead(
         acc = accuracy.get(method)
         ratio = ""
         if base is not None and above and base_above and r is not base:
-            ratio = (
-                f"{base_above / above:.2f}x less"
-                if above <= base_above
-                else (f"{above / base_above:.2f}x more")
-            )
+            ratio = words(base_above / above, "memory")
+        act = r.act_ranks_first_target
         lines.append(
             _row(
                 method,
                 mode,
+                f"{'x'.join(map(str, act))} ({r.act_ranks_rule})" if act else "none",
                 f"{acc[1]:.4f} ({acc[0]})" if acc else "",
                 _mb(r.peak_rss_bytes),
                 _mb(above),
                 ratio,
                 _mb(r.saved_bytes_total),
-                f"{r.median_step_seconds * 1e3:.1f} ms",
+                _step_cell(r.median_step_seconds, r.p10_step_seconds, r.p90_step_seconds),
                 r.allocator or "",
             )
         )
@@ -257,11 +308,9 @@ def _plots(
     finetunes: list[tuple[str, FinetuneMetrics]],
     compresses: list[tuple[str, dict[str, Any], Path]],
     out: Path,
+    trains: list[tuple[str, TrainBenchResult]] | None = None,
 ) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from wasi_tool.plots import plot_memory_accuracy, plot_ranks, plot_training
 
     made = []
     for name, _, d in compresses:
@@ -269,37 +318,28 @@ def _plots(
             shutil.copyfile(d / "energy.png", out / f"energy-{name}.png")
             made.append(f"energy-{name}.png")
     for name, rep, _ in compresses:
-        fig, ax = plt.subplots(figsize=(8, 3))
-        layers = rep["layers"]
-        ax.bar(range(len(layers)), [r["rank"] / r["full_rank"] for r in layers])
-        ax.set_xticks(range(len(layers)), [r["name"] for r in layers], rotation=90, fontsize=6)
-        ax.set_ylabel("rank / min(O, I)")
-        ax.set_title(f"rank per layer ({name})")
-        fig.tight_layout()
-        fig.savefig(out / f"ranks-{name}.png", dpi=110)
-        plt.close(fig)
+        cfg = rep.get("config", {})
+        eps = cfg.get("eps") if cfg.get("rank_ratio") is None else None
+        plot_ranks(rep["layers"], eps, f"rank per layer ({name})", out / f"ranks-{name}.png")
         made.append(f"ranks-{name}.png")
     if finetunes:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for name, m in finetunes:
-            epochs = [e.epoch for e in m.epochs]
-            ax.plot(epochs, [e.test_accuracy for e in m.epochs], marker="o", label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "training.png", dpi=110)
-        plt.close(fig)
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
-        names = [n for n, _ in finetunes]
-        a1.bar(names, [m.final.test_accuracy if m.final else 0 for _, m in finetunes])
-        a1.set_title("test accuracy")
-        saved = [(m.measured.saved_bytes_per_step.targets or 0) / 1e6 for _, m in finetunes]
-        a2.bar(names, saved)
-        a2.set_title("saved for backward in targets (MB/step)")
-        fig.tight_layout()
-        fig.savefig(out / "memory-accuracy.png", dpi=110)
-        plt.close(fig)
+        plot_training(finetunes, out / "training.png")
+        # the whole process's peak per method: the training bench's fresh processes (off mode)
+        peaks: dict[str, tuple[float, float | None, str]] = {}
+        for bench_name, b in trains or []:
+            for method, r in b.methods.items():
+                if method not in peaks and r.memory_mode == "off":
+                    where = f"bench {bench_name}: a fresh process per method"
+                    peaks[method] = (r.peak_rss_bytes, r.floor_rss_bytes, where)
+        # one task: the one most fine-tunes trained (a pretraining stage is another task)
+        task = lambda m: (m.data, tuple(m.classes))  # noqa: E731
+        tasks = [task(m) for _, m in finetunes]
+        main = max(set(tasks), key=tasks.count)
+        shown = [(n, m) for n, m in finetunes if task(m) == main]
+        plot_memory_accuracy(
+            shown,
+            {k: v for k, v in peaks.items() if k in {m.method for _, m in shown}},
+            out / "memory-accuracy.png",
+        )
         made += ["training.png", "memory-accuracy.png"]
     return made

@@ -106,6 +106,8 @@ def _run_stages(
         start = time.perf_counter()
         reused = not force and old.get("key") == key and out.exists()
         if not reused:
+            if progress is not None:  # said before a stage that may run for minutes
+                progress.note(f"{spec.name} ({spec.kind}): running...")
             kind.run(spec, run_dir, out, progress)
         record = StageRecord(
             spec.name,
@@ -150,5 +152,5 @@ def _write_state(
         "stages": [dataclasses.asdict(r) for r in records] + later,
     }
     tmp = run_dir / f".{PIPELINE_FILE}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(artifacts.dumps_json(payload))
     tmp.replace(run_dir / PIPELINE_FILE)

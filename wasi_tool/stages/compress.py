@@ -38,12 +38,16 @@ def run_compress(
     loaded = load_model(source)
     report = compress_(loaded.model, config)
 
+    # a re-compress: the energy is of the input artifact's already factored weights
+    earlier = any(s.get("stage") == "compress" for s in loaded.stages)
+    relative = "already compressed by an earlier stage" if earlier else None
+
     def add_plot(staging: Path) -> None:
         if plot:
             from wasi_tool.plots import plot_energy
 
             eps = config.eps if config.rank_ratio is None else None
-            plot_energy(report.layers, eps, staging / "energy.png")
+            plot_energy(report.layers, eps, staging / "energy.png", relative_to=relative)
 
     files = write_stage_artifact(
         loaded,

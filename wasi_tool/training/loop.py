@@ -336,8 +336,11 @@ class Trainer:
     ) -> Measured:
         times = self.step_times[1:] or self.step_times  # the first step includes warm-up
         median = statistics.median(times) if times else float("nan")
+        deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else []
         return Measured(
             median_step_seconds=median,
+            p10_step_seconds=deciles[0] if deciles else None,
+            p90_step_seconds=deciles[-1] if deciles else None,
             images_per_second=self.config.batch_size / median if times else None,
             steps=len(self.step_times),
             peak_rss_bytes=peak_rss_bytes(),

@@ -55,6 +55,8 @@ class Measured:
     peak_rss_note: str = RSS_NOTE
     floor_rss_bytes: int | None = None  # resident with the model loaded, less its weights
     allocator: str | None = None  # what the process ran on (wasi_tool/allocator.py)
+    p10_step_seconds: float | None = None  # the spread beside the median
+    p90_step_seconds: float | None = None
 
 
 @dataclass
