@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import tv
+from wasi_tool.models.suggest import suggest
 
 # Model constructor arguments wasi-tool records and passes back to timm.create_model.
 MODEL_KWARGS = ("num_classes", "img_size")
@@ -29,7 +29,7 @@ def check_arch(arch: str) -> None:
         return
     if tv.PREFIX + arch in tv.ARCHS:
         raise WasiToolError(f"unknown timm architecture {arch!r}; did you mean {tv.PREFIX}{arch}?")
-    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+    close = suggest(arch, timm.list_models())
     hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
     raise WasiToolError(f"unknown architecture {arch!r}{hint}")
 

@@ -22,7 +22,6 @@ models have, so heads are found and replaced the same way.
 
 from __future__ import annotations
 
-import difflib
 import math
 from functools import cache
 from typing import Any
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.models.suggest import suggest
 from wasi_tool.nn.attention import replace_mha_
 
 PREFIX = "torchvision:"
@@ -68,7 +68,7 @@ def _name(arch: str) -> str:
 def check_arch(arch: str) -> None:
     if arch in ARCHS:
         return
-    close = difflib.get_close_matches(arch, ARCHS, n=3, cutoff=0.6)
+    close = suggest(arch, ARCHS)
     hint = f"; did you mean {', '.join(close)}?" if close else f" (known: {', '.join(ARCHS)})"
     raise WasiToolError(f"unknown torchvision architecture {arch!r}{hint}")
 
