@@ -72,6 +72,12 @@ def test_local_run_and_json_schema(tmp_path: Path, tiny_onnx: Callable[..., Path
             m["min_ms"] <= m["p50_ms"] <= m["p90_ms"] <= m["p95_ms"] <= m["p99_ms"] <= m["max_ms"]
         )
     assert set(result["ratios"]) == {"p50_speedup_vs", "file_size_ratio_vs"}
+    # 4 threads on a host with fewer cores is said, not silent
+    cpus = result["machine"]["cpus"]
+    if cpus < 4:
+        assert f"runs 4 threads on a machine with {cpus} cores" in result["warnings"][0]
+    else:
+        assert "warnings" not in result
 
 
 def test_bad_models(tmp_path: Path) -> None:

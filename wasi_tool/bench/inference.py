@@ -140,6 +140,13 @@ def run_inference_bench(
         "execution_mode": profile.execution_mode,
         "graph_opt": profile.graph_opt,
     }
+    cpus = result["machine"].get("cpus")
+    if cpus and result["threads"] > cpus:  # e.g. the pi5 profile's 4 threads on a 2-core host
+        result["warnings"] = [
+            f"the {profile.name} profile runs {result['threads']} threads on a machine with "
+            f"{cpus} cores: threads share cores, so latencies are slower than with {cpus} "
+            "threads and are not the device's"
+        ]
     if vs is not None:
         a, b = result["models"]["a"], result["models"]["b"]
         result["ratios"] = {

@@ -29,6 +29,7 @@ from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import get_method
 from wasi_tool.methods.options import BaselineOptions
 from wasi_tool.ops import DEFAULT_EPS
+from wasi_tool.threads import check_threads, use_threads
 from wasi_tool.training.config import FinetuneConfig
 
 SCHEMA = "wasi-tool-bench-train/2"
@@ -67,11 +68,13 @@ class TrainBenchConfig(StageConfig, BaselineOptions):
     memory_budget: str | None = None
     lossy: str = "off"
     allocator: str = "auto"  # the workers' allocator (wasi_tool/allocator.py)
+    threads: int | None = None  # torch's threads in each worker (None: one per core)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
             raise WasiToolError("batch size and steps must be >= 1, warm-up >= 0")
         check_allocator(self.allocator)
+        check_threads(self.threads)
         self.check_baselines()
 
     @property
@@ -224,6 +227,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
 
     # resident memory follows live memory (what the plan predicts) when the run saves memory
     allocator = follow_live_memory() if config.saves_memory else in_use()
+    use_threads(config.threads)
     torch.manual_seed(config.seed)
     src = ModelSource(
         checkpoint=Path(config.checkpoint) if config.checkpoint else None,

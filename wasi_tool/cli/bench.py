@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,7 @@ from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import pace
+from wasi_tool.threads import check_threads
 from wasi_tool.wording import ratio as words
 from wasi_tool.wording import spread, wide
 
@@ -105,6 +107,14 @@ def bench(
     num_classes: common.NumClasses = None,
     img_size: common.ImgSize = None,
     random_init: common.RandomInit = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads: of each --train worker (default: one per core), or of the "
+            "onnxruntime session (default: the --device profile's).",
+            show_default=False,
+        ),
+    ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write every figure here.")
     ] = None,
@@ -116,12 +126,15 @@ def bench(
             result = _train(
                 model, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
                 num_classes, img_size, random_init, memory_mode, memory_budget, lossy,
-                allocator,
+                allocator, threads,
             )  # fmt: skip
         else:
             if model is None:
                 raise WasiToolError("give an ONNX model, or --train CHECKPOINT")
             profile = get_profile(device)
+            if threads is not None:
+                check_threads(threads)
+                profile = dataclasses.replace(profile, threads=threads)
             config = InferenceBenchConfig(
                 batch_size=batch_size or _I.batch_size,
                 warmup=_I.warmup if warmup is None else warmup,
@@ -148,7 +161,7 @@ def _train(
     train: Path | None, vs: str | None, method: str, steps: int, batch_size: int | None,
     warmup: int | None, targets: str | None, act_ranks: str | None, arch: str | None,
     num_classes: int | None, img_size: int | None, random_init: bool, memory_mode: str,
-    memory_budget: str | None, lossy: str, allocator: str,
+    memory_budget: str | None, lossy: str, allocator: str, threads: int | None,
 ) -> TrainBenchResult:  # fmt: skip
     try:
         ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None
@@ -174,6 +187,7 @@ def _train(
         memory_budget=memory_budget,
         lossy=lossy,
         allocator=allocator,
+        threads=threads,
     )
     if found:
         config = TrainBenchConfig.from_dict({**config.to_dict(), **found})
@@ -224,6 +238,8 @@ def render_inference(result: dict[str, Any]) -> None:
                 f"{m['p90_ms']:.2f} ms around p50 {m['p50_ms']:.2f}: noisy (a busy machine?); "
                 "more --repeats or a quiet machine"
             )
+    for warning in result.get("warnings", []):
+        console.print(f"warning: {warning}", markup=False, highlight=False)
     console.print(
         f"ran on: {result['ran_on']['note']}; {prof['description']} "
         f"(process peak RSS {human_bytes(result['peak_rss_bytes'])})"

@@ -130,6 +130,14 @@ Task = Annotated[
         "*ForCausalLM directory or a .gguf file, else classify)."
     ),
 ]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads for torch's kernels (default: one per core). Fewer can be faster when "
+        "other jobs share the cores.",
+        show_default=False,
+    ),
+]
 SeedInit = Annotated[
     int, typer.Option("--seed-init", help="Seed of --random-init (the weights it draws).")
 ]

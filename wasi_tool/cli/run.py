@@ -12,6 +12,7 @@ from rich.table import Table
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console
 from wasi_tool.cli.progress import RichProgress
+from wasi_tool.threads import use_threads
 
 if TYPE_CHECKING:
     from wasi_tool.pipeline import StageRecord
@@ -29,6 +30,7 @@ def run(
     force: Annotated[
         bool, typer.Option(help="Run every stage even if it could be reused.")
     ] = False,
+    threads: common.Threads = None,
 ) -> None:
     """Run a pipeline recipe: compress, finetune, export, bench and report stages."""
     # Imported here: the pipeline reaches every stage kind, and the CLI's other commands
@@ -37,6 +39,7 @@ def run(
 
     start = time.perf_counter()
     with common.user_errors():
+        use_threads(threads)
         pipeline = load_pipeline(recipe, set_ or [])
         run_dir = out or Path("runs") / pipeline.name
         console.print(f"[bold]{pipeline.name}[/bold]: {pipeline.description} -> {run_dir}/")
