@@ -102,7 +102,9 @@ def test_cli_ctrl_c_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(finetune_cmd.RichProgress, "step", step)
     result = CliRunner().invoke(app, ["finetune", *CLI_TRAIN, "--out", str(tmp_path / "o")])
     assert result.exit_code == 130
-    assert "continue with --resume" in result.stderr
+    # it says what was saved: the step in progress finished (not "the last finished epoch")
+    assert "interrupted: the state after step 2 of " in result.stderr, result.stderr
+    assert "in epoch 1 is saved in" in result.stderr and "continues from step 3" in result.stderr
     assert torch.load(tmp_path / "o.ckpt" / "last.pt", weights_only=True)["step"] == 2
 
 

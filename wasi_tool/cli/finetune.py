@@ -14,6 +14,8 @@ from wasi_tool.cli.progress import RichProgress
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import METHODS
 from wasi_tool.stages.finetune import FinetuneConfig, FinetuneResult, run_finetune
+from wasi_tool.threads import use_threads
+from wasi_tool.training.loop import Interrupted
 
 F = FinetuneConfig
 
@@ -143,6 +145,7 @@ def finetune(
         bool, typer.Option(help="Continue an interrupted run from <out>.ckpt/.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace --out (and its checkpoints).")] = False,
+    threads: common.Threads = None,
 ) -> None:
     """Fine-tune with WASI or a baseline (vanilla, asi, wsi, bsr, bsr+wasi, lora); write an
     artifact and metrics.json."""
@@ -181,6 +184,7 @@ def finetune(
             memory_budget=memory_budget,
             lossy=lossy,
         )
+        use_threads(threads)
         source = common.model_source(
             checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init, task=task
         )
@@ -189,12 +193,10 @@ def finetune(
                 result = run_finetune(
                     source, data, config, out, overwrite=overwrite, resume=resume, progress=progress
                 )
-        except KeyboardInterrupt:
-            common.err_console.print(
-                f"interrupted: the last finished epoch is in {out}.ckpt/; continue with --resume",
-                markup=False,
-                highlight=False,
-            )
+        except KeyboardInterrupt as stop:
+            # Interrupted says which step was saved; earlier (loading, calibrating) nothing was
+            saved = str(stop) if isinstance(stop, Interrupted) else "before training: nothing saved"
+            common.err_console.print(f"interrupted: {saved}", markup=False, highlight=False)
             raise typer.Exit(130) from None
     render(result)
 

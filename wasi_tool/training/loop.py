@@ -30,6 +30,22 @@ from wasi_tool.training.progress import Progress
 from wasi_tool.training.results import EpochRecord, Measured, SavedBytes
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the step in progress finished and the state after it is saved,
+    so ``--resume`` continues with the next step."""
+
+    def __init__(self, ckpt_dir: Path, epoch: int, step: int, steps_per_epoch: int) -> None:
+        super().__init__(ckpt_dir, epoch, step, steps_per_epoch)
+        self.ckpt_dir, self.epoch, self.step = ckpt_dir, epoch, step
+        self.steps_per_epoch = steps_per_epoch
+
+    def __str__(self) -> str:
+        return (
+            f"the state after step {self.step} of {self.steps_per_epoch} in epoch {self.epoch} "
+            f"is saved in {self.ckpt_dir}/; --resume continues from step {self.step + 1}"
+        )
+
+
 @dataclass
 class StepResult:
     """One optimisation step: the loss, the logits, its wall time and the bytes saved for
@@ -317,7 +333,7 @@ class Trainer:
             if self.stop_requested:
                 spent = time.perf_counter() - start
                 self.save_checkpoint(epoch - 1, step + 1, [loss_sum, correct, seen, spent])
-                raise KeyboardInterrupt
+                raise Interrupted(self.ckpt_dir, epoch + 1, step + 1, self.steps_per_epoch)
         test = evaluate(self.model, self.test_set, self.transform, cfg.batch_size)
         record = EpochRecord(
             epoch=epoch + 1,
