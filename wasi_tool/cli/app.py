@@ -21,7 +21,7 @@ app = typer.Typer(
     help="Fine-tune pretrained transformers on edge CPUs with a fraction of the memory.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
+    add_completion=True,
 )
 app.command()(compress)
 app.command()(finetune)

@@ -20,9 +20,18 @@ def export(
         Path, typer.Option("--out", "-o", help="Export directory to write.", show_default=False)
     ],
     checkpoint: common.Checkpoint = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Write model.onnx (default).")] = False,
+    onnx: Annotated[
+        bool,
+        typer.Option(
+            "--onnx", help="Write model.onnx (what export writes when neither flag is given)."
+        ),
+    ] = False,
     safetensors: Annotated[
-        bool, typer.Option("--safetensors", help="Weights only (no ONNX unless --onnx).")
+        bool,
+        typer.Option(
+            "--safetensors",
+            help="Write the weights as model.safetensors; with --onnx, both files.",
+        ),
     ] = False,
     merge: Annotated[
         bool, typer.Option(help="Dense weights under timm names (no wasi-tool needed to load).")
