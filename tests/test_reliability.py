@@ -282,8 +282,14 @@ CASES: dict[str, tuple[list[str], str]] = {
     "generate from an image model": (["generate", "{artifact}", "--prompt", "hi"], "is not a causal language model"),
     "federate with an unknown partition": (["federate", "{artifact}", "--data", "digits", "--partition", "zipf:2"], "partition must be iid, dirichlet:ALPHA or folders"),
     "federate with no clients": (["federate", "{artifact}", "--data", "digits", "--clients", "0"], "clients must be >= 1"),
+    "info of a missing artifact": (["info", "{d}/absent"], "no such file or directory"),
+    "info of a plain file": (["info", "{afile}"], "is not a wasi-tool artifact"),
+    "info of a bit-flipped artifact": (["info", "{art-flipped}"], "1 file(s) do not match the manifest: model.safetensors"),
+    "eval of a missing artifact": (["eval", "{d}/absent", "--data", "digits"], "no such file or directory"),
+    "eval on an unknown dataset": (["eval", "{artifact}", "--data", "nosuchdata"], "no such dataset"),
+    "eval of a corrupt artifact": (["eval", "{art-flipped}", "--data", "digits"], "does not match its sha256"),
 }  # fmt: skip
-NO_OUT = {"generate"}  # commands that write nothing
+NO_OUT = {"generate", "info", "eval"}  # commands that write nothing (eval: only if asked)
 
 
 # Cases that run real work before they fail (over ~5 s): marked slow, still run by default.

@@ -59,7 +59,11 @@ def test_info_json_and_a_changed_file(tuned: Path, tmp_path: Path) -> None:
     (copy / "report.json").write_text("{}\n")
     out = tmp_path / "info.json"
     result = invoke("info", copy, "--json", out)
-    assert result.exit_code == 0 and "do not match the manifest: report.json" in result.stdout
+    # the table and the JSON still come out, and the exit code says it does not verify
+    assert result.exit_code == 1 and "│ mismatch" in result.stdout.replace("┃", "│")
+    assert result.stderr.splitlines() == [
+        f"error: {copy}: 1 file(s) do not match the manifest: report.json"
+    ]
     assert json.loads(out.read_text())["files"]["report.json"]["status"] == "mismatch"
 
 

@@ -32,8 +32,13 @@ def info(
     with common.user_errors():
         found = artifacts.describe(artifact)
         common.write_json(json_path, found)
-    if not common.is_stdout(json_path):
-        render_info(found)
+        if not common.is_stdout(json_path):
+            render_info(found)
+        bad = [n for n, e in found["files"].items() if e["status"] in ("missing", "mismatch")]
+        if bad:  # shown above (and in the JSON); a script sees it in the exit code too
+            raise WasiToolError(
+                f"{artifact}: {len(bad)} file(s) do not match the manifest: {', '.join(bad)}"
+            )
 
 
 def _short(value: Any, width: int = 60) -> str:
@@ -96,9 +101,6 @@ def render_info(found: dict[str, Any]) -> None:
     console.print(files)
     for name, role in (found.get("outputs") or {}).items():
         console.print(f"  {name}: {role}", markup=False, highlight=False)
-    bad = [n for n, e in found["files"].items() if e["status"] in ("missing", "mismatch")]
-    if bad:
-        console.print(f"[red]{len(bad)} file(s) do not match the manifest: {', '.join(bad)}[/]")
 
 
 def _ints(text: str | None) -> list[int] | None:
