@@ -85,6 +85,13 @@ def main() -> None:
     ap.add_argument("--partitions", default="iid,dirichlet:0.5")
     ap.add_argument("--methods", default="wasi,vanilla", help="comma-separated: wasi, vanilla")
     ap.add_argument(
+        "--server-lr",
+        type=float,
+        default=1.0,
+        help="the server's step on the mean update (1: FedAvg; the number of clients: about "
+        "the progress of the same samples trained centrally, IID)",
+    )
+    ap.add_argument(
         "--centralized",
         action="store_true",
         help="also fine-tune wasi centrally from the same start for rounds x local epochs "
@@ -104,6 +111,7 @@ def main() -> None:
                 **flags, targets="all", clients=args.clients, partition=partition,
                 rounds=args.rounds, epochs=args.local_epochs, max_steps=args.max_steps,
                 batch_size=args.batch_size, classes=[5, 6, 7, 8, 9], lr=0.05, lr_min=0.0005,
+                server_lr=args.server_lr,
             )  # fmt: skip
             out = args.runs / "federated" / f"{name}-{partition.replace(':', '')}"
             t0 = time.perf_counter()

@@ -54,3 +54,41 @@ def test_fedavg_weighted_mean_and_bad_weights():
     torch.testing.assert_close(fedavg([a, b], [3, 1]), torch.full((3,), 0.75))
     with pytest.raises(WasiToolError):
         fedavg([a, b], [0, 0])
+
+
+def test_server_lr_is_a_step_along_the_mean_update_then_truncated():
+    """aggregate(server_lr=lr) = best rank-K approximation of G + lr (mean - G), dense route;
+    lr = 1 is plain FedAvg; other tensors take the same step exactly."""
+    import numpy as np
+
+    from wasi_tool.federated.payload import aggregate
+
+    o, i, k, n = 24, 16, 4, 3
+    lefts, rights, weights = _clients(n + 1, o, i, k, seed=5)
+    reference = {"l.L": lefts[0], "l.R": rights[0], "b": torch.zeros(5)}
+    gen = torch.Generator().manual_seed(1)
+    updates = [
+        {"l.L": lf.numpy(), "l.R": r.numpy(), "b": torch.randn(5, generator=gen).numpy()}
+        for lf, r in zip(lefts[1:], rights[1:], strict=True)
+    ]  # fmt: skip
+    w = [
+        weights[1] / sum(weights[1:]),
+        weights[2] / sum(weights[1:]),
+        weights[3] / sum(weights[1:]),
+    ]
+    g = reference["l.L"].double() @ reference["l.R"].double()
+    mean = sum(wi * torch.from_numpy(u["l.L"]).double() @ torch.from_numpy(u["l.R"]).double()
+               for wi, u in zip(w, updates, strict=True))  # fmt: skip
+    bias_mean = sum(
+        wi * torch.from_numpy(u["b"]).double() for wi, u in zip(w, updates, strict=True)
+    )
+    for lr in (1.0, 2.5, 0.5):
+        out = aggregate(updates, weights[1:], reference, server_lr=lr)
+        u, s, vh = torch.linalg.svd(g + lr * (mean - g), full_matrices=False)
+        best = (u[:, :k] * s[:k]) @ vh[:k]
+        got = out["l.L"].double() @ out["l.R"].double()
+        torch.testing.assert_close(got, best, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["b"].double(), lr * bias_mean, rtol=1e-6, atol=1e-6)
+        assert np.allclose(out["l.L"].T @ out["l.L"], np.eye(k), atol=1e-5)
+    with pytest.raises(WasiToolError, match="server_lr must be in"):
+        aggregate(updates, weights[1:], reference, server_lr=0.0)

@@ -64,6 +64,13 @@ def federate(
     max_steps: Annotated[int | None, typer.Option(help="Cap local steps per epoch.")] = None,
     seed: Annotated[int, typer.Option(help="Training and partition seed.")] = 233,
     min_clients: Annotated[int, typer.Option(help="Usable updates a round needs.")] = 1,
+    server_lr: Annotated[
+        float,
+        typer.Option(
+            help="The server's step on the round's mean update (1: FedAvg; IID data: the "
+            "number of clients moves as far as training the same samples centrally)."
+        ),
+    ] = 1.0,
     test_data: Annotated[
         str | None, typer.Option(help="The server's test data (default: data's held-out split).")
     ] = None,
@@ -94,6 +101,7 @@ def federate(
             partition=partition,
             rounds=rounds,
             min_clients=min_clients,
+            server_lr=server_lr,
         )
         result = run_federate(
             checkpoint,

@@ -30,19 +30,36 @@ def normalized(weights: Sequence[float]) -> list[float]:
     return [float(w) / total for w in weights]
 
 
-def fedavg(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """The weighted mean sum_i w_i T_i (FedAvg), in float64, returned in the inputs' dtype."""
-    w = normalized(weights)
+def server_step(weights: Sequence[float], server_lr: float) -> list[float]:
+    """Coefficients of [previous global, client 1, ..., client n] for a server learning rate
+    (FedOpt's server SGD; Reddi et al. 2021): the new global is G + lr (sum_i w_i T_i - G) =
+    (1 - lr) G + sum_i lr w_i T_i. They sum to 1; the first is negative when lr > 1 (the step
+    goes past the clients' mean, as a larger step of the same direction)."""
+    if not 0 < server_lr <= 100:
+        raise WasiToolError(f"server_lr must be in (0, 100], got {server_lr}")
+    return [1.0 - server_lr, *(server_lr * w for w in normalized(weights))]
+
+
+def fedavg(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
+) -> torch.Tensor:
+    """The weighted mean sum_i w_i T_i (FedAvg), in float64, returned in the inputs' dtype.
+    ``normalize=False`` takes the weights as given (server_step's coefficients)."""
+    w = normalized(weights) if normalize else list(weights)
     out = sum(wi * t.double() for wi, t in zip(w, tensors, strict=True))
     return torch.as_tensor(out).to(tensors[0].dtype)
 
 
 def product_svd(
-    lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor], weights: Sequence[float]
+    lefts: Sequence[torch.Tensor],
+    rights: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The thin SVD (U, S, V^T) of sum_i w_i L_i R_i from QR of the stacked factors and the
     SVD of the (nK x nK) core; U: O x r, S: r, V^T: r x I with r = min(O, I, nK)."""
-    w = normalized(weights)
+    w = normalized(weights) if normalize else list(weights)
     if len(lefts) != len(rights) or not lefts:
         raise WasiToolError("need as many left factors as right factors, at least one")
     a = torch.cat([wi * left.double() for wi, left in zip(w, lefts, strict=True)], dim=1)
@@ -60,6 +77,7 @@ def aggregate_factors(
     rank: int,
     *,
     balanced: bool = False,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best rank-``rank`` factors (L, R) of sum_i w_i L_i R_i, and all its singular values.
 
@@ -68,7 +86,7 @@ def aggregate_factors(
     below ``rank`` (fewer singular values) is padded with zero columns/rows, so shapes hold.
     """
     dtype = lefts[0].dtype
-    u, s, vh = product_svd(lefts, rights, weights)
+    u, s, vh = product_svd(lefts, rights, weights, normalize=normalize)
     k = min(rank, s.numel())
     if balanced:
         root = s[:k].sqrt()

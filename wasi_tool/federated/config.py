@@ -28,6 +28,10 @@ class FederateConfig(FinetuneConfig):
         min_clients: a round needs at least this many accepted updates (default 1); below it
             the round fails, and the run stops with the last completed round saved.
         round_timeout: seconds the server waits for the replies of a round (None: no limit).
+        server_lr: the server's learning rate on the round's mean update (1: plain FedAvg).
+            Averaging n clients' local steps moves the model about as far as one client's
+            steps; with IID data, server_lr = n moves it about as far as the same samples
+            trained centrally (a larger step along the averaged direction).
     """
 
     stage: ClassVar[str] = "federate"
@@ -38,6 +42,7 @@ class FederateConfig(FinetuneConfig):
     rounds: int = 5
     min_clients: int = 1
     round_timeout: float | None = None
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,6 +56,8 @@ class FederateConfig(FinetuneConfig):
             raise WasiToolError(f"round_timeout must be positive, got {self.round_timeout}")
         if self.memory_budget is not None:
             raise WasiToolError("memory_budget is not supported in a federated run (yet)")
+        if not 0 < self.server_lr <= 100:
+            raise WasiToolError(f"server_lr must be in (0, 100], got {self.server_lr}")
 
     def round_config(self, rnd: int, client: int) -> FinetuneConfig:
         """The local recipe of client ``client`` in round ``rnd`` (0-based): this round's

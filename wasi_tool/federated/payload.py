@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wasi_tool.federated.aggregate import aggregate_factors, fedavg
+from wasi_tool.federated.aggregate import aggregate_factors, fedavg, server_step
 
 State = dict[str, torch.Tensor]
 
@@ -85,13 +85,24 @@ def check_update(
 
 
 def aggregate(
-    updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], reference: State
+    updates: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    reference: State,
+    server_lr: float = 1.0,
 ) -> State:
     """The new global state: factor pairs by the rank-K truncation of the weighted mean of
     their products (aggregate_factors), every other tensor by FedAvg. One update is taken
-    as it is (the mean of one product is that product)."""
+    as it is (the mean of one product is that product).
+
+    ``server_lr`` != 1: the server's step G + lr (mean - G) (aggregate.server_step), with the
+    previous global ``reference`` as one more member of the sums; factor pairs are truncated
+    after the step, as for the plain mean."""
     tensors = [{k: torch.from_numpy(np.array(v)) for k, v in u.items()} for u in updates]
-    if len(tensors) == 1:
+    coefficients, normalize = list(weights), True
+    if server_lr != 1.0:
+        tensors = [dict(reference), *tensors]
+        coefficients, normalize = server_step(weights, server_lr), False
+    elif len(tensors) == 1:
         return {k: tensors[0][k].clone() for k in reference}
     out: State = {}
     for pair in factor_pairs(list(reference)):
@@ -99,14 +110,15 @@ def aggregate(
         left, right, _ = aggregate_factors(
             [t[pair.left] for t in tensors],
             [t[pair.right] for t in tensors],
-            weights,
+            coefficients,
             rank,
             balanced=pair.balanced,
+            normalize=normalize,
         )
         out[pair.left], out[pair.right] = left, right
     for name in reference:
         if name not in out:
-            out[name] = fedavg([t[name] for t in tensors], weights)
+            out[name] = fedavg([t[name] for t in tensors], coefficients, normalize=normalize)
     return out
 
 

@@ -169,7 +169,7 @@ def run_round(
     records = sorted(rows.values(), key=lambda r: (r.get("partition_id", 1e9), r["node"]))
     if len(updates) < config.min_clients:
         return None, records
-    return aggregate(updates, weights, state), records
+    return aggregate(updates, weights, state, config.server_lr), records
 
 
 def serve(
