@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from wasi_tool.wording import ratio
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -84,11 +86,14 @@ def latency(out: Path) -> None:
         p90 = [rows[m]["p90_ms"] for m in models]
         err = [[0] * len(models), [b - a for a, b in zip(p50, p90, strict=True)]]
         bars = ax.bar(models, p50, yerr=err, capsize=4, color="#4c78a8")
-        for bar, m in zip(bars, models, strict=True):
-            label = f"{rows[m]['p50_speedup_vs_dense']:.2f}x"
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8, xytext=(0, 2),
+        for bar, m, top in zip(bars, models, p90, strict=True):
+            # above the whisker (p90), so the cap does not strike through it
+            label = ratio(rows[m]["p50_speedup_vs_dense"], "time") if m != "dense" else "baseline"
+            ax.annotate(f"{rows[m]['p50_ms']:.0f} ms\n{label}",
+                        (bar.get_x() + bar.get_width() / 2, top),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 3),
                         textcoords="offset points")  # fmt: skip
+        ax.set_ylim(0, max(p90) * 1.18)
         ax.set_title(f"ViT-B/32 onnxruntime, batch {batch}, {inf['threads']} threads")
         ax.set_ylabel("p50 latency (ms); whisker to p90")
         ax.tick_params(axis="x", labelsize=8)
