@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from wasi_tool.artifacts import dumps_json
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models.loading import ModelSource
 
@@ -77,6 +78,32 @@ JsonOut = Annotated[
 ]
 
 
+def write_report_json(path: Path | None, out: Path, name: str) -> None:
+    """``--json`` of a command that writes an artifact: the figures it recorded there
+    (``name``: report.json, metrics.json, federated.json), with where the artifact is."""
+    if path is None:
+        return
+    try:
+        figures = json.loads((out / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WasiToolError(f"cannot read {out / name}: {exc}") from None
+    write_json(path, {"out": str(out), name.removesuffix(".json"): figures})
+
+
+@contextlib.contextmanager
+def progress_to_stderr(json_path: Path | None) -> Iterator[None]:
+    """With ``--json -`` stdout carries the JSON alone: progress and notes go to stderr."""
+    if not is_stdout(json_path):
+        yield
+        return
+    before = console.file
+    console.file = sys.stderr
+    try:
+        yield
+    finally:
+        console.file = before
+
+
 def is_stdout(path: Path | None) -> bool:
     return path is not None and str(path) == "-"
 
@@ -85,7 +112,7 @@ def write_json(path: Path | None, payload: Any) -> None:
     """``--json PATH``: the payload to PATH, or to stdout for ``-``; nothing for None."""
     if path is None:
         return
-    text = json.dumps(payload, indent=2, default=str) + "\n"
+    text = dumps_json(json.loads(json.dumps(payload, default=str)))
     if is_stdout(path):
         sys.stdout.write(text)
         return

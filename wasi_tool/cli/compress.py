@@ -47,9 +47,10 @@ def compress(
     plot: Annotated[
         bool, typer.Option(help="Also write energy.png (energy curves, eps cut).")
     ] = False,
+    json_path: common.JsonOut = None,
 ) -> None:
     """SVD-decompose the target linear layers; rank by explained variance; write an artifact."""
-    with common.user_errors():
+    with common.user_errors(), common.progress_to_stderr(json_path):
         config = CompressConfig(
             targets=targets, exclude=exclude or [], eps=eps, rank_ratio=rank_ratio, force=force
         )
@@ -58,7 +59,9 @@ def compress(
         )
         with common.status("compressing..."):
             result = run_compress(source, config, out, overwrite=overwrite, plot=plot)
-    render(result)
+        common.write_report_json(json_path, result.out, "report.json")
+    if not common.is_stdout(json_path):
+        render(result)
 
 
 def render(result: CompressResult) -> None:

@@ -63,9 +63,10 @@ def export(
     seed_init: common.SeedInit = 0,
     model_class: common.ModelClass = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    json_path: common.JsonOut = None,
 ) -> None:
     """Export weights (factored or merged) and ONNX (two MatMuls per factored linear)."""
-    with common.user_errors():
+    with common.user_errors(), common.progress_to_stderr(json_path):
         config = ExportConfig(
             onnx=onnx or not safetensors,
             merge=merge,
@@ -89,7 +90,9 @@ def export(
         )
         with common.status("exporting and checking..."):
             result = run_export(source, config, out, overwrite=overwrite)
-    render(result, config)
+        common.write_report_json(json_path, result.out, "report.json")
+    if not common.is_stdout(json_path):
+        render(result, config)
 
 
 def render(result: ExportResult, config: ExportConfig) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from wasi_tool.cli import common
 from wasi_tool.cli.common import console, human_bytes, user_errors
 from wasi_tool.errors import WasiToolError
 
@@ -75,10 +76,11 @@ def federate(
         str | None, typer.Option(help="The server's test data (default: data's held-out split).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    json_path: common.JsonOut = None,
     resume: Annotated[bool, typer.Option(help="Continue after the last completed round.")] = False,
 ) -> None:
     """Federated fine-tuning (Flower): clients train locally, factored layers travel as factors."""
-    with user_errors():
+    with user_errors(), common.progress_to_stderr(json_path):
         from wasi_tool.federated import FederateConfig, run_federate
 
         try:
@@ -118,3 +120,4 @@ def federate(
             f"wrote {result.out}/ (model.safetensors, federated.json, federated.png, "
             f"manifest.json): global accuracy {result.final.get('test_accuracy', float('nan')):.4f}"
         )
+        common.write_report_json(json_path, result.out, "federated.json")

@@ -146,10 +146,11 @@ def finetune(
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace --out (and its checkpoints).")] = False,
     threads: common.Threads = None,
+    json_path: common.JsonOut = None,
 ) -> None:
     """Fine-tune with WASI or a baseline (vanilla, asi, wsi, bsr, bsr+wasi, lora); write an
     artifact and metrics.json."""
-    with common.user_errors():
+    with common.user_errors(), common.progress_to_stderr(json_path):
         config = FinetuneConfig(
             method=method,
             targets=targets,
@@ -198,7 +199,9 @@ def finetune(
             saved = str(stop) if isinstance(stop, Interrupted) else "before training: nothing saved"
             common.err_console.print(f"interrupted: {saved}", markup=False, highlight=False)
             raise typer.Exit(130) from None
-    render(result)
+        common.write_report_json(json_path, result.out, "metrics.json")
+    if not common.is_stdout(json_path):
+        render(result)
 
 
 def render(result: FinetuneResult) -> None:
