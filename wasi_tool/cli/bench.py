@@ -130,7 +130,7 @@ def bench(
             )  # fmt: skip
         else:
             if model is None:
-                raise WasiToolError("give an ONNX model, or --train CHECKPOINT")
+                raise WasiToolError("give an ONNX model, or CHECKPOINT --train")
             profile = get_profile(device)
             if threads is not None:
                 check_threads(threads)
