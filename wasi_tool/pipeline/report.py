@@ -16,6 +16,7 @@ from wasi_tool.wording import ratio as words
 from wasi_tool.wording import spread, wide
 
 BENCH_FILE = "bench.json"
+REPORT_MD = "report.md"
 METRICS_FILE = "metrics.json"
 
 
@@ -217,7 +218,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
     plots = _plots(finetunes, compresses, out, trains)
     if plots:
         lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
-    (out / "report.md").write_text("\n".join(lines))
+    (out / REPORT_MD).write_text("\n".join(lines))
     artifacts.write_json(out / "report.json", summary)
     return summary
 
