@@ -319,14 +319,23 @@ def _publish_replacing(
         check_output_dir(out, True, replaceable)
         if _renameat2(staging, out, _RENAME_EXCHANGE):  # atomic swap: out is never missing
             return staging
+        # no exchange here: set the old output aside, publish, put it back if that fails
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(out, old / out.name)
+        moved = False
         try:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(out, old / out.name)
+                moved = True
             _publish_new(staging, out)
             return old
-        except FileExistsError:
+        except FileExistsError:  # another writer published meanwhile: replace theirs
             shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if moved:  # out is free again (the claim of a failed fallback publish is gone)
+                with contextlib.suppress(OSError):
+                    os.rename(old / out.name, out)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
     raise WasiToolError(f"output {out} kept changing while it was written; try again")
 
 
