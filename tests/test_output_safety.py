@@ -132,6 +132,25 @@ def test_publish_loses_the_race_after_the_early_check(tmp_path: Path, publish: s
     assert _leftovers(tmp_path, out) == []
 
 
+def test_a_fallback_claim_taken_over_meanwhile_is_already_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without renameat2 the claim is an empty directory; an --overwrite writer may replace
+    it before our rename: that is "already exists", and their output stays."""
+    monkeypatch.setattr(artifacts, "_renameat2", lambda *args: False)
+    staging, out = tmp_path / "staging", tmp_path / "out"
+    staging.mkdir()
+
+    def taken(src: Path, dst: Path) -> None:
+        (Path(dst) / "theirs").write_text("y")
+        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY))
+
+    monkeypatch.setattr(os, "rename", taken)
+    with pytest.raises(FileExistsError):
+        artifacts._publish_new(staging, out)
+    assert (out / "theirs").read_text() == "y"
+
+
 @pytest.mark.slow
 def test_two_compress_processes_to_one_out(tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -298,9 +298,12 @@ def _publish_new(staging: Path, out: Path) -> None:
     os.mkdir(out)
     try:
         os.rename(staging, out)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             out.rmdir()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            # an --overwrite writer replaced our empty claim with its output meanwhile
+            raise FileExistsError(exc.errno, exc.strerror, str(out)) from None
         raise
 
 
