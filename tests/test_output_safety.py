@@ -396,6 +396,18 @@ def test_a_symlinked_weights_file_is_refused(tmp_path: Path, artifact: Path) -> 
         load_model(ModelSource(checkpoint=art))
 
 
+def test_a_link_made_while_writing_is_refused_not_followed(tmp_path: Path) -> None:
+    """A file an ``extra`` step links into the staging directory is refused: chmod and the
+    file hashes would follow it out (the file outside keeps its mode)."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("x")
+    outside.chmod(0o600)
+    with pytest.raises(WasiToolError, match=r"plot\.png is a symbolic link"):
+        _write(tmp_path / "out", extra=lambda staging: (staging / "plot.png").symlink_to(outside))
+    assert outside.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside.txt"]
+
+
 def test_a_manifest_naming_a_file_outside_is_refused(tmp_path: Path, artifact: Path) -> None:
     art = _copy(artifact, tmp_path / "art")
     manifest = json.loads((art / artifacts.MANIFEST).read_text())

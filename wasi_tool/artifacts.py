@@ -396,6 +396,7 @@ def atomic_directory(
         umask = _umask()
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; an artifact is shared data
         for item in staging.iterdir():
+            item = safe_member(staging, item.name)  # chmod would follow a link out
             os.chmod(item, 0o666 & ~umask)
             _fsync_path(item)
         try:
@@ -509,7 +510,7 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file in ``directory`` (manifest.json itself excluded)."""
     return {
         p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(directory.iterdir())
+        for p in (safe_member(directory, q.name) for q in sorted(directory.iterdir()))
         if p.is_file() and p.name != MANIFEST
     }
 
