@@ -408,6 +408,19 @@ def test_a_link_made_while_writing_is_refused_not_followed(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outside.txt"]
 
 
+def test_a_report_does_not_copy_a_linked_plot_from_a_stage(tmp_path: Path) -> None:
+    from wasi_tool.pipeline.report import _plots
+
+    stage, out = tmp_path / "c", tmp_path / "report"
+    stage.mkdir()
+    out.mkdir()
+    (stage / "energy.png").symlink_to(tmp_path / "secret.png")
+    (tmp_path / "secret.png").write_bytes(b"not a plot of this run")
+    with pytest.raises(WasiToolError, match=r"energy\.png is a symbolic link"):
+        _plots([], [("c", {"layers": []}, stage)], out)
+    assert list(out.iterdir()) == []
+
+
 def test_a_manifest_naming_a_file_outside_is_refused(tmp_path: Path, artifact: Path) -> None:
     art = _copy(artifact, tmp_path / "art")
     manifest = json.loads((art / artifacts.MANIFEST).read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -315,8 +316,9 @@ def _plots(
 
     made = []
     for name, _, d in compresses:
-        if (d / "energy.png").is_file():
-            shutil.copyfile(d / "energy.png", out / f"energy-{name}.png")
+        if os.path.lexists(d / "energy.png"):
+            energy = artifacts.safe_member(d, "energy.png")  # never a link out of the stage
+            shutil.copyfile(energy, out / f"energy-{name}.png")
             made.append(f"energy-{name}.png")
     for name, rep, _ in compresses:
         cfg = rep.get("config", {})
