@@ -236,6 +236,27 @@ def files(
     f["onnx"] = tiny_onnx(d / "tiny.onnx")
     f["afile"] = d / "afile"
     f["afile"].write_text("a regular file")
+
+    # output safety (issue 19a)
+    f["mine"] = d / "mine"  # a directory wasi-tool did not write
+    f["mine"].mkdir()
+    (f["mine"] / "notes.txt").write_text("keep me")
+    f["outlink"] = d / "outlink"  # an output path that is a symlink (to an artifact)
+    f["outlink"].symlink_to(art)
+    f["danglink"] = d / "danglink"
+    f["danglink"].symlink_to(d / "nowhere")
+    for name in ("symlink", "toklink", "escape"):
+        copy = d / f"art-{name}"
+        copy.mkdir()
+        for p in art.iterdir():
+            (copy / p.name).write_bytes(p.read_bytes())
+        f[f"art-{name}"] = copy
+    (d / "art-symlink" / "model.safetensors").rename(d / "elsewhere.safetensors")
+    (d / "art-symlink" / "model.safetensors").symlink_to(d / "elsewhere.safetensors")
+    (d / "art-toklink" / "tokenizer.json").symlink_to(f["afile"])
+    escape = json.loads((d / "art-escape" / "manifest.json").read_text())
+    escape["files"]["../afile"] = {"sha256": "0" * 64, "bytes": 14}
+    (d / "art-escape" / "manifest.json").write_text(json.dumps(escape))
     return f
 
 
@@ -288,6 +309,17 @@ CASES: dict[str, tuple[list[str], str]] = {
     "eval of a missing artifact": (["eval", "{d}/absent", "--data", "digits"], "no such file or directory"),
     "eval on an unknown dataset": (["eval", "{artifact}", "--data", "nosuchdata"], "no such dataset"),
     "eval of a corrupt artifact": (["eval", "{art-flipped}", "--data", "digits"], "does not match its sha256"),
+    # output safety (issue 19a)
+    "--overwrite of a plain directory": (["compress", "{pth}", *T, "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
+    "export --overwrite of a plain directory": (["export", "{artifact}", "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
+    "finetune --overwrite of a plain directory": (["finetune", "--random-init", *T, "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
+    "--overwrite of an output that is a symlink": (["compress", "{pth}", *T, "--out", "{outlink}", "--overwrite"], "outlink is a symbolic link; refusing to replace it"),
+    "output is a dangling symlink": (["compress", "{pth}", *T, "--out", "{danglink}"], "danglink already exists"),
+    "symlinked weights in an artifact": (["compress", "{art-symlink}"], "model.safetensors is a symbolic link"),
+    "export of symlinked weights": (["export", "{art-symlink}"], "model.safetensors is a symbolic link"),
+    "info of symlinked weights": (["info", "{art-symlink}"], "model.safetensors is a symbolic link"),
+    "symlinked tokenizer in an artifact": (["compress", "{art-toklink}"], "tokenizer.json is a symbolic link"),
+    "manifest naming a file outside": (["info", "{art-escape}"], "'../afile' is not a plain file name inside the artifact"),
 }  # fmt: skip
 NO_OUT = {"generate", "info", "eval"}  # commands that write nothing (eval: only if asked)
 

@@ -8,12 +8,17 @@ This module does file I/O only; rebuilding models lives in ``wasi_tool.models``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import math
 import os
 import platform
+import re
 import shutil
+import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -119,7 +124,7 @@ def describe(directory: Path) -> dict[str, Any]:
     files: dict[str, dict[str, Any]] = {}
     for name, entry in sorted(manifest["files"].items()):
         entry = entry if isinstance(entry, dict) else {}
-        path = directory / name
+        path = safe_member(directory, name)
         present = path.is_file()
         files[name] = {
             "bytes": path.stat().st_size if present else entry.get("bytes"),
@@ -172,24 +177,206 @@ def _makedirs_tracked(path: Path, created: list[Path]) -> None:
             created.append(parent)
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Fail early, before any work, when ``out`` cannot be written."""
-    if out.exists() and not overwrite:
+# -- path safety: names from a manifest or a directory listing ---------------------------------
+
+
+def safe_member(directory: Path, name: str) -> Path:
+    """``directory / name`` when ``name`` is a plain file name that stays inside ``directory``:
+    no separator, not ``.``/``..``, not absolute, not a symbolic link, resolving inside.
+
+    Every name taken from a manifest, a directory listing or a recipe that becomes a path
+    inside an artifact goes through here, so an artifact never follows a link out of itself.
+    Raises a one-line WasiToolError naming the file.
+    """
+    directory = Path(directory)
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or os.path.isabs(name)
+    ):
+        raise WasiToolError(f"{directory}: {name!r} is not a plain file name inside the artifact")
+    path = directory / name
+    if path.is_symlink():
+        raise WasiToolError(
+            f"{path} is a symbolic link; an artifact's files must be regular files inside it"
+        )
+    try:
+        inside = path.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError):  # a symlink loop in the directory's own path
+        inside = False
+    if not inside:
+        raise WasiToolError(f"{path} resolves outside {directory}")
+    return path
+
+
+# -- output directories: claim, replace, publish -----------------------------------------------
+
+
+def is_wasi_artifact(path: Path) -> bool:
+    """``path`` is a directory whose ``manifest.json`` says it is a wasi-tool artifact (any
+    format version: a newer tool's artifact is still one --overwrite may replace)."""
+    manifest = Path(path) / MANIFEST
+    if not Path(path).is_dir() or manifest.is_symlink() or not manifest.is_file():
+        return False
+    try:
+        found = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(found, dict) and found.get("format") == ARTIFACT_FORMAT
+
+
+def _empty_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def check_output_dir(
+    out: Path, overwrite: bool, replaceable: Callable[[Path], bool] = is_wasi_artifact
+) -> None:
+    """Fail early, before any work, when ``out`` cannot be written.
+
+    ``--overwrite`` replaces only what wasi-tool wrote (``replaceable``: by default a directory
+    with a wasi-tool manifest) or an empty directory; anything else is left untouched.
+    """
+    out = Path(out)
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
         raise WasiToolError(f"output {out} already exists (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
+    if out.is_symlink():
+        raise WasiToolError(f"output {out} is a symbolic link; refusing to replace it")
+    if not out.is_dir():
         raise WasiToolError(f"output {out} exists and is not a directory")
+    if not (_empty_dir(out) or replaceable(out)):
+        raise WasiToolError(
+            f"output {out} is not a wasi-tool artifact (no valid {MANIFEST}); refusing to "
+            "replace it with --overwrite"
+        )
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+_renameat2_fn: Any = None
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux renameat2(2) with ``flags``; False when this kernel, libc or file system does not
+    support it (the caller falls back), OSError (FileExistsError, ...) when it fails."""
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        fn: Any = False
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+                fn.argtypes += [ctypes.c_uint]
+                fn.restype = ctypes.c_int
+        _renameat2_fn = fn
+    if not _renameat2_fn:
+        return False
+    if _renameat2_fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(dst))
+
+
+def _publish_new(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out`` only if nothing is at ``out``: one atomic, exclusive
+    step (no check-then-act). Raises FileExistsError when ``out`` exists."""
+    if _renameat2(staging, out, _RENAME_NOREPLACE):
+        return
+    # fallback: claim ``out`` by creating it (exclusive), then rename onto our own empty claim
+    os.mkdir(out)
+    try:
+        os.rename(staging, out)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            # an --overwrite writer replaced our empty claim with its output meanwhile
+            raise FileExistsError(exc.errno, exc.strerror, str(out)) from None
+        raise
+
+
+def _publish_replacing(
+    staging: Path, out: Path, replaceable: Callable[[Path], bool]
+) -> Path | None:
+    """Put ``staging`` at ``out``, replacing what is there. Returns a directory that holds the
+    old output (to remove), or None."""
+    for _ in range(8):  # another writer may publish between our steps: try again
+        if not os.path.lexists(out):
+            try:
+                _publish_new(staging, out)
+                return None
+            except FileExistsError:
+                continue
+        check_output_dir(out, True, replaceable)
+        if _renameat2(staging, out, _RENAME_EXCHANGE):  # atomic swap: out is never missing
+            return staging
+        # no exchange here: set the old output aside, publish, put it back if that fails
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        moved = False
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(out, old / out.name)
+                moved = True
+            _publish_new(staging, out)
+            return old
+        except FileExistsError:  # another writer published meanwhile: replace theirs
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if moved:  # out is free again (the claim of a failed fallback publish is gone)
+                with contextlib.suppress(OSError):
+                    os.rename(old / out.name, out)
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+    raise WasiToolError(f"output {out} kept changing while it was written; try again")
+
+
+def io_error_message(what: str, exc: BaseException) -> str | None:
+    """One line for an I/O failure (a full disk, a read-only file system, no permission, ...),
+    or None when ``exc`` is not one."""
+    cause: BaseException | None = exc
+    while cause is not None:  # an OSError re-raised by a library as its own type
+        if isinstance(cause, OSError):
+            return f"cannot write {what}: {cause.strerror or cause}"
+        cause = cause.__cause__
+    return None
+
+
+def _as_os_error(exc: Exception) -> OSError | None:
+    """The OSError behind a safetensors error ("I/O error: No space left on device (os error
+    28)"), or None when it is not an I/O error."""
+    match = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(exc))
+    return OSError(int(match[2]), match[1]) if match else None
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    out: Path, overwrite: bool = False, replaceable: Callable[[Path], bool] = is_wasi_artifact
+) -> Iterator[Path]:
     """Yield an empty staging directory that becomes ``out`` only if the block succeeds.
 
-    Staging lives beside ``out`` (same file system, so the final rename is atomic). On any
-    error the staging directory, and any parent directories this call created, are removed,
-    and an existing ``out`` is left as it was.
+    Staging lives beside ``out`` (same file system, so the final rename is atomic). Without
+    ``overwrite`` the publish is one exclusive rename (renameat2 RENAME_NOREPLACE, or an
+    exclusive mkdir claim): of two concurrent writers one wins and the other fails with
+    "already exists". With ``overwrite`` only an existing output that ``replaceable`` accepts
+    (default: a wasi-tool artifact) or an empty directory is replaced, atomically swapped
+    where the kernel can. On any error (a full disk, a read-only file system, no permission)
+    the staging directory, any parent directories this call created and any set-aside old
+    output are removed, and an existing ``out`` is left as it was.
     """
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, replaceable)
     created: list[Path] = []
 
     def remove_created() -> None:
@@ -203,27 +390,36 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except OSError as exc:
         remove_created()
         raise WasiToolError(f"cannot create output {out}: {exc.strerror or exc}") from None
+    old: Path | None = None
     try:
         yield staging
         umask = _umask()
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; an artifact is shared data
         for item in staging.iterdir():
+            item = safe_member(staging, item.name)  # chmod would follow a link out
             os.chmod(item, 0o666 & ~umask)
             _fsync_path(item)
-        old: Path | None = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            if overwrite:
+                old = _publish_replacing(staging, out, replaceable)
+            else:
+                _publish_new(staging, out)
+        except FileExistsError:
+            raise WasiToolError(
+                f"output {out} already exists (another run wrote it first; pass --overwrite "
+                "to replace it)"
+            ) from None
         _fsync_path(out.parent)
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # after a swap: the old output
         remove_created()
-        if isinstance(exc, OSError):
-            raise WasiToolError(f"cannot write {out}: {exc.strerror or exc}") from None
+        message = io_error_message(str(out), exc)
+        if message is not None:
+            raise WasiToolError(message) from None
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_weights(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
@@ -241,7 +437,37 @@ def save_weights(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
         # safetensors refuses shared storage (tied embeddings): the second name gets a copy
         plain[k] = t.clone() if key in seen and t.numel() else t
         seen.add(key)
-    save_file(plain, str(path), metadata=metadata)
+    try:
+        save_file(plain, str(path), metadata=metadata)
+    except Exception as exc:  # safetensors reports I/O errors as its own type
+        os_error = _as_os_error(exc)
+        if os_error is None:
+            raise
+        raise os_error from None
+    _canonical_header(path)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys, so that the same tensors and metadata
+    always give the same bytes (safetensors writes its metadata map in hash order, which
+    changes from process to process). The data is not touched: the header is rewritten in
+    place when its padded length is unchanged, else the file is copied behind a new one."""
+    with open(path, "r+b") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        blob = text.encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # safetensors pads its header to 8 bytes
+        if len(blob) == length:
+            fh.seek(8)
+            fh.write(blob)
+            return
+    tmp = path.with_name(f".{path.name}.canonical")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        src.seek(8 + length)
+        dst.write(struct.pack("<Q", len(blob)) + blob)
+        shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(tmp, path)
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -284,7 +510,7 @@ def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file in ``directory`` (manifest.json itself excluded)."""
     return {
         p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(directory.iterdir())
+        for p in (safe_member(directory, q.name) for q in sorted(directory.iterdir()))
         if p.is_file() and p.name != MANIFEST
     }
 
@@ -328,7 +554,7 @@ def verify_files(directory: Path, manifest: Mapping[str, Any], names: list[str])
         entry = manifest["files"].get(name)
         if not isinstance(entry, dict) or "sha256" not in entry:
             raise WasiToolError(f"{directory / MANIFEST}: no sha256 recorded for {name}")
-        path = directory / name
+        path = safe_member(directory, name)
         if not path.is_file():
             raise WasiToolError(f"artifact {directory} is missing {name}")
         if sha256_file(path) != entry["sha256"]:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wasi_tool import artifacts
 from wasi_tool.errors import WasiToolError
 
 HF_ARCH = "hf"
@@ -380,14 +381,24 @@ def model_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def tokenizer_files(directory: Path | None) -> list[Path]:
+    """The tokenizer files in ``directory``. In a wasi-tool artifact each must be a regular
+    file inside it (``artifacts.safe_member``: a symlink is refused, one line naming it); a
+    Hugging Face directory's may be links (the hub cache links snapshots to blobs)."""
     if directory is None:
         return []
+    if artifacts.is_wasi_artifact(directory):
+        return [
+            artifacts.safe_member(directory, f)
+            for f in TOKENIZER_FILES
+            if os.path.lexists(directory / f)
+        ]
     return [directory / f for f in TOKENIZER_FILES if (directory / f).is_file()]
 
 
 def copy_tokenizer(directory: Path | None, staging: Path) -> None:
+    """Copy the tokenizer files into an artifact being written (contents, never links)."""
     for f in tokenizer_files(directory):
-        shutil.copyfile(f, staging / f.name)
+        shutil.copyfile(f, staging / f.name, follow_symlinks=True)
 
 
 def load_tokenizer(directory: Path | None) -> Any:

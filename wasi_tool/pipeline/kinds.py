@@ -25,7 +25,7 @@ from wasi_tool.config import StageConfig
 from wasi_tool.errors import WasiToolError
 from wasi_tool.federated.config import FederateConfig
 from wasi_tool.models.loading import ModelSource
-from wasi_tool.pipeline.report import BENCH_FILE, write_report
+from wasi_tool.pipeline.report import BENCH_FILE, REPORT_MD, write_report
 from wasi_tool.pipeline.spec import Pipeline, StageSpec
 from wasi_tool.stages.compress import CompressConfig, run_compress
 from wasi_tool.stages.export import ExportConfig, run_export
@@ -190,7 +190,7 @@ def _bench(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
         )
         result["kind"] = "inference"
         result["stages"] = [spec.input, *([vs] if vs else [])]
-    with artifacts.atomic_directory(out, overwrite=True) as staging:
+    with artifacts.atomic_directory(out, overwrite=True, replaceable=_stage_output) as staging:
         artifacts.write_json(staging / BENCH_FILE, result)
 
 
@@ -209,8 +209,16 @@ def _check_report(pipeline: Pipeline, spec: StageSpec) -> None:
 def _report(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
     names = list(spec.options.get("stages") or [])
     title = str(spec.options.get("title", "wasi-tool report"))
-    with artifacts.atomic_directory(out, overwrite=True) as staging:
+    with artifacts.atomic_directory(out, overwrite=True, replaceable=_stage_output) as staging:
         write_report(run_dir, names, staging, title)
+
+
+def _stage_output(path: Path) -> bool:
+    """What a stage of a run wrote (an artifact, a bench or a report directory): the only
+    directories a re-run may replace."""
+    return artifacts.is_wasi_artifact(path) or any(
+        (path / name).is_file() for name in (BENCH_FILE, REPORT_MD)
+    )
 
 
 register_kind(StageKind("compress", CompressConfig, frozenset({"plot"}), _compress))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from wasi_tool.wording import ratio as words
 from wasi_tool.wording import spread, wide
 
 BENCH_FILE = "bench.json"
+REPORT_MD = "report.md"
 METRICS_FILE = "metrics.json"
 
 
@@ -217,7 +219,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
     plots = _plots(finetunes, compresses, out, trains)
     if plots:
         lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
-    (out / "report.md").write_text("\n".join(lines))
+    (out / REPORT_MD).write_text("\n".join(lines))
     artifacts.write_json(out / "report.json", summary)
     return summary
 
@@ -314,8 +316,9 @@ def _plots(
 
     made = []
     for name, _, d in compresses:
-        if (d / "energy.png").is_file():
-            shutil.copyfile(d / "energy.png", out / f"energy-{name}.png")
+        if os.path.lexists(d / "energy.png"):
+            energy = artifacts.safe_member(d, "energy.png")  # never a link out of the stage
+            shutil.copyfile(energy, out / f"energy-{name}.png")
             made.append(f"energy-{name}.png")
     for name, rep, _ in compresses:
         cfg = rep.get("config", {})
