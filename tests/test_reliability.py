@@ -319,6 +319,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     "stage named .": (["run", "{toml_dot}"], "each stage needs a plain name"),
     "stage named /tmp/x": (["run", "{toml_abs}"], "each stage needs a plain name"),
     "--set a string where an int belongs": (["run", "{toml_ok}", "--set", "c.rank_ratio=half"], "--set c.rank_ratio=half: rank_ratio takes float | None, got 'half'"),
+    "negative --seed": (["finetune", "--random-init", *T, "--seed", "-1"], "seed must be >= 0, got -1"),
+    "bench --batch-size 0": (["bench", "{onnx}", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
 }  # fmt: skip
 NO_OUT = {"generate", "info", "eval"}  # commands that write nothing (eval: only if asked)
 
