@@ -236,6 +236,26 @@ def files(
     f["onnx"] = tiny_onnx(d / "tiny.onnx")
     f["afile"] = d / "afile"
     f["afile"].write_text("a regular file")
+    # inputs, resume, recipes (issue 19b)
+    for name, sidecar in {
+        "otherarch": {"format": 1, "sha256": [], "fingerprint": {"arch": "deit_tiny_patch16_224"}},
+        "nosidecar": None,
+        "deepsidecar": "[" * 5000 + "]" * 5000,
+    }.items():
+        ckpt = d / f"resume-{name}.ckpt"
+        ckpt.mkdir()
+        torch.save({"epoch": 0}, ckpt / "last.pt")
+        if sidecar is not None:
+            text = sidecar if isinstance(sidecar, str) else json.dumps(sidecar)
+            (ckpt / "last.json").write_text(text)
+        f[f"resume-{name}"] = d / f"resume-{name}"
+    recipe = f["toml_ok"].read_text()
+    f["toml_deep"] = d / "deep.toml"
+    f["toml_deep"].write_text(recipe + "classes = " + "[" * 3000 + "]" * 3000 + "\n")
+    f["toml_dot"] = d / "dot.toml"
+    f["toml_dot"].write_text(recipe.replace('name = "c"', 'name = "."'))
+    f["toml_abs"] = d / "abs.toml"
+    f["toml_abs"].write_text(recipe.replace('name = "c"', 'name = "/tmp/x"'))
 
     # output safety (issue 19a)
     f["mine"] = d / "mine"  # a directory wasi-tool did not write
@@ -309,6 +329,19 @@ CASES: dict[str, tuple[list[str], str]] = {
     "eval of a missing artifact": (["eval", "{d}/absent", "--data", "digits"], "no such file or directory"),
     "eval on an unknown dataset": (["eval", "{artifact}", "--data", "nosuchdata"], "no such dataset"),
     "eval of a corrupt artifact": (["eval", "{art-flipped}", "--data", "digits"], "does not match its sha256"),
+    # inputs, resume, recipes (issue 19b)
+    "one step at lr 1e30 (weights overflow)": (["finetune", "--random-init", *T, "--epochs", "1", "--max-steps", "1", "--batch-size", "8", "--lr", "1e30"], "training diverged: weight"),
+    "one vanilla step at lr 1e30 (held-out loss nan)": (["finetune", "--random-init", *T, "--method", "vanilla", "--epochs", "1", "--max-steps", "1", "--batch-size", "8", "--lr", "1e30"], "held-out loss is nan at the end of epoch 1, step 1 (not checkpointed); nothing was saved"),
+    "resume a checkpoint of another arch": (["finetune", "--random-init", *T, "--resume", "--out", "{resume-otherarch}"], "is for arch deit_tiny_patch16_224, this run is vit_tiny_patch16_224"),
+    "resume a checkpoint without its sidecar": (["finetune", "--random-init", *T, "--resume", "--out", "{resume-nosidecar}"], "has no last.json beside it"),
+    "resume with a deeply nested sidecar": (["finetune", "--random-init", *T, "--resume", "--out", "{resume-deepsidecar}"], "nested more than 64 levels"),
+    "deeply nested recipe": (["run", "{toml_deep}"], "nested more than 64 levels"),
+    "deeply nested --set value": (["run", "{toml_ok}", "--set", "c.exclude=" + "[" * 3000 + "]" * 3000], "a --set value is nested more than 64"),
+    "stage named .": (["run", "{toml_dot}"], "each stage needs a plain name"),
+    "stage named /tmp/x": (["run", "{toml_abs}"], "each stage needs a plain name"),
+    "--set a string where an int belongs": (["run", "{toml_ok}", "--set", "c.rank_ratio=half"], "--set c.rank_ratio=half: rank_ratio takes float | None, got 'half'"),
+    "negative --seed": (["finetune", "--random-init", *T, "--seed", "-1"], "seed must be >= 0, got -1"),
+    "bench --batch-size 0": (["bench", "{onnx}", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     # output safety (issue 19a)
     "--overwrite of a plain directory": (["compress", "{pth}", *T, "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
     "export --overwrite of a plain directory": (["export", "{artifact}", "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
@@ -325,7 +358,12 @@ NO_OUT = {"generate", "info", "eval"}  # commands that write nothing (eval: only
 
 
 # Cases that run real work before they fail (over ~5 s): marked slow, still run by default.
-SLOW_CASES = {"resume with nothing to resume", "output path under a file"}
+SLOW_CASES = {
+    "resume with nothing to resume",
+    "output path under a file",
+    "one step at lr 1e30 (weights overflow)",
+    "one vanilla step at lr 1e30 (held-out loss nan)",
+}
 
 
 @pytest.mark.parametrize(

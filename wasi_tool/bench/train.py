@@ -29,6 +29,7 @@ from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import get_method
 from wasi_tool.methods.options import BaselineOptions
 from wasi_tool.ops import DEFAULT_EPS
+from wasi_tool.safe_read import read_json
 from wasi_tool.threads import check_threads, use_threads
 from wasi_tool.training.config import FinetuneConfig
 
@@ -329,7 +330,7 @@ def settings_of(artifact: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        metrics = json.loads(path.read_text())
+        metrics = read_json(path, f"fine-tune metrics {path}")
         cfg = metrics.get("config", {})
         out: dict[str, Any] = {
             "targets": ",".join(metrics["targets"]) or None,

@@ -122,6 +122,8 @@ def bench(
     """Time an ONNX model on a device profile (locally or over SSH), or training steps."""
     result: dict[str, Any] | TrainBenchResult
     with common.user_errors():
+        if batch_size is not None and batch_size < 1:  # 0 must not fall back to the default
+            raise WasiToolError(f"--batch-size must be >= 1, got {batch_size}")
         if train or random_init:
             result = _train(
                 model, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,

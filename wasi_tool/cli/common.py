@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -54,11 +55,23 @@ def status(message: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a WasiToolError into one line on stderr and exit code 1."""
+    """Turn a WasiToolError into one line on stderr and exit code 1. Python warnings raised
+    meanwhile (torch's UserWarnings while a file is refused) are held back: dropped when the
+    command fails with that one line, shown as usual when it succeeds or fails otherwise."""
+    failed: WasiToolError | None = None
+    held: list[warnings.WarningMessage] = []
     try:
-        yield
-    except WasiToolError as exc:
-        err_console.print(f"error: {exc}", markup=False, highlight=False)
+        with warnings.catch_warnings(record=True) as held:
+            try:
+                yield
+            except WasiToolError as exc:
+                failed = exc
+    finally:
+        if failed is None:
+            for w in held:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if failed is not None:
+        err_console.print(f"error: {failed}", markup=False, highlight=False)
         raise typer.Exit(1) from None
 
 

@@ -24,7 +24,6 @@ follows position t when that token belongs to the response (or, for text, to the
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from torch.utils.data import Dataset
 from wasi_tool.data.cldr import EMOJI_LANGUAGES, emoji_names
 from wasi_tool.data.datasets import DataSplits
 from wasi_tool.errors import WasiToolError
+from wasi_tool.safe_read import loads_json
 from wasi_tool.training.loss import IGNORE
 
 EMOJI_TRANSLATE = "emoji-translate"
@@ -209,9 +209,11 @@ def _jsonl_examples(path: Path, tokenizer: Any) -> list[Example]:
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise WasiToolError(f"{where}: not JSON ({exc})") from None
+            row = loads_json(line, where)
+        except WasiToolError as exc:
+            raise WasiToolError(
+                f"{where}: {exc}".replace(f"{where}: cannot read {where}: ", f"{where}: ")
+            ) from None
         if isinstance(row, dict) and isinstance(row.get("messages"), list):
             msgs = row["messages"]
             ok = len(msgs) >= 2 and all(

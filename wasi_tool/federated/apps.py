@@ -23,6 +23,7 @@ from wasi_tool.federated.local import Participant, build, train_round
 from wasi_tool.federated.payload import to_arrays
 from wasi_tool.federated.server import Task, _arrays_record, serve
 from wasi_tool.models.loading import ModelSource
+from wasi_tool.safe_read import read_json
 
 log = logging.getLogger("wasi_tool.federated")
 
@@ -85,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config (``model``, ``data``, ``out``,
     ``settings``: a JSON file of FederateConfig fields; ``resume``)."""
     cfg = context.run_config
-    settings = json.loads(Path(str(cfg["settings"])).read_text()) if cfg.get("settings") else {}
+    settings = read_json(Path(str(cfg["settings"]))) if cfg.get("settings") else {}
     config = FederateConfig.from_dict(settings)
     out = Path(str(cfg["out"]))
     resume = bool(cfg.get("resume", False))

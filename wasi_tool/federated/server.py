@@ -24,6 +24,7 @@ from wasi_tool.federated.local import Participant, build, evaluate_global
 from wasi_tool.federated.payload import State, aggregate, check_update, to_arrays, trainable_state
 from wasi_tool.methods import finalize_
 from wasi_tool.models.loading import ModelSource
+from wasi_tool.safe_read import loads_json
 from wasi_tool.stages.common import layer_records, write_stage_artifact
 
 log = logging.getLogger("wasi_tool.federated")
@@ -48,7 +49,7 @@ class Task:
 
     @classmethod
     def from_json(cls, text: str) -> Task:
-        raw = json.loads(text)
+        raw = loads_json(text, "the federated task")
         return cls(str(raw["model"]), str(raw["data"]), dict(raw["config"]))
 
 
@@ -76,7 +77,7 @@ def save_state(directory: Path, state: State, meta: dict[str, Any]) -> None:
 
 def load_state(directory: Path, identity: dict[str, Any]) -> tuple[State, dict[str, Any]]:
     tensors, meta = artifacts.load_weights(directory / STATE_FILE)
-    saved = json.loads(meta.get("fedstate", "{}"))
+    saved = loads_json(meta.get("fedstate", "{}"), f"{directory} fedstate")
     if saved.get("identity") != identity:
         raise WasiToolError(
             f"{directory} was made with other settings or data; resume with the same command, "

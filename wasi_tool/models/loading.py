@@ -7,7 +7,6 @@ files are read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pickle
 import re
 from collections.abc import Callable, Mapping
@@ -31,6 +30,7 @@ from wasi_tool.models.registry import (
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
 from wasi_tool.nn.token_drop import enable_token_drop_, token_drop_spec
+from wasi_tool.safe_read import loads_json
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -228,8 +228,8 @@ def _from_wasi_weights(
     try:
         version = int(meta.get("format_version", "-1"))
         arch = meta["arch"]
-        kwargs = json.loads(meta["model_kwargs"])
-        factored = json.loads(meta["factored"])
+        kwargs = loads_json(meta["model_kwargs"], f"{path} metadata model_kwargs")
+        factored = loads_json(meta["factored"], f"{path} metadata factored")
         if not isinstance(kwargs, dict) or not isinstance(factored, dict):
             raise ValueError("model_kwargs and factored must be JSON objects")
         shapes = {
@@ -238,7 +238,9 @@ def _from_wasi_weights(
         }
         token_drop = {
             name: (float(spec[0]), bool(spec[1]))
-            for name, spec in json.loads(meta.get("token_drop", "{}")).items()
+            for name, spec in loads_json(
+                meta.get("token_drop", "{}"), f"{path} metadata token_drop"
+            ).items()
         }
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
         raise WasiToolError(f"{path}: malformed wasi-tool metadata ({exc})") from None

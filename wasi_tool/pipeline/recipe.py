@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,42 @@ from wasi_tool.errors import WasiToolError
 from wasi_tool.models.loading import ModelSource
 from wasi_tool.pipeline.kinds import KINDS
 from wasi_tool.pipeline.spec import Pipeline, StageSpec
+from wasi_tool.safe_read import loads_toml, read_text
 
 SOURCE_KEYS = {f.name for f in dataclasses.fields(ModelSource)}
 RESERVED = {"name", "kind", "input", "source"}
+MAX_RECIPE_BYTES = 1024 * 1024
+# a stage's output folder is <run>/<name>: no separators, no '.', '..' or hidden names, no
+# control characters, nothing a shell or the file system reads as more than a name
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (parsed from TOML) has the type a config field declares; a type form
+    this does not know is accepted (the config's own validation still runs)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, list | tuple) and all(_fits(v, args[0]) for v in value if args)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def _line_of(text: str, key: str, after: int = 0) -> int:
@@ -45,7 +80,7 @@ def _stage_lines(text: str) -> list[int]:
 def parse_value(text: str) -> Any:
     """A ``--set`` value as a TOML literal (``0.9``, ``true``, ``[5, 6]``), else a string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        return loads_toml(f"v = {text}", "a --set value")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
@@ -53,14 +88,11 @@ def parse_value(text: str) -> Any:
 def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     """Read and validate a recipe; ``overrides`` are ``stage.key=value`` strings."""
     path = Path(path)
+    if not path.is_file() and not path.is_dir():
+        raise WasiToolError(f"no such recipe: {path}")
+    text = read_text(path, f"recipe {path}", max_bytes=MAX_RECIPE_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WasiToolError(f"no such recipe: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WasiToolError(f"cannot read {path}: {exc}") from None
-    try:
-        data = tomllib.loads(text)
+        data = loads_toml(text, f"recipe {path}")
     except tomllib.TOMLDecodeError as exc:
         raise WasiToolError(f"{path}: TOML syntax error: {exc}") from None
     unknown_top = set(data) - {"pipeline", "stages"}
@@ -106,8 +138,11 @@ def _stage_of(item: str) -> str:
 def _stage(path: Path, text: str, raw: dict[str, Any], line: int, earlier: list[str]) -> StageSpec:
     where = f"{path}:{line}"
     name, kind = raw.get("name"), raw.get("kind")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise WasiToolError(f"{where}: each stage needs a name of letters, digits, _ . -")
+    if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
+        raise WasiToolError(
+            f"{where}: each stage needs a plain name of letters, digits, _ . - (not starting "
+            f"with . or -; it names the folder <run>/<name>/), got {name!r}"
+        )
     if name in earlier:
         raise WasiToolError(f"{where}: stage name {name!r} is used twice")
     if kind not in KINDS:
@@ -146,6 +181,12 @@ def _override(pipeline: Pipeline, item: str) -> None:
     if key in KINDS[spec.kind].options:
         spec.options[key] = parsed
     elif key in fields:
+        config_cls = KINDS[spec.kind].config
+        hints = typing.get_type_hints(config_cls) if config_cls is not None else {}
+        if key in hints and not _fits(parsed, hints[key]):
+            raise WasiToolError(
+                f"--set {item}: {key} takes {_type_name(hints[key])}, got {parsed!r}"
+            )
         spec.config[key] = parsed
     elif key.startswith("source.") and key[7:] in SOURCE_KEYS:
         spec.source[key[7:]] = parsed
@@ -168,5 +209,5 @@ def _validate(pipeline: Pipeline, spec: StageSpec) -> None:
             kind.check(pipeline, spec)
     except WasiToolError as exc:
         raise WasiToolError(f"{where}: {exc}") from None
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # a value of the wrong type the config converts
         raise WasiToolError(f"{where}: {exc}") from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 from wasi_tool import artifacts
 from wasi_tool.bench.train import TrainBenchResult, settings_text
 from wasi_tool.measure import pace
+from wasi_tool.safe_read import read_json
 from wasi_tool.training.results import FinetuneMetrics
 from wasi_tool.wording import ratio as words
 from wasi_tool.wording import spread, wide
@@ -67,10 +67,10 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
     for name in names:
         d = run_dir / name
         if (d / METRICS_FILE).is_file():
-            metrics = json.loads((d / METRICS_FILE).read_text())
+            metrics = read_json(d / METRICS_FILE)
             finetunes.append((name, FinetuneMetrics.from_dict(metrics)))
         elif (d / BENCH_FILE).is_file():
-            b = json.loads((d / BENCH_FILE).read_text())
+            b = read_json(d / BENCH_FILE)
             if b.get("kind") == "train":
                 trains.append((name, TrainBenchResult.from_dict(b)))
             else:
@@ -78,7 +78,7 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
         elif (d / "model.onnx").is_file():
             exports.append((name, d))
         elif (d / artifacts.REPORT).is_file():
-            rep = json.loads((d / artifacts.REPORT).read_text())
+            rep = read_json(d / artifacts.REPORT)
             if rep.get("stage") == "compress":
                 compresses.append((name, rep, d))
     lines = [f"# {title}", ""]

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from wasi_tool import artifacts
+from wasi_tool.errors import WasiToolError
 from wasi_tool.pipeline.kinds import KINDS
 from wasi_tool.pipeline.spec import Pipeline
+from wasi_tool.safe_read import read_json
 
 PIPELINE_FILE = "pipeline.json"
 
@@ -130,9 +132,9 @@ def _read_state(run_dir: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
         return {s["name"]: s for s in data["stages"]}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (WasiToolError, ValueError, KeyError, TypeError):
         return {}  # an unreadable record only means nothing is reused
 
 

@@ -65,6 +65,16 @@ def _check_outputs(out: Path, ckpt_dir: Path, overwrite: bool, resume: bool) -> 
         shutil.rmtree(ckpt_dir)
 
 
+def _check_finite(model: torch.nn.Module) -> None:
+    """The weights about to be written are all finite (a merge of finite factors could still
+    overflow); otherwise nothing is written."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WasiToolError(
+                f"training diverged: the final weight {name} is not finite; nothing was written"
+            )
+
+
 def _fit_head(loaded: LoadedModel, classes: int, new_head: bool, progress: Progress) -> None:
     model = loaded.model
     head_classes = getattr(model, "num_classes", None)
@@ -167,7 +177,7 @@ def run_finetune(
         transform,
         ckpt_dir,
         progress,
-        identity={"config": config.to_dict(), "data": str(data)},
+        identity={"arch": loaded.arch, "config": config.to_dict(), "data": str(data)},
     )
     if resume:
         trainer.restore()
@@ -206,6 +216,7 @@ def run_finetune(
         metrics.memory_plan = plan.to_dict()
     finalize_(model, method)
     model.eval()
+    _check_finite(model)
     if lm_eval is not None:
         lm_eval["after"] = _lm_eval(model, splits.test, tokenizer, config, progress)
         metrics.lm = lm_eval

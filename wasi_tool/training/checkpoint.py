@@ -1,16 +1,32 @@
-"""Training checkpoints: one file, written atomically, read back only with weights_only."""
+"""Training checkpoints: ``last.pt`` written atomically, and beside it ``last.json``, which
+holds the file's sha256 and the fingerprint of the run that wrote it (arch, config, data,
+every state-dict entry's name and shape). ``load`` is the one verifier: the fingerprint and
+the hash are checked before ``torch.load`` (weights_only) is trusted, and the loaded state's
+structure after it; each refusal is one line naming what did not match."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.safe_read import read_json
 
 FILE = "last.pt"
+SIDECAR = "last.json"
+FORMAT = 1
+# what a resumable state holds (Trainer._state); anything else is not one of ours
+KEYS = (
+    "epoch", "step", "partial", "model", "optimizer", "scheduler", "torch_rng", "history",
+    "step_times", "saved_total", "saved_targets", "act_shapes",
+)  # fmt: skip
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -18,31 +34,134 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.ckpt"
 
 
-def save(directory: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``directory/last.pt`` atomically (a crash leaves the old file)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / FILE
+def fingerprint(model: torch.nn.Module, identity: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this run: ``identity`` (arch, config,
+    data) and the name and shape of every state-dict entry (None: extra state)."""
+    shapes = {
+        name: list(value.shape) if isinstance(value, torch.Tensor) else None
+        for name, value in model.state_dict().items()
+    }
+    return {**json.loads(json.dumps(dict(identity), default=str)), "state": shapes}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write(path: Path, write: Any) -> Path:
+    """Write to a temp file beside ``path`` (fsynced), removed again on any failure."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise WasiToolError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+        raise
+    return tmp
+
+
+def save(directory: Path, state: dict[str, Any], print_: Mapping[str, Any]) -> None:
+    """Write ``state`` to ``directory/last.pt`` and its hash and fingerprint ``print_`` to
+    ``last.json``, both atomically. The sidecar goes first and accepts the previous file's
+    hash too, so a crash between the two renames leaves a pair that still verifies."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WasiToolError(f"cannot create {directory}: {exc.strerror or exc}") from None
+    path, side = directory / FILE, directory / SIDECAR
+    tmp = _write(path, lambda fh: torch.save(state, fh))
+    accepted = [_sha256(tmp)]
+    if path.is_file() and side.is_file():
+        with contextlib.suppress(WasiToolError, TypeError, KeyError):
+            previous = read_json(side)["sha256"]  # one of them is the file on disk until the
+            accepted += [h for h in previous[:2] if isinstance(h, str)]  # rename below
+    record = {"format": FORMAT, "sha256": accepted, "fingerprint": dict(print_)}
+    try:
+        side_tmp = _write(side, lambda fh: fh.write(json.dumps(record).encode()))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.replace(side_tmp, side)
     os.replace(tmp, path)
 
 
-def load(directory: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint in ``directory``, refused unless its ``identity`` entries (the config
-    and data it was made with) equal the given ones."""
-    path = directory / FILE
-    try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WasiToolError(f"nothing to resume: no checkpoint at {path}") from None
-    except Exception as exc:  # a truncated or foreign file
-        raise WasiToolError(f"cannot read checkpoint {path}: {exc}") from None
-    if any(state.get(k) != v for k, v in identity.items()):
+def _names(keys: list[str], limit: int = 3) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _check_fingerprint(path: Path, saved: Any, expected: Mapping[str, Any]) -> None:
+    if not isinstance(saved, dict):
+        raise WasiToolError(f"checkpoint {path} has no fingerprint in {SIDECAR}")
+    if saved.get("arch") != expected.get("arch"):
+        raise WasiToolError(
+            f"checkpoint {path} is for arch {saved.get('arch')}, this run is "
+            f"{expected.get('arch')}; start again with --overwrite"
+        )
+    if any(saved.get(k) != v for k, v in expected.items() if k not in ("arch", "state")):
         raise WasiToolError(
             f"checkpoint {path} was made with other settings or data; resume with the same "
             "command, or start again with --overwrite"
         )
+    have, want = saved.get("state"), expected["state"]
+    if not isinstance(have, dict):
+        raise WasiToolError(f"checkpoint {path}: its fingerprint lists no model state")
+    missing = [k for k in want if k not in have]
+    if missing:
+        raise WasiToolError(
+            f"checkpoint {path} does not fit this model: missing keys {_names(missing)}"
+        )
+    unexpected = [k for k in have if k not in want]
+    if unexpected:
+        raise WasiToolError(
+            f"checkpoint {path} does not fit this model: unexpected keys {_names(unexpected)}"
+        )
+    shapes = [f"{k} {have[k]} vs {want[k]}" for k in want if have[k] != want[k]]
+    if shapes:
+        raise WasiToolError(f"checkpoint {path} does not fit this model: shape of {_names(shapes)}")
+
+
+def load(directory: Path, expected: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint in ``directory``, verified against ``expected`` (a ``fingerprint``):
+    the sidecar's fingerprint, then the file's sha256, then (after a weights_only load) the
+    state's structure."""
+    path, side = directory / FILE, directory / SIDECAR
+    if not path.is_file():
+        raise WasiToolError(f"nothing to resume: no checkpoint at {path}")
+    if not side.is_file():
+        raise WasiToolError(
+            f"checkpoint {path} has no {SIDECAR} beside it (hash and fingerprint): cannot "
+            "verify it; start again with --overwrite"
+        )
+    record = read_json(side, f"checkpoint sidecar {side}", max_bytes=16 * 1024 * 1024)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise WasiToolError(f"checkpoint sidecar {side} is not one this wasi-tool writes")
+    _check_fingerprint(path, record.get("fingerprint"), expected)
+    accepted = record.get("sha256")
+    if not isinstance(accepted, list) or _sha256(path) not in accepted:
+        raise WasiToolError(
+            f"checkpoint hash mismatch: {path} is not the file that was saved (corrupt or "
+            "changed); start again with --overwrite"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # hash matched, yet unreadable: a foreign pair
+        raise WasiToolError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict):
+        raise WasiToolError(f"checkpoint {path} holds a {type(state).__name__}, not a state")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise WasiToolError(f"checkpoint {path} is missing keys {_names(missing)}")
+    if not isinstance(state["model"], dict) or set(state["model"]) != set(expected["state"]):
+        raise WasiToolError(f"checkpoint {path}: its model state does not match its fingerprint")
     return state

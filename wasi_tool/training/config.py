@@ -125,6 +125,8 @@ class FinetuneConfig(StageConfig, BaselineOptions):
             raise WasiToolError(f"eval_examples must be >= 0, got {self.eval_examples}")
         if self.max_steps is not None and self.max_steps < 1:
             raise WasiToolError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.seed < 0:  # torch.Generator.manual_seed and the data order need it >= 0
+            raise WasiToolError(f"seed must be >= 0, got {self.seed}")
         for name in ("lr", "lr_min", "weight_decay", "momentum"):
             value = float(getattr(self, name))
             if not math.isfinite(value) or value < 0:

@@ -73,7 +73,9 @@ def train_step(
 
     A non-finite loss or gradient is a WasiToolError naming the first module (in execution
     order) whose output is not finite, or the first parameter (or WASI gradient factor) whose
-    gradient is not; nothing is updated then. ``where`` and ``hint`` are added to the message.
+    gradient is not; nothing is updated then. A finite gradient whose update makes a weight
+    non-finite (an absurd learning rate) is one too, naming that parameter. ``where`` and
+    ``hint`` are added to the message.
     """
     start = time.perf_counter()
     with meter if meter is not None else contextlib.nullcontext():
@@ -97,6 +99,11 @@ def train_step(
             bad = first_non_finite_grad(model) or "the gradient norm"
     if bad is not None:
         raise WasiToolError(f"training diverged: non-finite gradient in {bad}{at}{hint}")
+    bad = first_non_finite_param(model)
+    if bad is not None:
+        raise WasiToolError(
+            f"training diverged: weight {bad} is not finite after the step{at}{hint}"
+        )
     if scheduler is not None:
         scheduler.step()
     seconds = time.perf_counter() - start
@@ -166,6 +173,21 @@ def first_non_finite_output(model: nn.Module, x: torch.Tensor) -> str:
     return found[0] if found else "none found again (the input itself?)"
 
 
+def first_non_finite_param(model: nn.Module) -> str | None:
+    """Name of the first trainable parameter holding a NaN or inf, else None. One fused
+    max-abs per tensor (``torch._foreach_norm`` with ord inf, NaN propagating) and one check,
+    so it is cheap enough for every step; the names are looked up only when one is bad."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return None
+    with torch.no_grad():
+        peaks = torch._foreach_norm([p.detach() for _, p in named], float("inf"))
+        finite = torch.isfinite(torch.stack([t.float() for t in peaks]))
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0])][0]
+
+
 def first_non_finite_grad(model: nn.Module) -> str | None:
     """Name of the first parameter (or WASI layer's gradient factor) that is not finite."""
     for name, module in model.named_modules():
@@ -195,7 +217,7 @@ class Trainer:
     transform: Callable[[torch.Tensor], torch.Tensor]
     ckpt_dir: Path
     progress: Progress
-    identity: dict[str, Any]  # what a checkpoint must match to be resumed (config, data)
+    identity: dict[str, Any]  # what a checkpoint must match to be resumed (arch, config, data)
     history: list[EpochRecord] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     saved_total: list[int] = field(default_factory=list)
@@ -243,22 +265,34 @@ class Trainer:
     ) -> None:
         """State after epoch index ``epoch`` finished and ``step`` steps of the next one
         (``partial``: that epoch's loss sum, correct count, samples seen, seconds so far)."""
-        checkpoint.save(self.ckpt_dir, self._state(epoch, step, partial))
+        state = self._state(epoch, step, partial)
+        checkpoint.save(self.ckpt_dir, state, checkpoint.fingerprint(self.model, self.identity))
+
+    def _divergence_hint(self) -> str:
+        """What a divergence message says about saved state: the checkpoint only if one is
+        there (none before the first epoch ends), and what to change."""
+        if (self.ckpt_dir / checkpoint.FILE).is_file():
+            return f"; the last good checkpoint is in {self.ckpt_dir}/ (lower the learning rate)"
+        return "; nothing was saved (lower the learning rate)"
 
     def restore(self) -> None:
-        state = checkpoint.load(self.ckpt_dir, self.identity)
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.history = [EpochRecord(**r) for r in state["history"]]
-        self.step_times = list(state["step_times"])
-        self.saved_total = list(state["saved_total"])
-        self.saved_targets = list(state["saved_targets"])
-        self.act_shapes = {k: tuple(v) for k, v in state["act_shapes"].items()}
-        self.start_epoch = int(state["epoch"]) + 1
-        self.resume_step = int(state["step"])
-        self.partial = [float(v) for v in state["partial"]]
+        path = self.ckpt_dir / checkpoint.FILE
+        state = checkpoint.load(self.ckpt_dir, checkpoint.fingerprint(self.model, self.identity))
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            self.history = [EpochRecord(**r) for r in state["history"]]
+            self.step_times = list(state["step_times"])
+            self.saved_total = list(state["saved_total"])
+            self.saved_targets = list(state["saved_targets"])
+            self.act_shapes = {k: tuple(v) for k, v in state["act_shapes"].items()}
+            self.start_epoch = int(state["epoch"]) + 1
+            self.resume_step = int(state["step"])
+            self.partial = [float(v) for v in state["partial"]]
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise WasiToolError(f"checkpoint {path} holds an unexpected structure: {exc}") from None
         where = f"epoch {self.start_epoch}" + (
             f", step {self.resume_step}" if self.resume_step else ""
         )
@@ -303,7 +337,7 @@ class Trainer:
         skip = self.resume_step if epoch == self.start_epoch else 0
         loss_sum, correct, seen, before = self.partial if skip else (0.0, 0, 0, 0.0)
         start = time.perf_counter() - before
-        hint = f"; the last good checkpoint is in {self.ckpt_dir}"
+        hint = self._divergence_hint()
         for step, (images, labels) in enumerate(loader(self.train_set, cfg.batch_size, order)):
             if step >= self.steps_per_epoch:
                 break
@@ -335,6 +369,12 @@ class Trainer:
                 self.save_checkpoint(epoch - 1, step + 1, [loss_sum, correct, seen, spent])
                 raise Interrupted(self.ckpt_dir, epoch + 1, step + 1, self.steps_per_epoch)
         test = evaluate(self.model, self.test_set, self.transform, cfg.batch_size)
+        if not math.isfinite(test["loss"]):  # the weights are finite but useless: not "good"
+            raise WasiToolError(
+                f"training diverged: the held-out loss is {test['loss']} at the end of epoch "
+                f"{epoch + 1}, step {self.steps_per_epoch} (not checkpointed)"
+                f"{self._divergence_hint()}"
+            )
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=loss_sum / max(1, seen),
