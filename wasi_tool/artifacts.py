@@ -29,6 +29,7 @@ import torch
 
 from wasi_tool._version import __version__
 from wasi_tool.errors import WasiToolError
+from wasi_tool.safe_read import read_json
 
 ARTIFACT_FORMAT = "wasi-tool-artifact"
 WEIGHTS_FORMAT = "wasi-tool-weights"
@@ -83,8 +84,10 @@ def is_artifact_dir(path: Path) -> bool:
 def read_manifest(directory: Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` of an artifact directory."""
     path = directory / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not path.is_file():
+        raise WasiToolError(f"{directory} is not a wasi-tool artifact (no {MANIFEST})")
+    try:  # bounded: size before reading, nesting depth before parsing
+        manifest = read_json(path, str(path))
     except (FileNotFoundError, NotADirectoryError):
         raise WasiToolError(f"{directory} is not a wasi-tool artifact (no {MANIFEST})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
