@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from wasi_tool.errors import WasiToolError
 

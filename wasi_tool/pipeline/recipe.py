@@ -15,12 +15,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models.loading import ModelSource
