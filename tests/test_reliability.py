@@ -353,6 +353,23 @@ CASES: dict[str, tuple[list[str], str]] = {
     "info of symlinked weights": (["info", "{art-symlink}"], "model.safetensors is a symbolic link"),
     "symlinked tokenizer in an artifact": (["compress", "{art-toklink}"], "tokenizer.json is a symbolic link"),
     "manifest naming a file outside": (["info", "{art-escape}"], "'../afile' is not a plain file name inside the artifact"),
+    # option values out of their range, every command that takes them
+    "finetune --threads 0": (["finetune", "--random-init", *T, "--threads", "0"], "threads must be between 1 and 1024, got 0"),
+    "bench --threads 0": (["bench", "{onnx}", "--threads", "0"], "threads must be between 1 and 1024, got 0"),
+    "run --threads 0": (["run", "{toml_ok}", "--threads", "0"], "threads must be between 1 and 1024, got 0"),
+    "federate --server-lr 0": (["federate", "{artifact}", "--data", "digits", "--server-lr", "0"], "server_lr must be in (0, 100], got 0.0"),
+    "federate min clients above clients": (["federate", "{artifact}", "--data", "digits", "--clients", "2", "--min-clients", "3"], "min_clients 3 > clients 2"),
+    "federate dirichlet with a negative alpha": (["federate", "{artifact}", "--data", "digits", "--partition", "dirichlet:-1"], "dirichlet needs a positive alpha"),
+    "eval with bad --classes": (["eval", "{artifact}", "--data", "digits", "--classes", "a,b"], "--classes takes comma-separated integers"),
+    "unknown memory mode": (["finetune", "--random-init", *T, "--memory-mode", "sometimes"], "memory_mode must be one of off, block, mlp, attn"),
+    "unknown lossy storage": (["finetune", "--random-init", *T, "--lossy", "fp8"], "lossy must be one of off, bf16"),
+    "memory budget that is not a size": (["finetune", "--random-init", *T, "--memory-budget", "lots"], "give a size like 1.2GB or 800MB"),
+    "targets matching nothing": (["compress", "{pth}", *T, "--targets", "nothing*"], "no linear layer matches targets 'nothing*'"),
+    "exclude everything": (["compress", "{pth}", *T, "--exclude", "*"], "minus exclude '*'"),
+    "targets mlp@last0": (["finetune", "--random-init", *T, "--targets", "mlp@last0"], "targets mlp@last0: N must be >= 1"),
+    "classes not in the data": (["finetune", "--random-init", *T, "--data", "digits", "--classes", "3,42"], "classes [42] are not in 0..9"),
+    "unknown method": (["finetune", "--random-init", *T, "--method", "adamw"], "unknown method 'adamw'"),
+    "int8 agreement above 1": (["export", "{artifact}", "--int8", "--min-agreement", "2"], "min_agreement must be in [0, 1], got 2.0"),
 }  # fmt: skip
 NO_OUT = {"generate", "info", "eval"}  # commands that write nothing (eval: only if asked)
 
@@ -392,7 +409,7 @@ def test_corpus_is_large_enough_and_covers_every_cli_command() -> None:
     commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     covered = {args[0] for args, _ in CASES.values()}
     assert commands and commands <= covered, f"no malformed-input case for {commands - covered}"
-    assert len(CASES) >= 30
+    assert len(CASES) >= 80
     assert SLOW_CASES.issubset(CASES)
 
 
