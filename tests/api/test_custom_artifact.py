@@ -101,8 +101,8 @@ def test_cli_export_without_model_class_is_one_line(
 ) -> None:
     res = CliRunner().invoke(app, ["export", str(saved[0]), "--out", str(tmp_path / "e")])
     assert res.exit_code == 1
-    assert res.output.strip().startswith("error:") and "--model-class" in res.output
-    assert len(res.output.strip().splitlines()) == 1
+    lines = res.stderr.strip().splitlines()  # stdout may say "exporting and checking..."
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--model-class" in lines[0]
     assert not (tmp_path / "e").exists()
 
 

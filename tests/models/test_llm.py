@@ -306,7 +306,7 @@ def test_corrupt_gguf_is_one_line_and_exit_1(gguf_file: Path, tmp_path: Path) ->
             app, ["finetune", str(bad), "--data", "emoji-translate:8", "--out", str(out)]
         )
         assert res.exit_code == 1, res.output
-        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]  # stdout: progress only
         assert len(lines) == 1 and lines[0].startswith("error:") and "GGUF" in lines[0]
         assert not out.exists()
 
