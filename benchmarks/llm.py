@@ -323,7 +323,9 @@ def mb(n: float | None) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The BENCHMARKS.md tables of a result JSON."""
+    """The BENCHMARKS.md tables of a result JSON (ratios in the one wording rule)."""
+    from wasi_tool.wording import ratio as words
+
     lines = []
     rows = result.get("smollm2", {})
     add_ratios(rows)
@@ -343,9 +345,9 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{r['exact_match_before']:.3f} -> {r['exact_match_after']:.3f} (of {em_n}) | "
                 f"{r['median_step_seconds']:.1f} | {gb(r['peak_rss_bytes'])} | "
                 f"{gb(r['peak_above_floor_bytes'])} | "
-                f"{r.get('peak_above_floor_ratio_vs_vanilla', 1.0):.2f}x | "
+                f"{words(r.get('peak_above_floor_ratio_vs_vanilla', 1.0), 'memory')} | "
                 f"{mb(r['saved_bytes_total'])} | {mb(r['saved_bytes_targets'])} | "
-                f"{r.get('target_saved_ratio_vs_vanilla', 1.0):.1f}x |"
+                f"{words(r.get('target_saved_ratio_vs_vanilla', 1.0))} |"
             )
     tiny = result.get("tinyllama", {})
     if tiny:
@@ -359,10 +361,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {r['median_step_seconds']:.1f} | {gb(r['peak_rss_bytes'])} | "
                 f"{gb(r['peak_above_floor_bytes'])} | "
-                f"{r.get('peak_above_floor_ratio_vs_vanilla', 1.0):.2f}x | "
+                f"{words(r.get('peak_above_floor_ratio_vs_vanilla', 1.0), 'memory')} | "
                 f"{gb(r['live_tensor_peak_bytes'])} | {mb(r['saved_bytes_total'])} | "
                 f"{mb(r['saved_bytes_targets'])} | "
-                f"{r.get('target_saved_ratio_vs_vanilla', 1.0):.1f}x |"
+                f"{words(r.get('target_saved_ratio_vs_vanilla', 1.0))} |"
             )
     return "\n".join(lines)
 

@@ -109,12 +109,14 @@ def progress_to_stderr(json_path: Path | None) -> Iterator[None]:
     if not is_stdout(json_path):
         yield
         return
-    before = console.file
+    # rich's Console.file falls back to the *current* sys.stdout when unset; restore "unset",
+    # not the stream of the moment (a test runner swaps sys.stdout per invocation)
+    before = console._file
     console.file = sys.stderr
     try:
         yield
     finally:
-        console.file = before
+        console._file = before
 
 
 def is_stdout(path: Path | None) -> bool:
