@@ -184,16 +184,19 @@ def tinyllama(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> d
         else {"off": args.tiny_methods}
     )
     for mode, methods in runs.items():
-        result = work / f"tinyllama-{mode}.json"
-        run(
-            [
-                *(sys.executable, "-m", "wasi_tool", "bench", "--train", str(cfg_dir)),
-                *("--random-init", "--method", methods, "--targets", f"mlp@last{args.last}"),
-                *("--batch-size", "8", "--steps", str(args.tiny_steps), "--warmup", "0"),
-                *("--memory-mode", mode, "--json", str(result)),
-            ]
-        )
-        data = json.loads(result.read_text())
+        bench_json = work / f"tinyllama-{mode}.json"
+        if args.reuse and bench_json.is_file():  # a finished bench of an earlier invocation
+            print(f"reusing {bench_json}", flush=True)
+        else:
+            run(
+                [
+                    *(sys.executable, "-m", "wasi_tool", "bench", "--train", str(cfg_dir)),
+                    *("--random-init", "--method", methods, "--targets", f"mlp@last{args.last}"),
+                    *("--batch-size", "8", "--steps", str(args.tiny_steps), "--warmup", "0"),
+                    *("--memory-mode", mode, "--json", str(bench_json)),
+                ]
+            )
+        data = json.loads(bench_json.read_text())
         for name, m in data["methods"].items():
             key = name if mode == "off" else f"{name} + {mode}"
             out[key] = {
@@ -387,6 +390,9 @@ def main() -> None:
     ap.add_argument("--skip-tinyllama", action="store_true")
     ap.add_argument("--onnx", action="store_true", help="dense vs factored ONNX latency")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument(
+        "--reuse", action="store_true", help="TinyLlama: reuse a bench JSON already in --work"
+    )
     ap.add_argument("--markdown", action="store_true", help="print the tables of --json")
     ap.add_argument(
         "--tiny-targets", action="store_true", help="TinyLlama target activation bytes only"
