@@ -8,8 +8,11 @@ import json
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -257,6 +260,62 @@ def files(
     f["toml_abs"] = d / "abs.toml"
     f["toml_abs"].write_text(recipe.replace('name = "c"', 'name = "/tmp/x"'))
 
+    # weights and data a float model cannot train from (issue 19: one validator each)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    blocks0 = "blocks.0.mlp.fc1.weight"
+    for name, edit in {
+        "int8": lambda t: t.to(torch.int8),
+        "bool": lambda t: t > 0,
+        "nan": lambda t: t.clone().index_fill_(0, torch.tensor([3]), float("nan")),
+        "inf": lambda t: t.clone().index_fill_(1, torch.tensor([0]), float("inf")),
+    }.items():
+        f[f"w-{name}"] = d / f"weights-{name}.safetensors"
+        save_file({**state, blocks0: edit(state[blocks0])}, str(f[f"w-{name}"]))
+    rng = np.random.default_rng(0)
+    pix = rng.integers(0, 256, (8, 8, 8, 3)).astype(np.float32)
+    labels = np.arange(8) % 2
+    for name, (x, y) in {
+        "nanpix": (np.where(pix > 250, np.nan, pix), labels),
+        "bigpix": (pix * 4, labels),
+        "negpix": (pix.astype(np.int16) - 300, labels),
+        "strpix": (pix.astype(str), labels),
+        "floatlabels": (pix, labels + 0.5),
+        "strlabels": (pix, labels.astype(str)),
+        "zeropx": (np.zeros((8, 0, 8, 3), np.uint8), labels),
+        "fivechannels": (np.zeros((8, 8, 8, 5), np.uint8), labels),
+    }.items():
+        f[f"npz-{name}"] = d / f"{name}.npz"
+        np.savez(f[f"npz-{name}"], x_train=x, y_train=y, x_test=x, y_test=y)
+    # a .npz whose x_train declares 4e14 bytes: a header, no data (a compressed bomb's shape)
+    f["npz-bomb"] = d / "bomb.npz"
+    with zipfile.ZipFile(f["npz-bomb"], "w") as zf:
+        with zf.open("x_train.npy", "w") as member:
+            np.lib.format.write_array_header_1_0(
+                member, {"descr": "|u1", "fortran_order": False, "shape": (10**8, 2000, 2000)}
+            )
+        for k in ("y_train", "x_test", "y_test"):
+            with zf.open(f"{k}.npy", "w") as member:
+                np.lib.format.write_array(member, np.zeros(2, np.uint8))
+    for name, meta in {"metalist": ["airplane"], "metajunk": b"\x80\x04 junk"}.items():
+        (d / name).mkdir()
+        for batch in ("data_batch_1", "test_batch"):
+            blob = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}
+            (d / name / batch).write_bytes(pickle.dumps(blob))
+        raw = meta if isinstance(meta, bytes) else pickle.dumps(meta)
+        (d / name / "batches.meta").write_bytes(raw)
+        f[f"cifar-{name}"] = d / name
+    (d / "cifarrows").mkdir()
+    for batch in ("data_batch_1", "test_batch"):
+        blob = {"data": np.zeros((2, 1000), np.uint8), "labels": [0, 1]}
+        (d / "cifarrows" / batch).write_bytes(pickle.dumps(blob))
+    f["cifar-rows"] = d / "cifarrows"
+    # a PNG whose header declares 30000 x 30000 px (Pillow refuses it before decoding)
+    for k in range(2):
+        (d / "bomb" / f"c{k}").mkdir(parents=True)
+        for j in range(2):
+            (d / "bomb" / f"c{k}" / f"{j}.png").write_bytes(_png_header(30000, 30000))
+    f["pngbomb"] = d / "bomb"
+
     # output safety (issue 19a)
     f["mine"] = d / "mine"  # a directory wasi-tool did not write
     f["mine"].mkdir()
@@ -278,6 +337,17 @@ def files(
     escape["files"]["../afile"] = {"sha256": "0" * 64, "bytes": 14}
     (d / "art-escape" / "manifest.json").write_text(json.dumps(escape))
     return f
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that is only its signature, an IHDR of ``width`` x ``height`` and an IEND."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 T = ["--arch", TINY_ARCH, "--img-size", "32"]
@@ -342,6 +412,28 @@ CASES: dict[str, tuple[list[str], str]] = {
     "--set a string where an int belongs": (["run", "{toml_ok}", "--set", "c.rank_ratio=half"], "--set c.rank_ratio=half: rank_ratio takes float | None, got 'half'"),
     "negative --seed": (["finetune", "--random-init", *T, "--seed", "-1"], "seed must be >= 0, got -1"),
     "bench --batch-size 0": (["bench", "{onnx}", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    # weights a float model cannot train from, at every command that loads a checkpoint
+    "int8 weights": (["compress", "{w-int8}", *T], "weight blocks.0.mlp.fc1.weight is int8, not floating point"),
+    "bool weights": (["finetune", "{w-bool}", *T], "weight blocks.0.mlp.fc1.weight is bool, not floating point"),
+    "NaN weights": (["compress", "{w-nan}", *T], "blocks.0.mlp.fc1.weight holds 192 non-finite values"),
+    "inf weights": (["export", "{w-inf}", *T], "blocks.0.mlp.fc1.weight holds 768 non-finite values"),
+    # data: pixels, labels, shapes and sizes, at dataset load
+    "NaN pixels": (["finetune", "--random-init", *T, "--data", "{npz-nanpix}"], "pixels are NaN or infinite"),
+    "float pixels above 255": (["finetune", "--random-init", *T, "--data", "{npz-bigpix}"], "expected uint8 0-255, or floats in [0, 1]"),
+    "negative integer pixels": (["eval", "--random-init", *T, "--data", "{npz-negpix}"], "pixel values span [-300"),
+    "string pixels": (["finetune", "--random-init", *T, "--data", "{npz-strpix}"], "pixels must be numbers, got dtype <U"),
+    "float labels": (["finetune", "--random-init", *T, "--data", "{npz-floatlabels}"], "labels must be integers, got float64"),
+    "string labels": (["eval", "--random-init", *T, "--data", "{npz-strlabels}"], "labels must be integers, got <U"),
+    "images of 0 px": (["finetune", "--random-init", *T, "--data", "{npz-zeropx}"], "images of 0x8 px; each side must be 1..8192"),
+    "images with 5 channels": (["finetune", "--random-init", *T, "--data", "{npz-fivechannels}"], "got (8, 8, 8, 5)"),
+    "npz declaring 400 TB": (["finetune", "--random-init", *T, "--data", "{npz-bomb}"], "x_train would decode to 400000.0 GB"),
+    "CIFAR meta that is a list": (["finetune", "--random-init", *T, "--data", "{cifar-metalist}"], "is not a CIFAR meta file: expected a dict whose 'label_names' lists 2 class names, found list"),
+    "CIFAR meta that is corrupt": (["eval", "--random-init", *T, "--data", "{cifar-metajunk}"], "cannot read CIFAR meta file"),
+    "CIFAR rows of 1000 bytes": (["finetune", "--random-init", *T, "--data", "{cifar-rows}"], "'data' is not CIFAR's rows of 3072 pixel bytes"),
+    "decompression-bomb image": (["finetune", "--random-init", *T, "--data", "{pngbomb}", "--val-fraction", "0.5"], "could be decompression bomb"),
+    "image smaller than the patch": (["finetune", "--random-init", "--arch", TINY_ARCH, "--img-size", "8"], "smaller than"),
+    "--set targets that are not globs": (["run", "{toml_ok}", "--set", "c.targets=mlp;rm -rf ~"], "targets item 'mlp;rm -rf ~' is not a module-name glob"),
+    "exclude with a path": (["compress", "{pth}", *T, "--exclude", "../../etc/passwd"], "exclude item '../../etc/passwd' is not a module-name glob"),
     # output safety (issue 19a)
     "--overwrite of a plain directory": (["compress", "{pth}", *T, "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
     "export --overwrite of a plain directory": (["export", "{artifact}", "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),

@@ -124,3 +124,49 @@ def test_image_folder_errors(tmp_path: Path) -> None:
         [splits.train[i] for i in range(len(splits.train))]  # type: ignore[arg-type]
     with pytest.raises(WasiToolError, match="no such dataset"):
         load_data(tmp_path / "nope", 24)
+
+
+def test_pixels_are_validated_and_conversions_are_stated(tmp_path: Path) -> None:
+    """uint8 passes untouched; floats in [0, 1] are scaled by 255 and floats in [0, 255] are
+    rounded, each stated in the description; integers 0..255 are cast; the rest is refused."""
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (6, 4, 4, 3)).astype(np.uint8)
+    y = np.arange(6) % 3
+
+    def load(x: np.ndarray) -> tuple[torch.Tensor, str]:
+        path = tmp_path / "d.npz"
+        np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+        splits = load_data(path, size=4)
+        return splits.train.images, splits.description  # type: ignore[attr-defined]
+
+    images, text = load(raw)
+    assert torch.equal(images, torch.from_numpy(raw)) and "pixels" not in text
+    images, text = load(raw.astype(np.float32) / 255.0)
+    assert torch.equal(images, torch.from_numpy(raw))
+    assert "float pixels in [0, 1] read as 0-1 and scaled to 0-255" in text
+    images, text = load(np.clip(raw.astype(np.float64) + 0.2, 0, 255))
+    assert torch.equal(images, torch.from_numpy(raw)) and "rounded" in text
+    images, _ = load(raw.astype(np.int32))
+    assert torch.equal(images, torch.from_numpy(raw))
+    for bad, message in [
+        (np.where(raw > 200, np.inf, raw.astype(np.float32)), "pixels are NaN or infinite"),
+        (raw.astype(np.int32) + 1, r"pixel values span \[1, 256\]"),
+        (raw > 100, "pixels must be numbers, got dtype bool"),
+        (raw[:, :, :, :2], r"got \(6, 4, 4, 2\)"),
+    ]:
+        with pytest.raises(WasiToolError, match=message):
+            load(bad)
+
+
+def test_an_npz_is_sized_from_its_headers_before_it_is_read(tmp_path: Path) -> None:
+    """A compressed .npz of zeros decodes to far more than its size on disk: the decoded size
+    is read from each .npy header and refused above the bound, before any data is read."""
+    from wasi_tool.data import datasets
+
+    path = tmp_path / "zeros.npz"
+    x = np.zeros((64, 32, 32, 3), np.uint8)
+    np.savez_compressed(path, x_train=x, y_train=np.zeros(64, int), x_test=x, y_test=[0])
+    assert path.stat().st_size < 10_000  # 196 KB of pixels on disk in a few KB
+    datasets._check_npz_sizes(path, bound=x.nbytes)  # exactly at the bound: accepted
+    with pytest.raises(WasiToolError, match=r"x_train would decode to 0.0 GB \(shape \(64, 32"):
+        datasets._check_npz_sizes(path, bound=x.nbytes - 1)

@@ -28,6 +28,7 @@ from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import get_method
 from wasi_tool.methods.options import BaselineOptions
+from wasi_tool.models.targets import check_patterns
 from wasi_tool.ops import DEFAULT_EPS
 from wasi_tool.safe_read import read_json
 from wasi_tool.threads import check_threads, use_threads
@@ -77,6 +78,7 @@ class TrainBenchConfig(StageConfig, BaselineOptions):
         check_allocator(self.allocator)
         check_threads(self.threads)
         self.check_baselines()
+        check_patterns(self.targets, "targets")
 
     @property
     def saves_memory(self) -> bool:

@@ -10,7 +10,10 @@ import gzip
 import importlib.util
 import io
 import math
+import os
 import pickle
+import warnings
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +63,17 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
 
         path = self.files[idx]
         try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
-                arr = np.asarray(rgb, dtype=np.uint8).copy()
+            # Pillow warns above MAX_IMAGE_PIXELS (89 M) and refuses above twice that: both
+            # refuse here, before a decompression bomb is decoded.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    rgb = img.convert("RGB").resize(
+                        (self.size, self.size), Image.Resampling.BILINEAR
+                    )
+                    arr = np.asarray(rgb, dtype=np.uint8).copy()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise WasiToolError(f"refusing image {path}: {exc}") from None
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             raise WasiToolError(f"cannot read image {path}: {exc}") from None
         return torch.from_numpy(arr), self.labels[idx]
@@ -213,7 +224,87 @@ def _label_count(source: str, *splits: tuple[np.ndarray, np.ndarray]) -> int:
     return top + 1
 
 
+MAX_SIDE = 8192  # pixels per image side: larger arrays are refused, not resized
+
+
+def _memory_bound() -> int:
+    """Bytes a dataset may decode to: half of this machine's physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _check_npz_sizes(path: Path, bound: int) -> None:
+    """Read each array's .npy header (not its data) and refuse one whose decoded size exceeds
+    ``bound``: a compressed .npz of zeros can be 1000x smaller than what it decodes to."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as member:
+                    major, _ = np.lib.format.read_magic(member)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if major == 1
+                        else np.lib.format.read_array_header_2_0  # 3.0 differs in encoding only
+                    )
+                    shape, _, dtype = read(member)
+                size = math.prod(shape) * dtype.itemsize
+                if size > bound:
+                    raise WasiToolError(
+                        f"{path}: {info.filename.removesuffix('.npy')} would decode to "
+                        f"{size / 1e9:.1f} GB (shape {tuple(shape)}), more than the "
+                        f"{bound / 1e9:.1f} GB allowed (half of this machine's memory)"
+                    )
+    except WasiToolError:
+        raise
+    except Exception:  # not a zip, not .npy members: np.load reports it below
+        return
+
+
+def _pixels(source: str, images: Any) -> tuple[np.ndarray, str | None]:
+    """The images as uint8 (N, H, W[, C]) and a note when they were converted.
+
+    Accepted: uint8; integers in 0..255; floats, all finite, either in [0, 1] (scaled by 255:
+    stated) or in [0, 255] (rounded: stated). Anything else is refused with what was found:
+    NaN or inf pixels, values out of range, bool/complex/object/string arrays, images larger
+    than MAX_SIDE a side.
+    """
+    images = np.asarray(images)
+    kind = images.dtype.kind
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise WasiToolError(
+            f"{source}: expected images shaped (N, H, W) or (N, H, W, 1|3), got {images.shape}"
+        )
+    if min(images.shape[1:3]) < 1 or max(images.shape[1:3]) > MAX_SIDE:
+        raise WasiToolError(
+            f"{source}: images of {images.shape[1]}x{images.shape[2]} px; each side must be "
+            f"1..{MAX_SIDE}"
+        )
+    if kind not in "uif":
+        raise WasiToolError(f"{source}: pixels must be numbers, got dtype {images.dtype}")
+    if images.dtype == np.uint8 or images.size == 0:
+        return images.astype(np.uint8, copy=False), None
+    if kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(images)))
+        if bad:
+            raise WasiToolError(f"{source}: {bad} pixels are NaN or infinite")
+    low, high = float(images.min()), float(images.max())
+    if kind == "f" and low >= 0.0 and high <= 1.0:
+        scaled = np.rint(images * 255.0).astype(np.uint8)
+        return scaled, f"float pixels in [{low:g}, {high:g}] read as 0-1 and scaled to 0-255"
+    if low < 0 or high > 255:
+        raise WasiToolError(
+            f"{source}: pixel values span [{low:g}, {high:g}]; expected uint8 0-255, or floats "
+            "in [0, 1]"
+        )
+    if kind == "f":
+        return np.rint(images).astype(np.uint8), f"float pixels in [{low:g}, {high:g}] rounded"
+    return images.astype(np.uint8), None
+
+
 def _npz(path: Path) -> DataSplits:
+    _check_npz_sizes(path, _memory_bound())
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data]
@@ -225,16 +316,15 @@ def _npz(path: Path) -> DataSplits:
         raise
     except Exception as exc:  # OSError, ValueError, zipfile.BadZipFile, pickle refusals...
         raise WasiToolError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
-    count = _label_count(
-        str(path),
-        (arrays["x_train"], arrays["y_train"]),
-        (arrays["x_test"], arrays["y_test"]),
-    )
+    x_train, note = _pixels(f"{path} x_train", arrays["x_train"])
+    x_test, _ = _pixels(f"{path} x_test", arrays["x_test"])
+    count = _label_count(str(path), (x_train, arrays["y_train"]), (x_test, arrays["y_test"]))
     return DataSplits(
-        ArrayDataset(arrays["x_train"], arrays["y_train"]),
-        ArrayDataset(arrays["x_test"], arrays["y_test"]),
+        ArrayDataset(x_train, arrays["y_train"]),
+        ArrayDataset(x_test, arrays["y_test"]),
         names if names is not None and len(names) >= count else [str(i) for i in range(count)],
-        f"{path.name}: {len(arrays['y_train'])} train / {len(arrays['y_test'])} test images",
+        f"{path.name}: {len(arrays['y_train'])} train / {len(arrays['y_test'])} test images"
+        + (f" ({note})" if note else ""),
     )
 
 
@@ -270,40 +360,65 @@ def _cifar_file(path: Path) -> dict[str, Any]:
 
 
 def _cifar(root: Path) -> DataSplits:
-    def images(batch: dict[str, Any]) -> np.ndarray:
-        return (
-            np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        )
+    def images(batch: dict[str, Any], path: Path) -> np.ndarray:
+        try:
+            data = np.asarray(batch["data"])
+            if data.dtype.kind not in "ui" or data.size % 3072:
+                raise ValueError(f"{data.dtype} array of shape {data.shape}")
+            flat = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        except (ValueError, TypeError) as exc:
+            raise WasiToolError(
+                f"{path}: 'data' is not CIFAR's rows of 3072 pixel bytes ({exc})"
+            ) from None
+        return _pixels(str(path), flat)[0]
 
     if (root / "data_batch_1").is_file():  # CIFAR-10
-        train = [
-            _cifar_file(root / f"data_batch_{i}")
-            for i in range(1, 6)
-            if (root / f"data_batch_{i}").is_file()
+        train_files = [
+            root / f"data_batch_{i}" for i in range(1, 6) if (root / f"data_batch_{i}").is_file()
         ]
-        test = _cifar_file(root / "test_batch")
+        test_file = root / "test_batch"
         key, meta_file, names_key = "labels", root / "batches.meta", "label_names"
     else:  # CIFAR-100 (fine labels)
-        train, test = [_cifar_file(root / "train")], _cifar_file(root / "test")
+        train_files, test_file = [root / "train"], root / "test"
         key, meta_file, names_key = "fine_labels", root / "meta", "fine_label_names"
-    x_train = np.concatenate([images(b) for b in train])
+    train = [_cifar_file(f) for f in train_files]
+    test = _cifar_file(test_file)
+    x_train = np.concatenate([images(b, f) for b, f in zip(train, train_files, strict=True)])
+    x_test = images(test, test_file)
     try:
         y_train = np.concatenate([np.asarray(b[key]) for b in train])
         y_test = np.asarray(test[key])
     except (KeyError, ValueError, TypeError) as exc:
         raise WasiToolError(f"CIFAR batches in {root}: no usable '{key}': {exc}") from None
-    count = _label_count(f"CIFAR batches in {root}", (x_train, y_train), (test["data"], y_test))
+    count = _label_count(f"CIFAR batches in {root}", (x_train, y_train), (x_test, y_test))
     names = [str(i) for i in range(count)]
     if meta_file.is_file():
-        with open(meta_file, "rb") as fh:  # the meta file has no 'data' key
-            meta = _ArrayOnlyUnpickler(fh, encoding="latin1").load()
-        names = [str(n) for n in meta.get(names_key, names)]
+        names = _cifar_names(meta_file, names_key, count)
     return DataSplits(
         ArrayDataset(x_train, y_train),
-        ArrayDataset(images(test), y_test),
+        ArrayDataset(x_test, y_test),
         names,
-        f"CIFAR batches in {root}: {len(y_train)} train / {len(test[key])} test images",
+        f"CIFAR batches in {root}: {len(y_train)} train / {len(y_test)} test images",
     )
+
+
+def _cifar_names(meta_file: Path, key: str, count: int) -> list[str]:
+    """The class names of a CIFAR meta file: a dict whose ``key`` lists at least ``count``
+    names; anything else (corrupt, a list, too few names) is refused."""
+    try:
+        meta = _ArrayOnlyUnpickler(io.BytesIO(meta_file.read_bytes()), encoding="latin1").load()
+    except WasiToolError:
+        raise
+    except Exception as exc:  # a corrupt pickle fails in many ways
+        raise WasiToolError(f"cannot read CIFAR meta file {meta_file}: {exc}") from None
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, (list, tuple)) or len(names) < count:
+        found = f"{len(names)} names" if isinstance(names, (list, tuple)) else type(meta).__name__
+        raise WasiToolError(
+            f"{meta_file} is not a CIFAR meta file: expected a dict whose '{key}' lists "
+            f"{count} class names, found {found}"
+        )
+    return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _class_dirs(root: Path) -> list[Path]:

@@ -65,7 +65,35 @@ class LoadedModel:
 
 
 def load_model(src: ModelSource) -> LoadedModel:
-    """Load the model ``src`` describes; every failure is a WasiToolError."""
+    """Load the model ``src`` describes; every failure is a WasiToolError. The weights are
+    validated whatever their source (see ``check_weights``)."""
+    loaded = _load_model(src)
+    check_weights(loaded.model, loaded.source.get("path") or "the model")
+    return loaded
+
+
+def check_weights(model: nn.Module, where: str) -> None:
+    """Refuse weights a float model cannot train from: a parameter that is not floating point
+    (int8 or bool from a quantised or corrupt checkpoint; assigning it would make the model
+    compute in integers) and any non-finite value in a parameter or floating buffer. One
+    ``isfinite`` pass per tensor; the transient is the largest tensor's mask."""
+    for name, param in model.named_parameters():
+        if not (param.dtype.is_floating_point or param.dtype.is_complex):
+            _not_float(name, param.dtype, where)
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        if tensor.is_meta or not tensor.dtype.is_floating_point:
+            continue
+        with torch.no_grad():
+            bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise WasiToolError(
+                f"{where}: {name} holds {bad} non-finite value{'s' if bad > 1 else ''} "
+                "(NaN or inf); refusing weights that cannot train"
+            )
+
+
+def _load_model(src: ModelSource) -> LoadedModel:
     if src.num_classes is not None and src.num_classes < 1:
         raise WasiToolError(f"num_classes must be >= 1, got {src.num_classes}")
     if src.img_size is not None and src.img_size < 1:
@@ -381,6 +409,16 @@ def _check_fit(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -
     if problems:
         hint = " (set --num-classes/--img-size if the model differs from the default)"
         raise WasiToolError(f"weights do not fit {arch}: {', '.join(problems)}{hint}")
+    for k, v in expected.items():
+        if v.dtype.is_floating_point and not state[k].dtype.is_floating_point:
+            _not_float(k, state[k].dtype, arch)
+
+
+def _not_float(name: str, dtype: torch.dtype, where: str) -> None:
+    raise WasiToolError(
+        f"{where}: weight {name} is {str(dtype).removeprefix('torch.')}, not floating point "
+        "(a quantised checkpoint? dequantise it to float first)"
+    )
 
 
 def _load_into(

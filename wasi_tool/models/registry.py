@@ -49,7 +49,21 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
         model = timm.create_model(arch, pretrained=False, **given)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         raise WasiToolError(f"cannot build {arch} with {given}: {exc}") from None
+    _check_patch(model, arch)
     return model.eval()
+
+
+def _check_patch(model: nn.Module, arch: str) -> None:
+    """Refuse an input size smaller than the patch (a ViT would fail in its first conv)."""
+    embed = getattr(model, "patch_embed", None)
+    patch: Any = getattr(embed, "patch_size", None)
+    size: Any = getattr(embed, "img_size", None)
+    sized = isinstance(patch, (tuple, list)) and isinstance(size, (tuple, list)) and size
+    if sized and any(int(s) < int(p) for s, p in zip(size, patch, strict=False)):
+        raise WasiToolError(
+            f"{arch}: images of {size[0]} px are smaller than its {patch[0]} px patch; "
+            f"give --img-size >= {patch[0]}"
+        )
 
 
 def default_classifier(arch: str) -> str | None:

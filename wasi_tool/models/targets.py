@@ -27,6 +27,28 @@ def split_patterns(spec: str | Sequence[str]) -> list[str]:
     return [p.strip() for item in items for p in item.split(",") if p.strip()]
 
 
+# One target item: a preset or a glob over module names (letters, digits, _ . - and the glob
+# characters * ? [ ] !), optionally @lastN. Anything else is refused where the value is read.
+_ITEM = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,200}(@last\d{1,4})?")
+
+
+def check_patterns(spec: str | Sequence[str] | None, what: str) -> None:
+    """Refuse a targets/exclude value that is not comma-separated module-name globs: it is
+    checked when a config is built (the command line, a recipe, a --set), not when matched."""
+    if spec is None:
+        return
+    if not isinstance(spec, str) and not (
+        isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec)
+    ):
+        raise WasiToolError(f"{what} takes comma-separated module-name globs, got {spec!r}")
+    for item in split_patterns(spec):
+        if not _ITEM.fullmatch(item):
+            raise WasiToolError(
+                f"{what} item {item[:60]!r} is not a module-name glob (letters, digits, "
+                "_ . - * ? [ ] !, optionally @lastN)"
+            )
+
+
 def block_of(name: str) -> str | None:
     """The block a module belongs to: its name up to the first numeric part
     (``bert.encoder.layer.3`` for ``bert.encoder.layer.3.output.dense``; ``blocks.11``;
@@ -46,6 +68,8 @@ def select_targets(model: nn.Module, targets: str, exclude: Sequence[str] = ()) 
     are numbered module lists: ``layer.3``, ``layers.21``, ``blocks.11``), e.g. ``mlp@last2``.
     The classifier head is left out unless a pattern names it exactly.
     """
+    check_patterns(targets, "targets")
+    check_patterns(exclude, "exclude")
     linears = [name for name, mod in model.named_modules() if isinstance(mod, LINEAR_TYPES)]
     blocks = list(dict.fromkeys(b for b in map(block_of, linears) if b is not None))
     groups: list[tuple[tuple[str, ...], set[str] | None]] = []

@@ -10,6 +10,7 @@ from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import get_method
 from wasi_tool.methods.options import BaselineOptions
+from wasi_tool.models.targets import check_patterns
 from wasi_tool.nn.lossy import LOSSY
 from wasi_tool.ops import DEFAULT_EPS, check_eps
 from wasi_tool.ops.tucker import ASI_ORDERS
@@ -91,6 +92,7 @@ class FinetuneConfig(StageConfig, BaselineOptions):
     def __post_init__(self) -> None:
         spec = get_method(self.method)
         self.check_baselines()
+        check_patterns(self.targets, "targets")
         self.eps = check_eps(self.eps, "eps")
         given = [
             k for k in ("act_ranks", "act_eps", "act_budget_mb") if getattr(self, k) is not None

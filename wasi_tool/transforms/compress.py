@@ -16,7 +16,7 @@ from torch import nn
 
 from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.targets import select_targets, split_patterns
+from wasi_tool.models.targets import check_patterns, select_targets, split_patterns
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
 from wasi_tool.ops import (
@@ -63,6 +63,8 @@ class CompressConfig(StageConfig):
             self.rank_ratio = check_eps(self.rank_ratio, "rank_ratio")
         else:
             self.eps = check_eps(DEFAULT_EPS if self.eps is None else self.eps, "eps")
+        check_patterns(self.targets, "targets")
+        check_patterns(self.exclude, "exclude")
         if not split_patterns(self.targets):
             raise WasiToolError("targets is empty")
         self.exclude = split_patterns(self.exclude)
