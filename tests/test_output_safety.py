@@ -169,6 +169,47 @@ def test_two_compress_processes_to_one_out(tmp_path: Path) -> None:
     assert _leftovers(tmp_path, out) == []
 
 
+def test_a_writer_killed_mid_write_leaves_staging_that_the_next_write_sweeps(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL skips every cleanup: the killed writer's staging directory stays beside --out.
+    The next write to that --out removes it (its process is gone), and nothing else: a live
+    writer's staging, and a set-aside old output while --out is missing, are kept."""
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from wasi_tool import artifacts\n"
+            "with artifacts.atomic_directory(Path(sys.argv[1])) as d:\n"
+            "    (d / 'model.safetensors').write_bytes(b'half')\n"
+            "    print('ready', flush=True)\n"
+            "    time.sleep(600)\n",
+            str(out),
+        ],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    child.kill()
+    child.wait()
+    left = _leftovers(tmp_path, out)
+    assert len(left) == 1 and left[0].startswith(f".out.tmp-{artifacts._host_tag()}-{child.pid}-")
+    live = tmp_path / f"{artifacts._temp_prefix(out, 'tmp')}live"  # this process: alive
+    live.mkdir()
+    old_kept = tmp_path / f".out.old-{artifacts._host_tag()}-{child.pid}-x"
+    old_kept.mkdir()
+    (old_kept / "out").mkdir()  # the previous output, set aside when the writer died
+
+    _write(out)  # out was missing: the dead writer's old output is the only copy, kept
+    assert _leftovers(tmp_path, out) == sorted([live.name, old_kept.name])
+    _write(out, overwrite=True)  # out exists again: the set-aside copy is stale now
+    assert _leftovers(tmp_path, out) == [live.name]
+
+
 # -- 2. --overwrite replaces only what wasi-tool wrote -----------------------------------------
 
 
@@ -469,3 +510,27 @@ def test_a_safetensors_io_error_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         artifacts.save_weights(tmp_path / "absent" / "w.safetensors", _tensors(), {})
     assert info.value.errno == errno.ENOENT and info.value.strerror == os.strerror(errno.ENOENT)
+
+
+def test_overwrite_deletes_a_checkpoint_folder_and_nothing_that_only_shares_its_name(
+    tmp_path: Path,
+) -> None:
+    from wasi_tool.training import checkpoint
+
+    ours = tmp_path / "run.ckpt"
+    ours.mkdir()
+    for name in ("last.pt", "last.json", ".last.pt.tmp"):  # a killed save leaves its temp
+        (ours / name).write_bytes(b"x")
+    checkpoint.remove_checkpoint_dir(ours)
+    assert not ours.exists()
+    checkpoint.remove_checkpoint_dir(ours)  # absent: nothing to do
+    theirs = tmp_path / "thesis.ckpt"
+    theirs.mkdir()
+    (theirs / "last.pt").write_bytes(b"x")
+    (theirs / "chapter1.tex").write_text("keep me")
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(ours.parent)
+    for path in (theirs, link):
+        with pytest.raises(WasiToolError, match="is not a wasi-tool checkpoint"):
+            checkpoint.remove_checkpoint_dir(path)
+    assert (theirs / "chapter1.tex").read_text() == "keep me" and link.is_symlink()

@@ -320,6 +320,9 @@ def files(
     f["mine"] = d / "mine"  # a directory wasi-tool did not write
     f["mine"].mkdir()
     (f["mine"] / "notes.txt").write_text("keep me")
+    (d / "thesis.ckpt").mkdir()  # not a checkpoint folder, only its name is
+    (d / "thesis.ckpt" / "chapter1.tex").write_text("keep me")
+    f["thesis"] = d / "thesis"
     f["outlink"] = d / "outlink"  # an output path that is a symlink (to an artifact)
     f["outlink"].symlink_to(art)
     f["danglink"] = d / "danglink"
@@ -438,6 +441,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "--overwrite of a plain directory": (["compress", "{pth}", *T, "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
     "export --overwrite of a plain directory": (["export", "{artifact}", "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
     "finetune --overwrite of a plain directory": (["finetune", "--random-init", *T, "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
+    "finetune --overwrite of a <out>.ckpt that is not a checkpoint": (["finetune", "--random-init", *T, "--out", "{thesis}", "--overwrite"], "thesis.ckpt is not a wasi-tool checkpoint (it holds other files, or is a link or a file); refusing to delete it"),
     "--overwrite of an output that is a symlink": (["compress", "{pth}", *T, "--out", "{outlink}", "--overwrite"], "outlink is a symbolic link; refusing to replace it"),
     "output is a dangling symlink": (["compress", "{pth}", *T, "--out", "{danglink}"], "danglink already exists"),
     "symlinked weights in an artifact": (["compress", "{art-symlink}"], "model.safetensors is a symbolic link"),

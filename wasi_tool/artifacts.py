@@ -326,7 +326,7 @@ def _publish_replacing(
         if _renameat2(staging, out, _RENAME_EXCHANGE):  # atomic swap: out is never missing
             return staging
         # no exchange here: set the old output aside, publish, put it back if that fails
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "old"), dir=out.parent))
         moved = False
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -363,6 +363,51 @@ def _as_os_error(exc: Exception) -> OSError | None:
     return OSError(int(match[2]), match[1]) if match else None
 
 
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", platform.node())[:16] or "host"
+
+
+def _temp_prefix(out: Path, kind: str) -> str:
+    """Temporaries beside ``out`` name their writer (host and pid), so a later run can tell a
+    live writer's from one left by a killed process."""
+    return f".{out.name}.{kind}-{_host_tag()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale(out: Path) -> list[Path]:
+    """Remove the temporaries a killed writer of ``out`` left beside it (SIGKILL or power loss
+    skips every cleanup): staging directories (``.<out>.tmp-<host>-<pid>-*``) whose process on
+    this host is gone, and set-aside old outputs (``.old-``) of such a process once ``out``
+    exists again (before that they may hold the only copy of the previous output). Returns
+    what was removed."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-{_host_tag()}-(\d+)-[A-Za-z0-9_]+")
+    removed: list[Path] = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        if _alive(int(match[2])) or (match[1] == "old" and not os.path.lexists(out)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(
     out: Path, overwrite: bool = False, replaceable: Callable[[Path], bool] = is_wasi_artifact
@@ -389,7 +434,8 @@ def atomic_directory(
 
     try:
         _makedirs_tracked(out.parent.resolve(), created)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        sweep_stale(out)
+        staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(out, "tmp"), dir=out.parent))
     except OSError as exc:
         remove_created()
         raise WasiToolError(f"cannot create output {out}: {exc.strerror or exc}") from None

@@ -56,13 +56,13 @@ def _check_outputs(out: Path, ckpt_dir: Path, overwrite: bool, resume: bool) -> 
             raise WasiToolError(f"output {out} already exists: that run has finished")
         return
     artifacts.check_output_dir(out, overwrite)
-    if ckpt_dir.exists():
+    if ckpt_dir.exists() or ckpt_dir.is_symlink():
         if not overwrite:
             raise WasiToolError(
                 f"an interrupted run left {ckpt_dir}; pass --resume to continue it or "
                 "--overwrite to start again"
             )
-        shutil.rmtree(ckpt_dir)
+        checkpoint.remove_checkpoint_dir(ckpt_dir)
 
 
 def _check_finite(model: torch.nn.Module) -> None:

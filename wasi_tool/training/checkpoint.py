@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,27 @@ KEYS = (
 def checkpoint_dir(out: Path) -> Path:
     """Where a run writing ``out`` keeps its checkpoint: ``<out>.ckpt/`` beside it."""
     return out.parent / f"{out.name}.ckpt"
+
+
+def is_checkpoint_dir(directory: Path) -> bool:
+    """Whether ``directory`` is a checkpoint folder this tool wrote: a real directory (not a
+    link) holding only last.pt, last.json and their temporaries."""
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    ours = {FILE, SIDECAR, f".{FILE}.tmp", f".{SIDECAR}.tmp"}
+    return all(p.name in ours and not p.is_symlink() for p in directory.iterdir())
+
+
+def remove_checkpoint_dir(directory: Path) -> None:
+    """Delete a checkpoint folder (``--overwrite``), refusing anything that is not one."""
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not is_checkpoint_dir(directory):
+        raise WasiToolError(
+            f"{directory} is not a wasi-tool checkpoint (it holds other files, or is a link or "
+            "a file); refusing to delete it: move it away"
+        )
+    shutil.rmtree(directory)
 
 
 def fingerprint(model: torch.nn.Module, identity: Mapping[str, Any]) -> dict[str, Any]:
