@@ -87,3 +87,49 @@ def test_allowed_lossy_storage_is_tried_after_each_exact_mode(
     assert plan.chosen.label == "off + bf16"
     assert stored_lossily(model) and not recomputed(model)
     assert plan.to_dict()["lossy"] == "bf16"
+
+
+def test_activation_ranks_are_planned_only_when_no_exact_plan_fits(
+    images, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Under block recompute a WASI layer still keeps its compressed input from forward to
+    backward. With high calibrated ranks that is most of what a step keeps: a budget below it
+    is met by lowering the ranks (the gradient-error DP picks them for the room left), and the
+    plan's prediction with the planned ranks is re-probed, not assumed."""
+    import torch
+
+    from wasi_tool.models.registry import build_model
+    from wasi_tool.nn.recompute import recomputed
+    from wasi_tool.nn.subspace import WASILinear
+    from wasi_tool.training import plan as planner
+    from wasi_tool.training.prepare import prepare_for_training
+
+    monkeypatch.setattr(planner, "peak_rss_bytes", lambda: 0)  # the step alone decides
+    torch.manual_seed(0)
+    model = build_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2)
+    high = (16, 17, 192)  # every mode at full rank: the most a layer can keep
+    cfg = FinetuneConfig(method="wasi", act_ranks=list(high), targets="mlp", memory_budget="1GB")
+    prepare_for_training(model, cfg, lambda t: ({n: high for n in t}, None))
+    x, y = images(16), torch.arange(16) % 10
+    layers = [m for m in model.modules() if isinstance(m, WASILinear)]
+
+    roomy = planner.plan_memory(model, x, y, 10**12, floor=0, modes=("block",), plan_ranks=True)
+    assert roomy.chosen.act_ranks is None  # it fits: the calibrated ranks stay
+    block = roomy.chosen
+    assert block.saved_in_targets > block.saved_activations / 2  # the targets dominate
+    budget = int((block.peak - block.saved_in_targets / 2) / (1 - planner.MARGIN))
+    with pytest.raises(WasiToolError, match="cannot be met"):  # ranks are not the plan's
+        planner.plan_memory(model, x, y, budget, floor=0, modes=("block",))
+    assert all(m.act.ranks == high for m in layers)  # a refused plan leaves them as they were
+
+    plan = planner.plan_memory(model, x, y, budget, floor=0, modes=("block",), plan_ranks=True)
+    chosen = plan.chosen
+    assert chosen.label == "block, planned act ranks" and chosen.peak <= budget
+    assert chosen.saved_in_targets < block.saved_in_targets / 2
+    assert [c.label for c in plan.candidates] == ["block", "block, planned act ranks"]
+    assert chosen.act_ranks is not None and recomputed(model)
+    ranks = [tuple(m.act.ranks) for m in layers]
+    assert ranks == [tuple(r) for r in chosen.act_ranks.values()]
+    assert all(r != high and all(a <= b for a, b in zip(r, high, strict=True)) for r in ranks)
+    assert plan.to_dict()["act_ranks_planned"] is True
+    model(x).sum().backward()  # the planned ranks train

@@ -276,7 +276,18 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     if config.memory_budget is not None:
         budget = parse_size(config.memory_budget)
         # the floor as training starts: resident after preparation, less the weights
-        plan = plan_memory(model, x, y, budget, floor=library_floor(model) or 0, lossy=config.lossy)
+        plan = plan_memory(
+            model,
+            x,
+            y,
+            budget,
+            floor=library_floor(model) or 0,
+            lossy=config.lossy,
+            plan_ranks=method.compressed_activations and not config.act_ranks,
+        )
+        if plan.chosen.act_ranks is not None:  # the plan lowered the ranks
+            ranks = {n: tuple(r) for n, r in plan.chosen.act_ranks.items()}
+            rule = f"{rule}, lowered by the memory plan"
     model.train()
     opt = SubspaceSGD(model, lr=0.01, weight_decay=1e-4, clip=2.0)
     meter = SavedBytesMeter(model, targets)

@@ -166,8 +166,12 @@ def run_finetune(
             floor=library_floor(model) or 0,  # resident as training starts, less the weights
             momentum=config.momentum,
             lossy=config.lossy,
+            plan_ranks=method.compressed_activations and config.act_ranks is None,
         )
         progress.note(plan_table(plan))
+        if plan.chosen.act_ranks is not None:  # the plan lowered the calibrated ranks
+            prepared.act_ranks = {n: tuple(r) for n, r in plan.chosen.act_ranks.items()}
+            prepared.calibration = {**(prepared.calibration or {}), "planned": True}
     trainer = Trainer(
         model,
         prepared.targets,

@@ -14,6 +14,14 @@ then takes the least recompute (off, attn, mlp, block) whose prediction fits 95%
 none fits, a WasiToolError names the minimum and its largest parts. When the user allows lossy
 storage (``lossy="bf16"``), each mode but block is also tried with it, right after the same mode
 exact: the user who allows it prefers a faster step to an exact one.
+
+Activation ranks (asi, wasi) are the method's own choice (calibrated by energy) as long as a
+plan fits with them. When none does and the ranks were not given explicitly
+(``plan_ranks``), the planner takes, for each candidate in order, the room the budget leaves
+for the targets' compressed activations and lets the gradient-error DP
+(``methods.calibrate.ranks_under_budget``) pick per-layer ranks within it; the first such plan
+whose re-probed prediction fits is chosen ("planned act ranks"). Lower ranks change the
+gradient (more of it is lost), which is why they come last, after every exact option.
 """
 
 from __future__ import annotations
@@ -70,14 +78,18 @@ class Prediction:
     load_peak: int  # what the process already reached while loading and preparing
     saved_per_block: dict[str, int] = field(default_factory=dict)
     lossy: str = "off"
+    saved_in_targets: int = 0  # of saved_activations: what the target layers keep
+    act_ranks: dict[str, list[int]] | None = None  # set when the planner chose the ranks
 
     @property
     def label(self) -> str:
-        return self.memory_mode if self.lossy == "off" else f"{self.memory_mode} + {self.lossy}"
+        label = self.memory_mode if self.lossy == "off" else f"{self.memory_mode} + {self.lossy}"
+        return f"{label}, planned act ranks" if self.act_ranks is not None else label
 
     @property
-    def peak(self) -> int:
-        step = (
+    def step(self) -> int:
+        """The step's predicted peak without the load peak."""
+        return (
             self.floor
             + self.weights
             + self.gradients
@@ -85,7 +97,10 @@ class Prediction:
             + self.saved_activations
             + self.transient
         )
-        return max(step, self.load_peak)
+
+    @property
+    def peak(self) -> int:
+        return max(self.step, self.load_peak)
 
     def parts(self) -> dict[str, int]:
         return {
@@ -117,6 +132,7 @@ class MemoryPlan:
             "batch_size": self.batch_size,
             "memory_mode": self.chosen.memory_mode,
             "lossy": self.chosen.lossy,
+            "act_ranks_planned": self.chosen.act_ranks is not None,
             "predicted_peak_bytes": self.chosen.peak,
             "measured_peak_bytes": self.measured_peak,
             "chosen": self.chosen.to_dict(),
@@ -143,10 +159,11 @@ def _gradient_bytes(model: nn.Module) -> int:
 
 
 def _probe(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str]
-) -> tuple[int, int, dict[str, int]]:
-    """(saved bytes, live-tensor peak, saved bytes per block) of one forward + backward."""
-    meter = SavedBytesMeter(model, regions=blocks)
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: list[str], targets: list[str]
+) -> tuple[int, int, dict[str, int], int]:
+    """(saved bytes, live-tensor peak, saved bytes per block, saved in the targets) of one
+    forward + backward."""
+    meter = SavedBytesMeter(model, targets=targets, regions=blocks)
     try:
         with LiveTensorMeter() as live:
             with meter:
@@ -155,7 +172,7 @@ def _probe(
             del loss
     finally:
         meter.remove()
-    return meter.total, live.peak, dict(meter.by_region)
+    return meter.total, live.peak, dict(meter.by_region), meter.targets
 
 
 def _layer_states(model: nn.Module) -> dict[str, Any]:
@@ -176,12 +193,14 @@ def plan_memory(
     momentum: float = 0.0,
     modes: tuple[str, ...] = MODES,
     lossy: str = "off",
+    plan_ranks: bool = False,
 ) -> MemoryPlan:
     """Choose the least recompute that fits ``budget`` for a step on batch ``x``, ``y``.
 
     ``model`` is the prepared training model (memory mode off); it leaves with the chosen
-    regions recomputing (and, if ``lossy`` allows it and the plan takes it, lossy storage),
-    its parameters, gradients and layer states as they were.
+    regions recomputing (and, if ``lossy`` allows it and the plan takes it, lossy storage; if
+    ``plan_ranks`` allows it and nothing else fits, planned activation ranks), its parameters,
+    gradients and layer states as they were.
     """
     batch = int(x.shape[0])
     if batch < 2:
@@ -191,61 +210,86 @@ def plan_memory(
     sizes = (small, min(batch, 2 * small)) if batch >= 4 else (1, 2)
     family = family_of(model)
     blocks = family.blocks(model)
+    targets = [n for n, m in model.named_modules() if isinstance(m, SubspaceLayer)]
     weights = _tensor_bytes(t for t in model.state_dict().values() if isinstance(t, torch.Tensor))
     grads = _gradient_bytes(model)
     opt_state = grads if momentum else 0
     states = _layer_states(model)
+    calibrated = _act_ranks(model)
     was_training = model.training
     model.train()
-    candidates = []
+    candidates: list[Prediction] = []
     options = [
         (mode, kind)
         for mode in modes
         for kind in dict.fromkeys(("off", lossy))
         if kind == "off" or mode != "block"  # a recomputed block stores nothing lossily
     ]
+    limit = budget * (1 - MARGIN)
+
+    def predict(mode: str, kind: str, ranks: dict[str, list[int]] | None) -> Prediction | None:
+        _apply(model, family, blocks, mode, kind)
+        if mode != "off" and not recomputed(model):
+            return None  # this model has no such regions
+        probes = []
+        for b in sizes:
+            model.zero_grad(set_to_none=True)
+            probes.append(_probe(model, x[:b], y[:b], blocks, targets))
+        (s1, l1, per1, t1), (s2, l2, per2, t2) = probes
+        scale = (batch - sizes[0]) / (sizes[1] - sizes[0])
+        saved = int(s1 + (s2 - s1) * scale)
+        live = int(l1 + (l2 - l1) * scale)
+        per_block = {k: int(per1.get(k, 0) + (v - per1.get(k, 0)) * scale) for k, v in per2.items()}
+        transient = max(0, live - saved - grads)
+        return Prediction(
+            mode,
+            floor,
+            weights,
+            grads,
+            opt_state,
+            saved,
+            transient,
+            peak_rss_bytes(),
+            per_block,
+            kind,
+            saved_in_targets=int(t1 + (t2 - t1) * scale),
+            act_ranks=ranks,
+        )
+
+    chosen: Prediction | None = None
     try:
         for mode, kind in options:
-            _apply(model, family, blocks, mode, kind)
-            if mode != "off" and not recomputed(model):
-                continue  # this model has no such regions
-            probes = []
-            for b in sizes:
-                model.zero_grad(set_to_none=True)
-                probes.append(_probe(model, x[:b], y[:b], blocks))
-            (s1, l1, per1), (s2, l2, per2) = probes
-            scale = (batch - sizes[0]) / (sizes[1] - sizes[0])
-            saved = int(s1 + (s2 - s1) * scale)
-            live = int(l1 + (l2 - l1) * scale)
-            per_block = {
-                k: int(per1.get(k, 0) + (v - per1.get(k, 0)) * scale) for k, v in per2.items()
-            }
-            transient = max(0, live - saved - grads)
-            candidates.append(
-                Prediction(
-                    mode,
-                    floor,
-                    weights,
-                    grads,
-                    opt_state,
-                    saved,
-                    transient,
-                    peak_rss_bytes(),
-                    per_block,
-                    kind,
-                )
-            )
+            found = predict(mode, kind, None)
+            if found is not None:
+                candidates.append(found)
+        chosen = next((c for c in candidates if c.peak <= limit), None)
+        if chosen is None and plan_ranks and calibrated:
+            for base in list(candidates):
+                room = int(limit - (base.step - base.saved_in_targets))
+                if base.load_peak > limit or base.saved_in_targets == 0 or room <= 0:
+                    continue
+                ranks = _ranks_within(model, family, blocks, targets, x, y, room)
+                if ranks is None:
+                    continue
+                _set_act_ranks(model, ranks)
+                found = predict(base.memory_mode, base.lossy, ranks)
+                _set_act_ranks(model, calibrated)
+                if found is not None:
+                    candidates.append(found)
+                    if found.peak <= limit:
+                        chosen = found
+                        break
     finally:
         model.zero_grad(set_to_none=True)
         for m in model.modules():
             if isinstance(m, WASILinear):
                 m.sink.clear()
+        _set_act_ranks(model, calibrated)
         for name, state in states.items():
             model.get_submodule(name).set_extra_state(state)
         _apply(model, family, blocks, "off", "off")
         model.train(was_training)
-    fitting = [c for c in candidates if c.peak <= budget * (1 - MARGIN)]
-    if not fitting:
+    if chosen is None:
         best = min(candidates, key=lambda c: c.peak)
         largest = sorted(best.parts().items(), key=lambda kv: -kv[1])[:3]
         parts = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in largest)
@@ -254,9 +298,59 @@ def plan_memory(
             f"this run can reach is "
             f"{best.peak / GB:.2f} GB (memory mode {best.label}; largest parts: {parts})"
         )
-    chosen = fitting[0]
+    if chosen.act_ranks is not None:
+        _set_act_ranks(model, chosen.act_ranks)
     _apply(model, family, blocks, chosen.memory_mode, chosen.lossy)
     return MemoryPlan(budget, chosen, candidates, batch)
+
+
+def _act_ranks(model: nn.Module) -> dict[str, list[int]]:
+    """Each subspace layer's activation ranks (layers that compress their input)."""
+    found = {}
+    for n, m in model.named_modules():
+        act = getattr(m, "act", None) if isinstance(m, SubspaceLayer) else None
+        if act is not None:
+            found[n] = list(act.ranks)
+    return found
+
+
+def _set_act_ranks(model: nn.Module, ranks: dict[str, list[int]]) -> None:
+    """Give layers new activation ranks; a basis of another shape starts afresh (seeded)."""
+    for name, r in ranks.items():
+        layer: Any = model.get_submodule(name)
+        act = layer.act
+        if list(act.ranks) != list(r):
+            act.ranks = tuple(int(k) for k in r)
+            act.bases = None
+
+
+def _ranks_within(
+    model: nn.Module,
+    family: Any,
+    blocks: list[str],
+    targets: list[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    room: int,
+) -> dict[str, list[int]] | None:
+    """Per-layer ranks whose compressed activations fit ``room`` bytes at batch ``x``, with
+    the least summed gradient error (the DP of methods.calibrate), or None when even the
+    lowest candidate does not fit. The DP counts cores and bases in float32; 10% is kept back
+    for what a layer keeps beside them."""
+    from wasi_tool.methods.calibrate import MB, capture, ranks_under_budget
+
+    names = [n for n in targets if getattr(model.get_submodule(n), "act", None) is not None]
+    _apply(model, family, blocks, "off", "off")
+    captured = capture(model, names, x, y, task_loss)
+    model.zero_grad(set_to_none=True)
+    for m in model.modules():
+        if isinstance(m, WASILinear):
+            m.sink.clear()
+    try:
+        choice = ranks_under_budget(captured, 0.9 * room / MB)
+    except WasiToolError:
+        return None
+    return {n: list(r) for n, r in choice.ranks.items()}
 
 
 def _apply(model: nn.Module, family: Any, blocks: list[str], mode: str, lossy: str) -> None:
