@@ -1,3 +1,4 @@
+import os
 import pickle
 import re
 from pathlib import Path
@@ -170,3 +171,34 @@ def test_an_npz_is_sized_from_its_headers_before_it_is_read(tmp_path: Path) -> N
     datasets._check_npz_sizes(path, bound=x.nbytes)  # exactly at the bound: accepted
     with pytest.raises(WasiToolError, match=r"x_train would decode to 0.0 GB \(shape \(64, 32"):
         datasets._check_npz_sizes(path, bound=x.nbytes - 1)
+
+
+@pytest.mark.slow
+def test_a_huge_label_is_refused_under_an_address_space_limit(tmp_path: Path) -> None:
+    """The CLI, in a process limited to 5 GiB of address space (torch and OpenBLAS need about
+    3): a label of 2**40 is one line and exit 1. Before the validator, finetune built a list of
+    2**40 class names and grew to 22.6 GB until the kernel killed it."""
+    import resource
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.npz"
+    x = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    np.savez(path, x_train=x, y_train=np.array([0, 1, 2**40, 1]), x_test=x, y_test=[0, 1, 0, 1])
+    limit = 5 << 30
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    argv = [sys.executable, "-m", "wasi_tool", "finetune", "--random-init", "--arch"]
+    argv += ["vit_tiny_patch16_224", "--img-size", "32", "--data", str(path)]
+    argv += ["--out", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(
+        argv, capture_output=True, text=True, preexec_fn=cap, env=env, timeout=300, check=False
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: {path}: label 1099511627776 is out of range (labels are 0..99999)"
+    ]
+    assert not (tmp_path / "out").exists()
