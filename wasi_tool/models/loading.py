@@ -34,6 +34,7 @@ from wasi_tool.safe_read import loads_json
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+CHUNK = 1 << 20  # elements per finiteness check
 
 
 @dataclass
@@ -76,7 +77,8 @@ def check_weights(model: nn.Module, where: str) -> None:
     """Refuse weights a float model cannot train from: a parameter that is not floating point
     (int8 or bool from a quantised or corrupt checkpoint; assigning it would make the model
     compute in integers) and any non-finite value in a parameter or floating buffer. One
-    ``isfinite`` pass per tensor; the transient is the largest tensor's mask."""
+    ``isfinite`` pass per tensor, in chunks of 1M elements (a 1 MB mask at most: the check
+    must not raise the load's peak, which the memory planner counts)."""
     for name, param in model.named_parameters():
         if not (param.dtype.is_floating_point or param.dtype.is_complex):
             _not_float(name, param.dtype, where)
@@ -85,7 +87,12 @@ def check_weights(model: nn.Module, where: str) -> None:
         if tensor.is_meta or not tensor.dtype.is_floating_point:
             continue
         with torch.no_grad():
-            bad = int((~torch.isfinite(tensor)).sum())
+            flat = tensor.detach().reshape(-1)
+            bad = sum(
+                int((~torch.isfinite(flat[i : i + CHUNK])).sum())
+                for i in range(0, flat.numel(), CHUNK)
+                if not bool(torch.isfinite(flat[i : i + CHUNK]).all())
+            )
         if bad:
             raise WasiToolError(
                 f"{where}: {name} holds {bad} non-finite value{'s' if bad > 1 else ''} "
