@@ -97,6 +97,15 @@ def main() -> None:
         help="also fine-tune wasi centrally from the same start for rounds x local epochs "
         "(the accuracy baseline: global accuracy within 2 points of it, IID)",
     )
+    ap.add_argument(
+        "--central-epochs",
+        type=int,
+        default=None,
+        help="epochs of the centralized run over all the clients' data, uncapped (default: "
+        "rounds x local epochs; with --max-steps each client sees rounds x max-steps batches, "
+        "so give the epochs that match, e.g. 3 for 12 rounds of 5 steps of a 20-step client "
+        "epoch)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "federated.json")
     args = ap.parse_args()
 
@@ -153,13 +162,14 @@ def main() -> None:
         from wasi_tool.stages.finetune import run_finetune
         from wasi_tool.training.config import FinetuneConfig
 
-        epochs = args.rounds * args.local_epochs
+        epochs = args.central_epochs or args.rounds * args.local_epochs
+        capped = None if args.central_epochs else args.max_steps
         t0 = time.perf_counter()
         from wasi_tool.models.loading import ModelSource
 
         central_out = args.runs / "federated" / "wasi-centralized"
         central = FinetuneConfig(
-            method="wasi", targets="all", epochs=epochs, max_steps=args.max_steps,
+            method="wasi", targets="all", epochs=epochs, max_steps=capped,
             batch_size=args.batch_size, classes=[5, 6, 7, 8, 9], lr=0.05, lr_min=0.0005,
         )  # fmt: skip
         run_finetune(
