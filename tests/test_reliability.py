@@ -316,6 +316,30 @@ def files(
             (d / "bomb" / f"c{k}" / f"{j}.png").write_bytes(_png_header(30000, 30000))
     f["pngbomb"] = d / "bomb"
 
+    # found by the independent corpus (corpus2)
+    f["toml_escape"] = d / "escape.toml"
+    f["toml_escape"].write_text('[pipeline]\nname = "../../escaped"\n' + recipe)
+    f["toml_types"] = d / "types.toml"
+    f["toml_types"].write_text(recipe + 'force = "yes"\n')
+    os.mkfifo(d / "fifo.safetensors")
+    f["fifo"] = d / "fifo.safetensors"
+    (d / "elsewhere.ckpt").mkdir()
+    (d / "elsewhere.ckpt" / "last.pt").write_bytes(b"x")
+    (d / "linked.ckpt").symlink_to(d / "elsewhere.ckpt")
+    f["linked"] = d / "linked"
+    for name in ("manifestlink", "ghost", "abslisted"):
+        copy = d / f"art-{name}"
+        copy.mkdir()
+        for p in art.iterdir():
+            (copy / p.name).write_bytes(p.read_bytes())
+        f[f"art-{name}"] = copy
+    (d / "art-manifestlink" / "manifest.json").rename(d / "manifest-elsewhere.json")
+    (d / "art-manifestlink" / "manifest.json").symlink_to(d / "manifest-elsewhere.json")
+    for name, listed in {"ghost": "ghost.bin", "abslisted": "/etc/passwd"}.items():
+        manifest = json.loads((d / f"art-{name}" / "manifest.json").read_text())
+        manifest["files"][listed] = {"sha256": "0" * 64, "bytes": 1}
+        (d / f"art-{name}" / "manifest.json").write_text(json.dumps(manifest))
+
     # output safety (issue 19a)
     f["mine"] = d / "mine"  # a directory wasi-tool did not write
     f["mine"].mkdir()
@@ -393,7 +417,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "ssh target with shell metacharacters": (["bench", "{onnx}", "--ssh", "pi@host; rm -rf ~"], "--ssh takes user@host[:port]"),
     "ssh target with spaces": (["bench", "{onnx}", "--ssh", "p i@my host"], "--ssh takes user@host[:port]"),
     "generate from a missing artifact": (["generate", "{d}/absent", "--prompt", "hi"], "no such file or directory"),
-    "generate from an image model": (["generate", "{artifact}", "--prompt", "hi"], "is not a causal language model"),
+    "generate from an image model": (["generate", "{artifact}", "--prompt", "hi"], "image model, not a causal language model"),
     "federate with an unknown partition": (["federate", "{artifact}", "--data", "digits", "--partition", "zipf:2"], "partition must be iid, dirichlet:ALPHA or folders"),
     "federate with no clients": (["federate", "{artifact}", "--data", "digits", "--clients", "0"], "clients must be >= 1"),
     "info of a missing artifact": (["info", "{d}/absent"], "no such file or directory"),
@@ -437,6 +461,20 @@ CASES: dict[str, tuple[list[str], str]] = {
     "image smaller than the patch": (["finetune", "--random-init", "--arch", TINY_ARCH, "--img-size", "8"], "smaller than"),
     "--set targets that are not globs": (["run", "{toml_ok}", "--set", "c.targets=mlp;rm -rf ~"], "targets item 'mlp;rm -rf ~' is not a module-name glob"),
     "exclude with a path": (["compress", "{pth}", *T, "--exclude", "../../etc/passwd"], "exclude item '../../etc/passwd' is not a module-name glob"),
+    # found by the independent corpus (corpus2)
+    "pipeline name that is a path": (["run", "{toml_escape}"], "the pipeline needs a plain name"),
+    "recipe value of the wrong type": (["run", "{toml_types}"], "force takes bool, got 'yes'"),
+    "a FIFO as the checkpoint": (["compress", "{fifo}", *T], "is not a regular file or a directory"),
+    "resume into a linked <out>.ckpt": (["finetune", "--random-init", *T, "--resume", "--out", "{linked}"], "linked.ckpt is not a wasi-tool checkpoint"),
+    "seed of 2**70": (["compress", "--random-init", *T, "--seed-init", str(2**70)], "seed must be in 0..2**63-1"),
+    "negative --seed-init": (["export", "--random-init", *T, "--seed-init", "-1"], "seed must be in 0..2**63-1, got -1"),
+    "federate with 100000 clients": (["federate", "{artifact}", "--data", "digits", "--clients", "100000"], "clients must be <= 10000"),
+    "federate dirichlet:inf": (["federate", "{artifact}", "--data", "digits", "--partition", "dirichlet:inf"], "dirichlet needs a positive, finite alpha"),
+    "eval predictions under a file": (["eval", "--random-init", *T, "--num-classes", "10", "--data", "digits", "--predictions", "{afile}/p.csv"], "cannot write"),
+    "a symlinked manifest": (["export", "{art-manifestlink}"], "manifest.json is a symbolic link"),
+    "a manifest listing a missing file": (["export", "{art-ghost}"], "is missing ghost.bin, which its manifest lists"),
+    "a manifest listing an absolute path": (["info", "{art-abslisted}"], "files lists '/etc/passwd', not a plain file name"),
+    "--task for an image model": (["finetune", "--random-init", *T, "--task", "classify"], "image model: task classify is for Hugging Face models"),
     # output safety (issue 19a)
     "--overwrite of a plain directory": (["compress", "{pth}", *T, "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
     "export --overwrite of a plain directory": (["export", "{artifact}", "--out", "{mine}", "--overwrite"], "is not a wasi-tool artifact (no valid manifest.json); refusing to replace it"),
@@ -448,14 +486,14 @@ CASES: dict[str, tuple[list[str], str]] = {
     "export of symlinked weights": (["export", "{art-symlink}"], "model.safetensors is a symbolic link"),
     "info of symlinked weights": (["info", "{art-symlink}"], "model.safetensors is a symbolic link"),
     "symlinked tokenizer in an artifact": (["compress", "{art-toklink}"], "tokenizer.json is a symbolic link"),
-    "manifest naming a file outside": (["info", "{art-escape}"], "'../afile' is not a plain file name inside the artifact"),
+    "manifest naming a file outside": (["info", "{art-escape}"], "files lists '../afile', not a plain file name"),
     # option values out of their range, every command that takes them
     "finetune --threads 0": (["finetune", "--random-init", *T, "--threads", "0"], "threads must be between 1 and 1024, got 0"),
     "bench --threads 0": (["bench", "{onnx}", "--threads", "0"], "threads must be between 1 and 1024, got 0"),
     "run --threads 0": (["run", "{toml_ok}", "--threads", "0"], "threads must be between 1 and 1024, got 0"),
     "federate --server-lr 0": (["federate", "{artifact}", "--data", "digits", "--server-lr", "0"], "server_lr must be in (0, 100], got 0.0"),
     "federate min clients above clients": (["federate", "{artifact}", "--data", "digits", "--clients", "2", "--min-clients", "3"], "min_clients 3 > clients 2"),
-    "federate dirichlet with a negative alpha": (["federate", "{artifact}", "--data", "digits", "--partition", "dirichlet:-1"], "dirichlet needs a positive alpha"),
+    "federate dirichlet with a negative alpha": (["federate", "{artifact}", "--data", "digits", "--partition", "dirichlet:-1"], "dirichlet needs a positive, finite alpha"),
     "eval with bad --classes": (["eval", "{artifact}", "--data", "digits", "--classes", "a,b"], "--classes takes comma-separated integers"),
     "unknown memory mode": (["finetune", "--random-init", *T, "--memory-mode", "sometimes"], "memory_mode must be one of off, block, mlp, attn"),
     "unknown lossy storage": (["finetune", "--random-init", *T, "--lossy", "fp8"], "lossy must be one of off, bf16"),

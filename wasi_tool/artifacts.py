@@ -84,6 +84,8 @@ def is_artifact_dir(path: Path) -> bool:
 def read_manifest(directory: Path) -> dict[str, Any]:
     """Read and validate ``manifest.json`` of an artifact directory."""
     path = directory / MANIFEST
+    if path.is_symlink():
+        raise WasiToolError(f"{path} is a symbolic link; an artifact holds its own files")
     if not path.is_file():
         raise WasiToolError(f"{directory} is not a wasi-tool artifact (no {MANIFEST})")
     try:  # bounded: size before reading, nesting depth before parsing
@@ -113,6 +115,35 @@ def validate_manifest(manifest: Any, where: Path | str = MANIFEST) -> None:
             raise WasiToolError(f"{where}: missing key {key!r}")
         if not isinstance(manifest[key], kind):
             raise WasiToolError(f"{where}: key {key!r} has the wrong type")
+    for name, entry in manifest["files"].items():
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0") or os.path.isabs(name):
+            raise WasiToolError(f"{where}: files lists {name!r}, not a plain file name")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
+            or not _count(entry.get("bytes"), 1 << 50)
+        ):
+            raise WasiToolError(f"{where}: files entry {name!r} needs a sha256 and a byte count")
+    for layer in manifest["layers"]:
+        sizes = (
+            [layer.get(k) for k in ("out_features", "in_features", "rank")]
+            if isinstance(layer, dict)
+            else [None]
+        )
+        if (
+            not isinstance(layer, dict)
+            or not isinstance(layer.get("name"), str)
+            or not all(v is None or _count(v, 1 << 31) for v in sizes)
+        ):
+            raise WasiToolError(
+                f"{where}: a layer record needs a name and integer sizes, got {str(layer)[:80]}"
+            )
+
+
+def _count(value: Any, limit: int) -> bool:
+    """An integer (not a bool) in 0..limit."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
 
 
 def describe(directory: Path) -> dict[str, Any]:

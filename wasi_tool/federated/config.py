@@ -13,6 +13,8 @@ from wasi_tool.errors import WasiToolError
 from wasi_tool.federated.partition import PartitionSpec
 from wasi_tool.training.config import FinetuneConfig
 
+MAX_COUNT = 10_000  # clients, rounds: a simulation keeps one record per client per round
+
 
 @register_config
 @dataclass
@@ -50,6 +52,8 @@ class FederateConfig(FinetuneConfig):
         for name in ("clients", "rounds", "min_clients"):
             if int(getattr(self, name)) < 1:
                 raise WasiToolError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if int(getattr(self, name)) > MAX_COUNT:
+                raise WasiToolError(f"{name} must be <= {MAX_COUNT}, got {getattr(self, name)}")
         if self.min_clients > self.clients:
             raise WasiToolError(f"min_clients {self.min_clients} > clients {self.clients}")
         if self.round_timeout is not None and not self.round_timeout > 0:

@@ -8,6 +8,7 @@ takes its own share by its partition id.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,9 @@ class PartitionSpec:
                 alpha = float(arg)
             except ValueError:
                 alpha = float("nan")
-            if not alpha > 0:
+            if not 0 < alpha < math.inf:
                 raise WasiToolError(
-                    f"dirichlet needs a positive alpha, e.g. dirichlet:0.5 ({text!r})"
+                    f"dirichlet needs a positive, finite alpha, e.g. dirichlet:0.5 ({text!r})"
                 )
             return cls("dirichlet", alpha)
         raise WasiToolError(f"partition must be iid, dirichlet:ALPHA or folders, got {text!r}")

@@ -69,6 +69,13 @@ def load_model(src: ModelSource) -> LoadedModel:
     """Load the model ``src`` describes; every failure is a WasiToolError. The weights are
     validated whatever their source (see ``check_weights``)."""
     loaded = _load_model(src)
+    if src.task is not None and loaded.arch != hf.HF_ARCH:
+        where = src.checkpoint or "--random-init"
+        what = ", not a causal language model" if src.task == hf.CAUSAL_LM else ""
+        raise WasiToolError(
+            f"{where} is a {loaded.arch} image model{what}: task {src.task} is for Hugging "
+            "Face models (a directory or a .gguf file)"
+        )
     check_weights(loaded.model, loaded.source.get("path") or "the model")
     return loaded
 
@@ -105,6 +112,8 @@ def _load_model(src: ModelSource) -> LoadedModel:
         raise WasiToolError(f"num_classes must be >= 1, got {src.num_classes}")
     if src.img_size is not None and src.img_size < 1:
         raise WasiToolError(f"img_size must be >= 1, got {src.img_size}")
+    if not 0 <= int(src.seed) < 2**63:
+        raise WasiToolError(f"seed must be in 0..2**63-1, got {src.seed}")
     extra = src.model_kwargs or {}
     bad = sorted(set(extra) - set(ARCH_KWARGS)) if isinstance(extra, dict) else ["model_kwargs"]
     if bad:
@@ -118,6 +127,8 @@ def _load_model(src: ModelSource) -> LoadedModel:
     path = Path(src.checkpoint)
     if not path.exists():
         raise WasiToolError(f"no such file or directory: {path}")
+    if not path.is_file() and not path.is_dir():  # a FIFO or a device would block or stream
+        raise WasiToolError(f"{path} is not a regular file or a directory")
     hf.check_task(src.task)
     if hf.is_hf_dir(path) or (src.arch == hf.HF_ARCH and hf.is_hf_dir(path.parent)):
         return _from_hf_dir(path if path.is_dir() else path.parent, src)
@@ -151,6 +162,9 @@ def load_artifact(
     """Rebuild the model of a wasi-tool artifact directory (its weights are hash-checked);
     a custom model only when ``model_class`` names the class it records."""
     manifest = artifacts.read_manifest(directory)
+    for name in manifest["files"]:  # every file it lists is there (the weights also hashed)
+        if not artifacts.safe_member(directory, name).is_file():
+            raise WasiToolError(f"artifact {directory} is missing {name}, which its manifest lists")
     artifacts.verify_files(directory, manifest, [artifacts.WEIGHTS])
     weights = directory / artifacts.WEIGHTS
     tensors, meta = artifacts.load_weights(weights)

@@ -59,6 +59,15 @@ def _fits(value: Any, hint: Any) -> bool:
     return True
 
 
+def _check_type(kind: str, key: str, value: Any, where: str) -> None:
+    """A recipe or --set value must have the type its config field declares (TOML's "yes"
+    is not a bool: it would read as true)."""
+    config_cls = KINDS[kind].config
+    hints = typing.get_type_hints(config_cls) if config_cls is not None else {}
+    if key in hints and not _fits(value, hints[key]):
+        raise WasiToolError(f"{where} takes {_type_name(hints[key])}, got {value!r}")
+
+
 def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -107,9 +116,16 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
     for index, raw in enumerate(raw_stages):
         line = starts[index] if index < len(starts) else 0
         stages.append(_stage(path, text, dict(raw), line, [s.name for s in stages]))
-    pipeline = Pipeline(
-        str(head.get("name", path.stem)), str(head.get("description", "")), stages, path
-    )
+    if not isinstance(head, dict):
+        raise WasiToolError(f"{path}: [pipeline] must be a table")
+    name = head.get("name", path.stem)
+    if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
+        raise WasiToolError(
+            f"{path}:{_line_of(text, 'name')}: the pipeline needs a plain name of letters, "
+            f"digits, _ . - (not starting with . or -; it names the folder runs/<name>/), "
+            f"got {name!r}"
+        )
+    pipeline = Pipeline(name, str(head.get("description", "")), stages, path)
     as_written = copy.deepcopy(pipeline)
     for item in overrides or []:
         _override(pipeline, item)
@@ -161,6 +177,7 @@ def _stage(path: Path, text: str, raw: dict[str, Any], line: int, earlier: list[
         if key in KINDS[kind].options:
             options[key] = value
         elif key in fields:
+            _check_type(kind, key, value, f"{path}:{_line_of(text, key, line)}: {key}")
             config[key] = value
         else:
             raise WasiToolError(
@@ -180,12 +197,7 @@ def _override(pipeline: Pipeline, item: str) -> None:
     if key in KINDS[spec.kind].options:
         spec.options[key] = parsed
     elif key in fields:
-        config_cls = KINDS[spec.kind].config
-        hints = typing.get_type_hints(config_cls) if config_cls is not None else {}
-        if key in hints and not _fits(parsed, hints[key]):
-            raise WasiToolError(
-                f"--set {item}: {key} takes {_type_name(hints[key])}, got {parsed!r}"
-            )
+        _check_type(spec.kind, key, parsed, f"--set {item}: {key}")
         spec.config[key] = parsed
     elif key.startswith("source.") and key[7:] in SOURCE_KEYS:
         spec.source[key[7:]] = parsed

@@ -64,8 +64,11 @@ def _finetune_settings(stages: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _write_predictions(path: Path, result: EvalResult) -> None:
     names = result.classes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise WasiToolError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             out = csv.writer(f)

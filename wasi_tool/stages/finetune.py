@@ -54,6 +54,13 @@ def _check_outputs(out: Path, ckpt_dir: Path, overwrite: bool, resume: bool) -> 
     if resume:
         if out.exists():
             raise WasiToolError(f"output {out} already exists: that run has finished")
+        if (ckpt_dir.exists() or ckpt_dir.is_symlink()) and not checkpoint.is_checkpoint_dir(
+            ckpt_dir
+        ):
+            raise WasiToolError(
+                f"{ckpt_dir} is not a wasi-tool checkpoint (it holds other files, or is a link "
+                "or a file); refusing to resume from it"
+            )
         return
     artifacts.check_output_dir(out, overwrite)
     if ckpt_dir.exists() or ckpt_dir.is_symlink():
