@@ -118,7 +118,9 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> Pipeline:
         stages.append(_stage(path, text, dict(raw), line, [s.name for s in stages]))
     if not isinstance(head, dict):
         raise WasiToolError(f"{path}: [pipeline] must be a table")
-    name = head.get("name", path.stem)
+    # without a name, the file's stem made plain ("my recipe.toml" -> my_recipe)
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem).lstrip(".-")[:100] or "run"
+    name = head.get("name", stem)
     if not isinstance(name, str) or not STAGE_NAME.fullmatch(name):
         raise WasiToolError(
             f"{path}:{_line_of(text, 'name')}: the pipeline needs a plain name of letters, "
