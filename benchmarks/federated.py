@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None, help="cap local steps per epoch")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0, help="training and partition seed")
+    ap.add_argument("--lr", type=float, default=0.05, help="the clients' lr (cosine to 0.0005)")
     ap.add_argument("--partitions", default="iid,dirichlet:0.5")
     ap.add_argument("--methods", default="wasi,vanilla", help="comma-separated: wasi, vanilla")
     ap.add_argument(
@@ -96,6 +98,19 @@ def main() -> None:
         action="store_true",
         help="also fine-tune wasi centrally from the same start for rounds x local epochs "
         "(the accuracy baseline: global accuracy within 2 points of it, IID)",
+    )
+    ap.add_argument(
+        "--central-lrs",
+        default=None,
+        help="comma-separated lrs of centralized runs (default: --lr); the federated run's "
+        "effective lr is about lr x server-lr / clients, so give that one too",
+    )
+    ap.add_argument(
+        "--central-batch-size",
+        type=int,
+        default=None,
+        help="batch size of the centralized runs (default: --batch-size); e.g. 64 against 4 "
+        "clients of batch 16, whose one-step rounds then average a batch of 64",
     )
     ap.add_argument(
         "--central-epochs",
@@ -119,8 +134,8 @@ def main() -> None:
             config = FederateConfig(
                 **flags, targets="all", clients=args.clients, partition=partition,
                 rounds=args.rounds, epochs=args.local_epochs, max_steps=args.max_steps,
-                batch_size=args.batch_size, classes=[5, 6, 7, 8, 9], lr=0.05, lr_min=0.0005,
-                server_lr=args.server_lr,
+                batch_size=args.batch_size, classes=[5, 6, 7, 8, 9], lr=args.lr, lr_min=0.0005,
+                server_lr=args.server_lr, seed=args.seed,
             )  # fmt: skip
             out = args.runs / "federated" / f"{name}-{partition.replace(':', '')}"
             t0 = time.perf_counter()
@@ -157,37 +172,48 @@ def main() -> None:
             ratios[partition] = round(
                 by["vanilla"]["bytes_per_round"] / by["wasi"]["bytes_per_round"], 3
             )
-    centralized = None
+    centralized: list[dict[str, Any]] = []
     if args.centralized:  # the same start, data and recipe, one process, rounds x local epochs
+        from wasi_tool.models.loading import ModelSource
         from wasi_tool.stages.finetune import run_finetune
         from wasi_tool.training.config import FinetuneConfig
 
         epochs = args.central_epochs or args.rounds * args.local_epochs
         capped = None if args.central_epochs else args.max_steps
-        t0 = time.perf_counter()
-        from wasi_tool.models.loading import ModelSource
-
-        central_out = args.runs / "federated" / "wasi-centralized"
-        central = FinetuneConfig(
-            method="wasi", targets="all", epochs=epochs, max_steps=capped,
-            batch_size=args.batch_size, classes=[5, 6, 7, 8, 9], lr=0.05, lr_min=0.0005,
-        )  # fmt: skip
-        run_finetune(
-            ModelSource(checkpoint=starts["wasi"]), str(DATA), central, central_out, overwrite=True
-        )
-        metrics = json.loads((central_out / "metrics.json").read_text())
-        centralized = {
-            "method": "wasi",
-            "epochs": epochs,
-            "test_accuracy": metrics["epochs"][-1]["test_accuracy"],
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
+        lrs = [float(x) for x in (args.central_lrs or str(args.lr)).split(",")]
+        for lr in lrs:
+            t0 = time.perf_counter()
+            central_out = args.runs / "federated" / f"wasi-centralized-lr{lr:g}"
+            central = FinetuneConfig(
+                method="wasi", targets="all", epochs=epochs, max_steps=capped,
+                batch_size=args.central_batch_size or args.batch_size,
+                classes=[5, 6, 7, 8, 9], lr=lr, lr_min=0.0005, seed=args.seed,
+            )  # fmt: skip
+            run_finetune(
+                ModelSource(checkpoint=starts["wasi"]),
+                str(DATA),
+                central,
+                central_out,
+                overwrite=True,
+            )
+            metrics = json.loads((central_out / "metrics.json").read_text())
+            row = {
+                "method": "wasi",
+                "epochs": epochs,
+                "lr": lr,
+                "batch_size": central.batch_size,
+                "test_accuracy_by_epoch": [e["test_accuracy"] for e in metrics["epochs"]],
+                "test_accuracy": metrics["epochs"][-1]["test_accuracy"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            centralized.append(row)
+            print("centralized wasi:", json.dumps(row), flush=True)
+        same = next((c for c in centralized if c["lr"] == args.lr), centralized[0])
         for e in results:
             if e["method"] == "wasi":
                 e["points_vs_centralized"] = round(
-                    100 * (e["final_accuracy"] - centralized["test_accuracy"]), 2
+                    100 * (e["final_accuracy"] - same["test_accuracy"]), 2
                 )
-        print("centralized wasi:", json.dumps(centralized), flush=True)
     report = {
         "source": args.source,
         "note": "accuracies meaningless with a random-init source; bytes are exact"
