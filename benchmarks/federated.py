@@ -10,7 +10,12 @@ accuracies are then meaningless (the JSON says so).
 
     PYTHONPATH=$PWD nice -n 10 python benchmarks/federated.py --source random --rounds 1 \
         --max-steps 1 --partitions iid          # bytes per round and RSS only (what ran here)
-    PYTHONPATH=$PWD nice -n 10 python benchmarks/federated.py --rounds 5   # the full benchmark
+    PYTHONPATH=$PWD python benchmarks/federated.py --rounds 12 --max-steps 5 --server-lr 4 \
+        --centralized --central-epochs 3          # bytes, 12 rounds of 5 local steps
+    PYTHONPATH=$PWD python benchmarks/federated.py --batch-size 16 --rounds 234 \
+        --max-steps 1 --lr 0.2 --server-lr 1 --partitions iid --methods wasi --centralized \
+        --central-lrs 0.05,0.1,0.2 --central-batch-size 64 --central-epochs 3
+        # accuracy: as many rounds as centralized steps, each averaging the centralized batch
 """
 
 from __future__ import annotations
