@@ -91,7 +91,8 @@ class CompressConfig(StageConfig):
         calibrate: ``DATA[:N]``: truncate each layer in the metric of its inputs on N samples
             (default 256) of DATA's training split (any finetune data source); held-out samples
             of its test split measure each layer's output error, plain and calibrated.
-        calibrate_seed: which N training samples (a seeded permutation).
+        calibrate_seed: seeds which N training samples calibrate (and the data's own
+            train/test split where it draws one, as finetune's seed does; the same default).
         calibrate_damp: lambda = calibrate_damp * mean diagonal of each input Gram matrix.
         rank_budget: instead of eps, one budget for all targets: the factors may hold this
             fraction of the targets' dense weight parameters (sum O*I), ranks chosen to
@@ -106,7 +107,7 @@ class CompressConfig(StageConfig):
     rank_ratio: float | None = None
     force: bool = False
     calibrate: str | None = None
-    calibrate_seed: int = 0
+    calibrate_seed: int = 233  # finetune's default seed, so both see the same train/test split
     calibrate_damp: float = DEFAULT_DAMP
     rank_budget: float | None = None
 
@@ -122,8 +123,9 @@ class CompressConfig(StageConfig):
             self.eps = check_eps(DEFAULT_EPS if self.eps is None else self.eps, "eps")
         if self.calibrate is not None:
             parse_calibration(self.calibrate)
-        if isinstance(self.calibrate_seed, bool) or not isinstance(self.calibrate_seed, int):
-            raise WasiToolError(f"calibrate_seed must be an integer, got {self.calibrate_seed!r}")
+        seed = self.calibrate_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise WasiToolError(f"calibrate_seed must be an integer >= 0, got {seed!r}")
         self.calibrate_damp = check_damp(self.calibrate_damp)
 
     @property
