@@ -63,7 +63,7 @@ def parse_calibration(spec: str) -> tuple[str, int]:
     needs its N spelled out: ``emoji-lang:300:256``."""
     text = str(spec).strip()
     head, sep, tail = text.rpartition(":")
-    if sep and head and tail.strip().lstrip("+-").isdigit():
+    if sep and tail.strip().lstrip("+-").isdigit():
         data, count = head.strip(), int(tail)
     else:
         data, count = text, DEFAULT_CALIBRATION_SAMPLES
