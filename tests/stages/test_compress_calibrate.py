@@ -145,3 +145,28 @@ def test_stage_end_to_end_records_the_calibration(
         before = result.loaded.model.eval()(x)
         after = load_model(ModelSource(checkpoint=out)).model.eval()(x)
     torch.testing.assert_close(after, before)
+
+
+@pytest.mark.slow
+def test_causal_lm_calibration_leaves_out_right_padding(tmp_path: Path) -> None:
+    from tests.models.llm_fixtures import save_llama_lm
+    from wasi_tool.data.lm import load_lm_data
+    from wasi_tool.models import hf
+    from wasi_tool.training.loss import IGNORE
+
+    src = save_llama_lm(tmp_path / "lm")
+    config = CompressConfig(targets="mlp", calibrate="emoji-translate:40:de:16", calibrate_seed=0)
+    result = run_compress(ModelSource(checkpoint=src), config, tmp_path / "out")
+    record = result.calibration
+    assert record is not None and record["samples"] == 16
+    # the rows counted are the positions up to each sample's last labelled one, not the padding
+    loaded = load_model(ModelSource(checkpoint=src))
+    train = load_lm_data(
+        "emoji-translate:40:de", hf.load_tokenizer(loaded.tokenizer_dir), None, 0.1, 0
+    ).train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:16]
+    labels = train.labels[order]
+    pos = torch.arange(labels.shape[1]).expand_as(labels)
+    last = torch.where(labels != IGNORE, pos, torch.full_like(pos, -1)).amax(dim=1)
+    assert record["rows"] == int((last + 1).sum()) < labels.numel()
+    assert all(r.heldout_calibrated is not None for r in result.report.layers)
