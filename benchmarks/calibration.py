@@ -296,6 +296,12 @@ def measure(
         # --rank-budget at plain's parameter count, over the whitened spectra
         budget = _budget_variant(model, names, cal, damp, wvalues, plain_params, quality)
         variants["calibrated_budget"] = budget
+        # the same greedy on each layer's spectrum over its own total: the summed squared
+        # *relative* output error (layers of large outputs no longer take every rank)
+        relative = {n: v / v.norm() for n, v in wvalues.items()}
+        variants["calibrated_budget_relative"] = _budget_variant(
+            model, names, cal, damp, relative, plain_params, quality
+        )
         out["eps"][str(e)] = {
             "layers": rows,
             "median_plain": _median([r["plain"] for r in rows]),
@@ -373,13 +379,15 @@ def table(name: str, res: dict[str, Any]) -> str:
         "",
         "| eps | median err plain | median err calibrated | median ratio | max ratio | "
         f"<= 0.5 on every target | {metric}: plain | calibrated | calibrated eps rule "
-        "(params) | budget at plain's params |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "(params) | budget at plain's params | budget, relative errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e, r in res["eps"].items():
         v = r["variants"]
         acc = r["acceptance"]
         met = "met" if acc["met"] else f"missed ({len(acc['missed'])}/{len(r['layers'])})"
+        rel_v = v.get("calibrated_budget_relative")
+        rel = "" if rel_v is None else f"{rel_v['quality'][metric]:.4f}"
         lines.append(
             f"| {e} | {r['median_plain']:.3f} | {r['median_calibrated']:.3f} | "
             f"{r['median_ratio']:.3f} | {r['max_ratio']:.3f} | {met} | "
@@ -387,7 +395,7 @@ def table(name: str, res: dict[str, Any]) -> str:
             f"{v['calibrated_eps']['quality'][metric]:.4f} "
             f"({v['calibrated_eps']['target_fraction']:.2f} vs "
             f"{v['plain']['target_fraction']:.2f}) "
-            f"| {v['calibrated_budget']['quality'][metric]:.4f} |"
+            f"| {v['calibrated_budget']['quality'][metric]:.4f} | {rel} |"
         )
     return "\n".join(lines)
 
