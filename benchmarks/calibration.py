@@ -198,7 +198,11 @@ def measure(
     seed: int,
     damp: float,
     quality: Callable[[nn.Module], dict[str, float]],
+    full: bool = True,
+    save: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Errors per target and eps, and the models' quality; ``full`` also evaluates the
+    calibrated eps rule's and the budgets' models; ``save`` gets the partial result per eps."""
     model = loaded.model
     names = select_targets(model, targets)
     cfg = CompressConfig(
@@ -286,22 +290,23 @@ def measure(
         plain_params = params(bucket["plain"])
         variants: dict[str, Any] = {}
         for v in ("plain", "calibrated", "calibrated_eps"):
-            q = _swap_eval(model, bucket[v], quality)
+            q = _swap_eval(model, bucket[v], quality) if full or v != "calibrated_eps" else None
             variants[v] = {
                 "quality": q,
                 "factored": len(bucket[v]),
                 "target_params": params(bucket[v]),
                 "target_fraction": params(bucket[v]) / dense_params,
             }
-        # --rank-budget at plain's parameter count, over the whitened spectra
-        budget = _budget_variant(model, names, cal, damp, wvalues, plain_params, quality)
-        variants["calibrated_budget"] = budget
-        # the same greedy on each layer's spectrum over its own total: the summed squared
-        # *relative* output error (layers of large outputs no longer take every rank)
-        relative = {n: v / v.norm() for n, v in wvalues.items()}
-        variants["calibrated_budget_relative"] = _budget_variant(
-            model, names, cal, damp, relative, plain_params, quality
-        )
+        if full:
+            # --rank-budget at plain's parameter count, over the whitened spectra
+            budget = _budget_variant(model, names, cal, damp, wvalues, plain_params, quality)
+            variants["calibrated_budget"] = budget
+            # the same greedy on each layer's spectrum over its own total: the summed squared
+            # *relative* output error (layers of large outputs no longer take every rank)
+            relative = {n: v / v.norm() for n, v in wvalues.items()}
+            variants["calibrated_budget_relative"] = _budget_variant(
+                model, names, cal, damp, relative, plain_params, quality
+            )
         out["eps"][str(e)] = {
             "layers": rows,
             "median_plain": _median([r["plain"] for r in rows]),
@@ -317,6 +322,8 @@ def measure(
             "variants": variants,
         }
         print(f"[{name}] eps {e}: {_line(out['eps'][str(e)])}", flush=True)
+        if save is not None:
+            save(out)
     return out
 
 
@@ -359,7 +366,9 @@ def _line(r: dict[str, Any]) -> str:
     acc = r["acceptance"]
     v = r["variants"]
     qual = "; ".join(
-        f"{k}: " + ", ".join(f"{m} {x:.4g}" for m, x in v[k]["quality"].items()) for k in v
+        f"{k}: " + ", ".join(f"{m} {x:.4g}" for m, x in v[k]["quality"].items())
+        for k in v
+        if v[k]["quality"] is not None
     )
     return (
         f"median error plain {r['median_plain']:.3f} calibrated {r['median_calibrated']:.3f} "
@@ -386,16 +395,18 @@ def table(name: str, res: dict[str, Any]) -> str:
         v = r["variants"]
         acc = r["acceptance"]
         met = "met" if acc["met"] else f"missed ({len(acc['missed'])}/{len(r['layers'])})"
-        rel_v = v.get("calibrated_budget_relative")
-        rel = "" if rel_v is None else f"{rel_v['quality'][metric]:.4f}"
+
+        def q(key: str, v: dict[str, Any] = v) -> str:
+            found = v.get(key, {}).get("quality")
+            return "not run" if found is None else f"{found[metric]:.4f}"
+
         lines.append(
             f"| {e} | {r['median_plain']:.3f} | {r['median_calibrated']:.3f} | "
             f"{r['median_ratio']:.3f} | {r['max_ratio']:.3f} | {met} | "
-            f"{v['plain']['quality'][metric]:.4f} | {v['calibrated']['quality'][metric]:.4f} | "
-            f"{v['calibrated_eps']['quality'][metric]:.4f} "
+            f"{q('plain')} | {q('calibrated')} | {q('calibrated_eps')} "
             f"({v['calibrated_eps']['target_fraction']:.2f} vs "
-            f"{v['plain']['target_fraction']:.2f}) "
-            f"| {v['calibrated_budget']['quality'][metric]:.4f} | {rel} |"
+            f"{v['plain']['target_fraction']:.2f}) | {q('calibrated_budget')} | "
+            f"{q('calibrated_budget_relative')} |"
         )
     return "\n".join(lines)
 
@@ -411,6 +422,12 @@ def main() -> None:
     ap.add_argument("--damp", type=float, default=DEFAULT_DAMP)
     ap.add_argument("--minilm-data", default="emoji-lang")
     ap.add_argument("--lm-data", default="emoji-translate:300:de")  # benchmarks/llm.py's data
+    ap.add_argument("--lm-samples", type=int, default=None, help="SmolLM2's N (default --samples)")
+    ap.add_argument(
+        "--lm-quick",
+        action="store_true",
+        help="SmolLM2: evaluate only the plain and calibrated models (a busy machine)",
+    )
     ap.add_argument(
         "--merge", type=Path, nargs="*", default=[], help="JSON files of other runs to fold in"
     )
@@ -434,6 +451,11 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     todo = ["vit", "minilm", "smollm2"] if args.only is None else args.only
+
+    def write(models: dict[str, Any]) -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**result, "models": models}, indent=1) + "\n")
+
     for key in todo:
         start = time.perf_counter()
         if key == "vit":
@@ -452,7 +474,18 @@ def main() -> None:
         else:
             loaded = load_model(ModelSource(checkpoint=smollm2_gguf()))
             q = lm_quality(loaded, args.lm_data, 0)
-            res = measure("smollm2", loaded, "mlp", args.lm_data, args.samples, 0, args.damp, q)
+            res = measure(
+                "smollm2",
+                loaded,
+                "mlp",
+                args.lm_data,
+                args.lm_samples or args.samples,
+                0,
+                args.damp,
+                q,
+                full=not args.lm_quick,
+                save=lambda partial: write({**result["models"], "smollm2": partial}),
+            )
         res["seconds"] = round(time.perf_counter() - start, 1)
         result["models"][key] = res
         args.json.parent.mkdir(parents=True, exist_ok=True)
