@@ -428,6 +428,7 @@ def main() -> None:
         action="store_true",
         help="SmolLM2: evaluate only the plain and calibrated models (a busy machine)",
     )
+    ap.add_argument("--quick", action="store_true", help="--lm-quick for every model")
     ap.add_argument(
         "--merge", type=Path, nargs="*", default=[], help="JSON files of other runs to fold in"
     )
@@ -461,15 +462,24 @@ def main() -> None:
         if key == "vit":
             art = vit_artifact(args.vit_checkpoint)
             loaded = load_model(ModelSource(checkpoint=art))
+            q = vit_quality(loaded)
             res = measure(
-                "vit", loaded, "all", str(CIFAR), args.samples, 0, args.damp, vit_quality(loaded)
+                "vit", loaded, "all", str(CIFAR), args.samples, 0, args.damp, q, full=not args.quick
             )
             res["checkpoint"] = str(art)
         elif key == "minilm":
             loaded = load_model(ModelSource(checkpoint=minilm_dir()))
             q = minilm_quality(loaded, args.minilm_data, 0)
             res = measure(
-                "minilm", loaded, "mlp,attn", args.minilm_data, args.samples, 0, args.damp, q
+                "minilm",
+                loaded,
+                "mlp,attn",
+                args.minilm_data,
+                args.samples,
+                0,
+                args.damp,
+                q,
+                full=not args.quick,
             )
         else:
             loaded = load_model(ModelSource(checkpoint=smollm2_gguf()))
@@ -483,7 +493,7 @@ def main() -> None:
                 0,
                 args.damp,
                 q,
-                full=not args.lm_quick,
+                full=not (args.lm_quick or args.quick),
                 save=lambda partial: write({**result["models"], "smollm2": partial}),
             )
         res["seconds"] = round(time.perf_counter() - start, 1)
