@@ -73,6 +73,13 @@ CIFAR = ROOT.parent / "shared" / "data" / "cifar10_subset.npz"
 RECIPE = ROOT / "pipelines" / "cifar5_pretrain.toml"
 LEAD_FULL = Path("/work/main/runs/cifar5full/pretrain")
 EPS_GRID = (0.6, 0.8, 0.9)
+# pipelines/cifar5_pretrain.toml's model, for --vit-checkpoint given as a weights file
+VIT_ARCH = {
+    "arch": "vit_tiny_patch16_224",
+    "img_size": 32,
+    "num_classes": 5,
+    "model_kwargs": {"patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 4},
+}
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -417,7 +424,12 @@ def main() -> None:
     ap.add_argument(
         "--only", nargs="*", choices=("vit", "minilm", "smollm2"), help="(none: only print)"
     )
-    ap.add_argument("--vit-checkpoint", type=Path, default=None)
+    ap.add_argument(
+        "--vit-checkpoint",
+        type=Path,
+        default=None,
+        help="the ViT's artifact, or a .safetensors of its weights (the recipe's architecture)",
+    )
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--damp", type=float, default=DEFAULT_DAMP)
     ap.add_argument("--minilm-data", default="emoji-lang")
@@ -461,7 +473,10 @@ def main() -> None:
         start = time.perf_counter()
         if key == "vit":
             art = vit_artifact(args.vit_checkpoint)
-            loaded = load_model(ModelSource(checkpoint=art))
+            if art.is_file():  # weights alone (a state dict): the recipe's architecture
+                loaded = load_model(ModelSource(checkpoint=art, **VIT_ARCH))  # type: ignore[arg-type]
+            else:
+                loaded = load_model(ModelSource(checkpoint=art))
             q = vit_quality(loaded)
             res = measure(
                 "vit", loaded, "all", str(CIFAR), args.samples, 0, args.damp, q, full=not args.quick
