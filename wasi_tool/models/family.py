@@ -41,6 +41,10 @@ class InputSpec:
     interpolation: str = "bilinear"
 
 
+CLASSIFIER = "classifier"
+CAUSAL_LM = "causal-lm"
+
+
 class ModelFamily:
     """Base adapter; subclasses override what differs."""
 
@@ -50,6 +54,11 @@ class ModelFamily:
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
+
+    def task(self, model: nn.Module) -> str:
+        """What the model is trained for: ``CLASSIFIER`` (a head fitted to the data's classes)
+        or ``CAUSAL_LM`` (next-token prediction; its vocabulary head is kept)."""
+        return CLASSIFIER
 
     def blocks(self, model: nn.Module) -> list[str]:
         """Names of the transformer blocks in execution order ([] if none are known)."""
@@ -186,6 +195,9 @@ class HFText(ModelFamily):
     def matches(self, model: nn.Module) -> bool:
         return hf.is_hf(model)
 
+    def task(self, model: nn.Module) -> str:
+        return CAUSAL_LM if hf.is_causal_lm(model) else CLASSIFIER
+
     def blocks(self, model: nn.Module) -> list[str]:
         for path in self.block_lists:
             found = _module_list(model, path)
@@ -319,6 +331,11 @@ def family_of(model: nn.Module) -> ModelFamily:
         if family.matches(model):
             return family
     raise WasiToolError(f"no model family knows {type(model).__name__}")
+
+
+def task_of(model: nn.Module) -> str:
+    """``CLASSIFIER`` or ``CAUSAL_LM``: what ``model``'s family says it is trained for."""
+    return family_of(model).task(model)
 
 
 def all_presets() -> dict[str, tuple[str, ...]]:

@@ -1,25 +1,21 @@
-"""Turning a loaded model into its method's training model (finetune and bench share it)."""
+"""Turning a model into its method's training model (training/session.py calls it)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import LayerOptions, get_method, prepare_
-from wasi_tool.methods.calibrate import capture, ranks_under_budget, streamed_ranks_by_eps
 from wasi_tool.models.family import family_of
 from wasi_tool.models.targets import select_targets
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.lossy import lossy_modules, store_lossy_
 from wasi_tool.nn.recompute import recompute_
 from wasi_tool.training.config import FinetuneConfig
-from wasi_tool.training.loss import task_loss
 from wasi_tool.transforms.compress import CompressConfig, compress_
 
 Ranks = dict[str, tuple[int, ...]]
@@ -98,35 +94,3 @@ def prepare_for_training(
         store_lossy_(model, names, config.lossy)
         note(f"lossy storage {config.lossy}: {len(names)} norms and GELUs")
     return Prepared(targets, ranks, calibration, plan, report)
-
-
-def calibrated_ranks(
-    model: nn.Module,
-    targets: list[str],
-    config: FinetuneConfig,
-    batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[Ranks, dict[str, Any]]:
-    """Activation ranks by the config's rule: explicit, energy (``act_eps``) or gradient error
-    under a memory budget (``act_budget_mb``), on one calibration ``batch()``."""
-    if config.act_ranks is not None:
-        return {n: tuple(config.act_ranks) for n in targets}, {"rule": "explicit"}
-    x, y = batch()
-    start = time.perf_counter()
-    info: dict[str, Any]
-    if config.act_budget_mb is not None:
-        captured = capture(model, targets, x, y, task_loss)
-        choice = ranks_under_budget(captured, config.act_budget_mb)
-        info = {
-            "rule": "budget",
-            "budget_mib": config.act_budget_mb,
-            "memory_mib": choice.memory_mb,
-            "summed_gradient_error": choice.error,
-            "eps_per_layer": choice.eps,
-        }
-        ranks = choice.ranks
-    else:
-        assert config.act_eps is not None
-        ranks = streamed_ranks_by_eps(model, targets, x, config.act_eps)
-        info = {"rule": "eps", "act_eps": config.act_eps}
-    info.update(batch=len(y), seconds=round(time.perf_counter() - start, 3))
-    return ranks, info
