@@ -27,22 +27,21 @@ from wasi_tool.allocator import check_allocator, worker_env
 from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.options import BaselineOptions
-from wasi_tool.models.targets import check_patterns
-from wasi_tool.ops import DEFAULT_EPS
 from wasi_tool.safe_read import read_json
 from wasi_tool.threads import check_threads, use_threads
-from wasi_tool.training.config import FinetuneConfig
+from wasi_tool.training.config import FinetuneConfig, TrainSettings
 
 SCHEMA = "wasi-tool-bench-train/2"
 
 
 @register_config
 @dataclass
-class TrainBenchConfig(StageConfig, BaselineOptions):
-    """One training-step measurement (the model source fields mirror ModelSource).
+class TrainBenchConfig(StageConfig, BaselineOptions, TrainSettings):
+    """One training-step measurement: the training settings finetune takes (TrainSettings,
+    BaselineOptions: declared once, with finetune's defaults), the model source (its fields
+    mirror ModelSource) and the bench's own step counts, allocator and threads.
 
-    ``method`` may name several methods, comma-separated; each runs in a fresh process. The
-    step defaults here are the only ones: the CLI and recipes read them from this class.
+    ``method`` may name several methods, comma-separated; each runs in a fresh process.
     """
 
     stage: ClassVar[str] = "bench-train"
@@ -52,49 +51,28 @@ class TrainBenchConfig(StageConfig, BaselineOptions):
     num_classes: int | None = None
     img_size: int | None = None
     random_init: bool = False
-    method: str = "wasi"
-    targets: str | None = None
-    eps: float = DEFAULT_EPS
-    act_ranks: list[int] | None = None
     # per target layer, e.g. the ranks a fine-tune calibrated (``settings_of``); wins over
     # ``act_ranks``; ``settings_from`` says where they came from (the tables print it)
     act_ranks_by_layer: dict[str, list[int]] | None = None
     settings_from: str | None = None
-    batch_size: int = 32
-    seq_len: int = 128  # tokens per input of a text model
     steps: int = 20
     warmup: int = 3
-    seed: int = 0
-    memory_mode: str = "off"
-    memory_budget: str | None = None
-    lossy: str = "off"
     allocator: str = "auto"  # the workers' allocator (wasi_tool/allocator.py)
     threads: int | None = None  # torch's threads in each worker (None: one per core)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
-            raise WasiToolError("batch size and steps must be >= 1, warm-up >= 0")
+        if self.steps < 1 or self.warmup < 0:
+            raise WasiToolError("steps must be >= 1, warm-up >= 0")
         check_allocator(self.allocator)
         check_threads(self.threads)
         self.check_baselines()
-        check_patterns(self.targets, "targets")
-
-    @property
-    def saves_memory(self) -> bool:
-        return self.memory_mode != "off" or self.memory_budget is not None or self.lossy != "off"
+        self.check_settings()
 
     def method_config(self, method: str | None = None) -> FinetuneConfig:
         """The training settings of ``method`` (default: this config's) for these fields."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)}
         return FinetuneConfig(
-            method=method or self.method,
-            targets=self.targets,
-            eps=self.eps,
-            act_ranks=self.act_ranks,
-            seed=self.seed,
-            memory_mode=self.memory_mode,
-            memory_budget=self.memory_budget,
-            lossy=self.lossy,
-            **self.baseline_options(),
+            **{**shared, "method": method or self.method}, **self.baseline_options()
         )
 
 

@@ -49,6 +49,8 @@ class ModelFamily:
     """Base adapter; subclasses override what differs."""
 
     name: ClassVar[str] = "base"
+    # its inputs are text through a tokenizer (check inputs, data come from wasi_tool.data.text)
+    reads_text: ClassVar[bool] = False
     presets: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     final_norms: ClassVar[tuple[str, ...]] = ()
 
@@ -167,6 +169,7 @@ class HFText(ModelFamily):
     """Hugging Face text models (BERT family, Llama family) loaded as sequence classifiers."""
 
     name = "hf"
+    reads_text = True
     # Block outputs of BERT-family encoders: "layer.<n>.output.dense", not the attention's
     # "layer.<n>.attention.output.dense" (a "*" would span the dots).
     presets: ClassVar[Mapping[str, tuple[str, ...]]] = {
