@@ -238,3 +238,19 @@ def test_recompute_replays_the_recorded_draw() -> None:
         out = base(x32)
     out.backward(dy.float())
     assert meter.total - meter0.total == residual_saved_bytes(4, X_SHAPE[-1], 4)
+
+
+def test_wasi_update_applies_the_stacked_residual_factors() -> None:
+    """At full weight rank the WSI step is the dense SGD step with G = P U^T + Q V^T."""
+    torch.manual_seed(0)
+    fact = FactoredLinear.from_linear(nn.Linear(X_SHAPE[-1], OUT), OUT).double()
+    layer = WASILinear.from_factored(fact, RANKS, seed=2, act_residual_rows=5).train()
+    x, dy = _inputs(0)
+    before = (layer.L @ layer.R).detach().clone()
+    layer(x).backward(dy)
+    assert layer.sink.p is not None and layer.sink.u is not None and not layer.sink.orthonormal
+    assert layer.sink.p.shape[1] == RANKS[-1] + 5  # the Tucker factor and the 5 sampled rows
+    grad = layer.sink.p @ layer.sink.u.T
+    layer.subspace_step(lr=0.1, weight_decay=0.01)
+    torch.testing.assert_close(layer.L @ layer.R, (1 - 0.1 * 0.01) * before - 0.1 * grad)
+    assert layer.sink.p is None and layer.sink.orthonormal
