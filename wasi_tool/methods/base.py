@@ -95,6 +95,7 @@ class LayerOptions:
     form: UpdateForm = "projection"
     act_order: str = "sequential"
     seed: int = 0
+    act_residual_rows: int = 0  # asi/wasi: sampled residual rows for an unbiased dW (0: off)
 
 
 class Method:
