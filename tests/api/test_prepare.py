@@ -17,7 +17,6 @@ from wasi_tool.nn.subspace import WASILinear
 
 from .models import TinyViT
 
-
 # the plain SGD these tests compare with: prepare's defaults are finetune's recipe (weight decay
 # 1e-4, clip 2.0), so they are turned off here
 PLAIN = {"weight_decay": 0.0, "clip": None, "verbose": False}

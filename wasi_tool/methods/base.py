@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.methods.optim import NonFiniteGradient, SubspaceSGD, first_non_finite_grad
+from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.lossy import undo_lossy_
 from wasi_tool.nn.recompute import undo_recompute_
 from wasi_tool.nn.subspace import to_plain_

@@ -94,6 +94,9 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
             many MiB of saved activations (dynamic programming on a calibration batch).
             Without any of the three, act_eps = eps.
         act_order: ASI mode order, "sequential" (one HOOI sweep) or "parallel" (reference).
+        act_residual_rows: asi/wasi: m sampled rows of the activation's residual A - A~ kept
+            per layer, scaled so that the weight gradient is unbiased (an experiment,
+            docs/unbiased.md: it measured worse than plain ASI at the same memory; 0: off).
         update_form: WSI update, "projection" (R' = L'^T W') or "paper" (R' = L^T W').
         epochs, batch_size, lr, lr_min, momentum, weight_decay, clip, seed: the recipe; the
             learning rate follows a cosine from lr to lr_min over all steps.
@@ -125,6 +128,7 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
     act_eps: float | None = None
     act_budget_mb: float | None = None
     act_order: str = "sequential"
+    act_residual_rows: int = 0
     update_form: str = "projection"
     epochs: int = 5
     lr: float = 0.05
@@ -153,6 +157,8 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
             self.act_eps = self.eps
         if self.act_budget_mb is not None and not self.act_budget_mb > 0:
             raise WasiToolError(f"act_budget_mb must be positive, got {self.act_budget_mb}")
+        if int(self.act_residual_rows) < 0:
+            raise WasiToolError(f"act_residual_rows must be >= 0, got {self.act_residual_rows}")
         if self.act_order not in ASI_ORDERS:
             raise WasiToolError(f"act_order must be one of {ASI_ORDERS}, got {self.act_order!r}")
         if self.update_form not in UPDATE_FORMS:

@@ -8,14 +8,11 @@ from typing import Any
 
 from torch import nn
 
-from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import LayerOptions, get_method, prepare_
-from wasi_tool.models.family import family_of
 from wasi_tool.models.targets import select_targets
 from wasi_tool.nn.factored import FactoredLinear
-from wasi_tool.nn.lossy import lossy_modules, store_lossy_
-from wasi_tool.nn.recompute import recompute_
 from wasi_tool.training.config import FinetuneConfig
+from wasi_tool.training.memory import apply_memory_mode_
 from wasi_tool.transforms.compress import CompressConfig, compress_
 
 Ranks = dict[str, tuple[int, ...]]
@@ -73,24 +70,16 @@ def prepare_for_training(
             config.update_form,  # type: ignore[arg-type]
             config.act_order,
             config.seed + k,
+            int(config.act_residual_rows),
         )
         for k, n in enumerate(targets)
     }
     prepare_(model, method, targets, options)
     method.after_swap(model, targets, config, plan, note)
-    if config.memory_mode != "off":
-        regions = family_of(model).regions(model, config.memory_mode)
-        if not regions:
-            raise WasiToolError(
-                f"memory_mode {config.memory_mode}: this model has no {config.memory_mode} "
-                "regions to recompute"
-            )
-        for name in regions:
-            recompute_(model.get_submodule(name))
+    lossy = config.lossy if config.memory_budget is None else "off"  # a budget's plan decides
+    regions, lossy_names = apply_memory_mode_(model, config.memory_mode, lossy)
+    if regions:
         note(f"memory mode {config.memory_mode}: {len(regions)} regions recompute in backward")
-    if config.lossy != "off" and config.memory_budget is None:  # a budget's plan decides
-        family = family_of(model)
-        names = lossy_modules(model, family.blocks(model))
-        store_lossy_(model, names, config.lossy)
-        note(f"lossy storage {config.lossy}: {len(names)} norms and GELUs")
+    if lossy_names:
+        note(f"lossy storage {config.lossy}: {len(lossy_names)} norms and GELUs")
     return Prepared(targets, ranks, calibration, plan, report)
