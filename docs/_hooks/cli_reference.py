@@ -62,7 +62,7 @@ def _default(param: click.Parameter, ctx: click.Context) -> str:
     if param.required:
         return "required"
     if isinstance(param, click.Option) and param.is_flag and param.secondary_opts:
-        return _code(param.opts[-1] if param.default else param.secondary_opts[-1])
+        return "on" if param.default else "off"
     if param.default is None or param.default == () or param.default == []:
         return ""
     if isinstance(param, click.Option) and param.is_flag:
