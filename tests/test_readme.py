@@ -52,3 +52,27 @@ def test_the_readme_own_loop_example_runs_verbatim(capsys: pytest.CaptureFixture
         layer = model.get_submodule(name)
         assert isinstance(layer, WASILinear), name
     assert capsys.readouterr().out == ""  # the library prints nothing
+
+
+def test_the_readme_cli_quickstart_parses_with_the_app() -> None:
+    """Every `wasi-tool ...` line of the CLI quickstart names a command and flags the app has
+    (parsed by the app itself, not run)."""
+    import shlex
+
+    import click
+    import typer
+
+    from wasi_tool.cli.app import app
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, click.Group)
+    section = README.read_text().split("## Quickstart: the command line", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    lines = [line.split("#")[0] for line in section.splitlines() if line.startswith("wasi-tool ")]
+    assert len(lines) >= 6
+    for line in lines:
+        name, *args = shlex.split(line)[1:]
+        assert name in group.commands, line
+        command = group.commands[name]
+        parent = click.Context(group, info_name="wasi-tool")
+        command.make_context(name, args, parent=parent)  # a bad flag raises click.UsageError
