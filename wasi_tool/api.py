@@ -126,6 +126,7 @@ def prepare(
     update_form: str = _RECIPE["update_form"],
     memory_mode: str = _RECIPE["memory_mode"],
     memory_budget: str | None = None,
+    calibrate: bool = False,
     seed: int = 0,
     verbose: bool = True,
     **baseline: Any,
@@ -147,6 +148,9 @@ def prepare(
             "attn": the model's repeated blocks, or those halves of them), exactly.
         memory_budget: the step's whole-process peak, e.g. "1.2GB": the planner picks the
             least recompute that fits, probed on ``example_input`` (required then).
+        calibrate: factor dense wsi/wasi targets in the metric of their inputs on
+            ``example_input`` (required then; SVD-LLM's whitening, as ``compress --calibrate``)
+            instead of by plain SVD.
         baseline: lora_rank, lora_alpha, lora_dropout, bsr_blocks, drop_at, keep_rate, fuse.
 
     The report (``PrepareReport``) is ``model.wasi_prepared``; it goes to the ``wasi_tool``
@@ -165,6 +169,8 @@ def prepare(
     )
     if memory_budget is not None and example_input is None:
         raise WasiToolError("memory_budget plans on a batch: pass example_input=<a training batch>")
+    if calibrate and example_input is None:
+        raise WasiToolError("calibrate factors on real inputs: pass example_input=<a batch>")
     config = FinetuneConfig(
         method=spec.name,
         targets=",".join(names),
@@ -180,6 +186,7 @@ def prepare(
         update_form=update_form,
         memory_mode=memory_mode,
         memory_budget=memory_budget,
+        calibrate=len(example_input) if calibrate and example_input is not None else None,
         seed=seed,
         **baseline,
     )
@@ -189,7 +196,13 @@ def prepare(
         assert example_input is not None
         return example_input, torch.zeros(len(example_input), dtype=torch.long)
 
-    session = prepare_session(model, config, batch, note=notes.append)
+    def grams(chosen: list[str]) -> dict[str, Any]:
+        from wasi_tool.methods.calibrate import calibrate_grams
+
+        assert example_input is not None
+        return calibrate_grams(model, chosen, [example_input])
+
+    session = prepare_session(model, config, batch, grams=grams, note=notes.append)
     prepared = session.prepared
     notes += fast_paths_given_up(model)
     if spec.factored_weight:

@@ -205,3 +205,32 @@ def test_lora_prepares_and_trains_adapters_only() -> None:
     F.cross_entropy(model.train()(x), y).backward()
     opt.step()
     assert torch.equal(frozen, model.encoder.layers[0].linear1.base_layer.weight)
+
+
+def test_calibrated_factoring_keeps_the_outputs_on_the_example_better() -> None:
+    """calibrate=True truncates each dense target in the metric of its inputs on the example:
+    on those inputs its output error is at most plain SVD's at the same eps (per layer)."""
+    x = _data(5, batch=16)[0]
+    dense = _model()
+    name = "encoder.layers.0.linear1"
+    inputs = {}
+    def keep(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        inputs.setdefault("x", args[0].detach().flatten(0, 1))
+
+    hook = dense.get_submodule(name).register_forward_pre_hook(keep)
+    with torch.no_grad():
+        dense.train()(x)  # train mode: the fused eval kernel would not call linear1 (no dropout)
+    hook.remove()
+    w = dense.get_submodule(name).weight.detach()
+    errors = {}
+    for calibrate in (False, True):
+        model, _ = wasi_tool.prepare(
+            copy.deepcopy(dense), "wsi", "mlp", eps=0.5, example_input=x, calibrate=calibrate,
+            verbose=False,
+        )  # fmt: skip
+        layer = model.get_submodule(name)
+        approx = (layer.L @ layer.R).detach()
+        errors[calibrate] = float(torch.linalg.norm(inputs["x"] @ (w - approx).T))
+    assert errors[True] <= errors[False] * (1 + 1e-9)
+    with pytest.raises(WasiToolError, match="example_input"):
+        wasi_tool.prepare(_model(), "wsi", "mlp", calibrate=True, verbose=False)

@@ -3,6 +3,7 @@ settings, and the rank rules are named once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,21 @@ def test_per_layer_ranks_must_cover_every_target() -> None:
             torch.nn.Linear(2, 2), ["a", "b"], cfg, lambda: (torch.zeros(1), torch.zeros(1)),
             "per-layer", {"a": [1, 1, 1]}, "runs/x",
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_finetune_factors_dense_targets_on_its_own_training_data(tmp_path: Path) -> None:
+    """--calibrate N: the dense targets are factored in the metric of N training inputs, and
+    the artifact's compress record says so."""
+    from wasi_tool.models.loading import ModelSource
+    from wasi_tool.stages.finetune import run_finetune
+
+    src = ModelSource(arch="vit_tiny_patch16_224", img_size=32, random_init=True, seed=0)
+    cfg = FinetuneConfig(
+        method="wsi", targets="mlp", eps=0.6, calibrate=16, epochs=1, batch_size=8, max_steps=1
+    )
+    ft = run_finetune(src, "digits", cfg, tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    compress = next(s for s in manifest["stages"] if s["stage"] == "compress")
+    assert compress["config"]["calibrate"] == "training data:16"
+    assert ft.metrics.config["calibrate"] == 16

@@ -64,6 +64,13 @@ def finetune(
     act_ranks: Annotated[
         str | None, typer.Option(help="Activation ranks per mode, e.g. 16,12,32 (B,N,C).")
     ] = None,
+    calibrate: Annotated[
+        int | None,
+        typer.Option(
+            help="Factor dense wsi/wasi targets in the metric of their inputs on N training "
+            "samples (as compress --calibrate) instead of by plain SVD."
+        ),
+    ] = default(F, "calibrate"),
     act_eps: Annotated[
         float | None, typer.Option(help="Activation ranks by energy on a calibration batch.")
     ] = default(F, "act_eps"),
@@ -163,6 +170,7 @@ def finetune(
             targets=targets,
             eps=eps,
             act_ranks=_ints(act_ranks, "--act-ranks"),
+            calibrate=calibrate,
             act_eps=act_eps,
             act_budget_mb=act_budget_mb,
             act_order=act_order,

@@ -88,6 +88,9 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
         targets: layers the method acts on: a preset or globs as in compress; by default the
             model's factored layers, or the MLP linears when it has none.
         eps: weight rank rule for wsi/wasi targets that are still dense (factored first).
+        calibrate: factor those dense targets in the metric of their inputs on this many
+            training samples (SVD-LLM's whitening, as ``compress --calibrate``: eps then
+            keeps that share of the output energy); None: plain SVD.
         act_ranks: explicit per-mode activation ranks, e.g. [16, 12, 32] for (B, N, C).
         act_eps: activation ranks by the energy rule on a calibration batch (HOSVD).
         act_budget_mb: per-layer activation ranks minimising the gradient error within this
@@ -125,6 +128,7 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
 
     stage: ClassVar[str] = "finetune"
 
+    calibrate: int | None = None
     act_eps: float | None = None
     act_budget_mb: float | None = None
     act_order: str = "sequential"
@@ -157,6 +161,8 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
             self.act_eps = self.eps
         if self.act_budget_mb is not None and not self.act_budget_mb > 0:
             raise WasiToolError(f"act_budget_mb must be positive, got {self.act_budget_mb}")
+        if self.calibrate is not None and int(self.calibrate) < 1:
+            raise WasiToolError(f"calibrate takes a sample count >= 1, got {self.calibrate}")
         if int(self.act_residual_rows) < 0:
             raise WasiToolError(f"act_residual_rows must be >= 0, got {self.act_residual_rows}")
         if self.act_order not in ASI_ORDERS:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import LayerOptions, get_method, prepare_
 from wasi_tool.models.targets import select_targets
 from wasi_tool.nn.factored import FactoredLinear
@@ -17,6 +18,8 @@ from wasi_tool.transforms.compress import CompressConfig, compress_
 
 Ranks = dict[str, tuple[int, ...]]
 RankRule = Callable[[list[str]], tuple[Ranks, dict[str, Any] | None]]
+# the input Gram matrices of the named layers on calibration data (methods.calibrate)
+GramRule = Callable[[list[str]], Mapping[str, Any]]
 
 
 @dataclass
@@ -43,6 +46,7 @@ def prepare_for_training(
     config: FinetuneConfig,
     act_ranks: RankRule,
     note: Callable[[str], None] = lambda message: None,
+    grams: GramRule | None = None,
 ) -> Prepared:
     """Turn ``model`` into the method's training model, in place.
 
@@ -60,9 +64,23 @@ def prepare_for_training(
     if method.factored_weight:
         dense = [n for n in targets if not isinstance(model.get_submodule(n), FactoredLinear)]
         if dense:
-            cfg = CompressConfig(targets=",".join(dense), eps=config.eps, force=True)
-            report = compress_(model, cfg).to_dict()
-            note(f"factored {len(dense)} dense target(s) at eps {config.eps}")
+            how = f"eps {config.eps}"
+            found = None
+            calibrate = None
+            if config.calibrate is not None:
+                if grams is None:
+                    raise WasiToolError(
+                        "calibrate: factoring in the metric of the inputs needs training data "
+                        "(finetune has it; wasi_tool.prepare needs example_input)"
+                    )
+                found = grams(dense)
+                calibrate = f"training data:{config.calibrate}"
+                how += f", calibrated on {config.calibrate} training samples"
+            cfg = CompressConfig(
+                targets=",".join(dense), eps=config.eps, force=True, calibrate=calibrate
+            )
+            report = compress_(model, cfg, grams=found).to_dict()
+            note(f"factored {len(dense)} dense target(s) at {how}")
     ranks, calibration = act_ranks(targets) if method.compressed_activations else ({}, None)
     options = {
         n: LayerOptions(

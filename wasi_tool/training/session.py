@@ -35,18 +35,20 @@ from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import library_floor
 from wasi_tool.methods import Method, get_method
 from wasi_tool.methods.calibrate import (
+    calibrate_grams,
     capture,
     map_inputs,
     ranks_under_budget,
+    row_mask,
     streamed_ranks_by_eps,
 )
 from wasi_tool.models.family import CAUSAL_LM, task_of
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.training.config import FinetuneConfig
-from wasi_tool.training.loop import first_batch
-from wasi_tool.training.loss import task_loss
+from wasi_tool.training.loop import epoch_order, first_batch, loader
+from wasi_tool.training.loss import IGNORE, task_loss
 from wasi_tool.training.plan import MemoryPlan, parse_size, plan_memory, plan_table
-from wasi_tool.training.prepare import Prepared, prepare_for_training
+from wasi_tool.training.prepare import GramRule, Prepared, prepare_for_training
 
 Ranks = dict[str, tuple[int, ...]]
 Batch = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -190,11 +192,14 @@ def prepare_session(
     transform: Any = None,
     splits: DataSplits | None = None,
     floor: int | None = None,
+    grams: GramRule | None = None,
     note: Note = _quiet,
 ) -> Session:
     """Prepare ``model`` (in place) for ``config.method``: ranks by ``rule`` (default: the one
-    the config names, ``rule_of``), the method's layers, the memory mode, the memory plan
-    under ``memory_budget`` (probed on ``batch()``) and the method's optimiser."""
+    the config names, ``rule_of``), the method's layers (dense wsi/wasi targets factored,
+    in the metric of their inputs on ``grams`` when ``config.calibrate``), the memory mode,
+    the memory plan under ``memory_budget`` (probed on ``batch()``) and the method's
+    optimiser."""
     method = get_method(config.method)
     rule = rule or rule_of(config, by_layer)
 
@@ -204,7 +209,7 @@ def prepare_session(
             note(f"activation ranks by {info['rule']} on one batch of {info['batch']}")
         return found, info
 
-    prepared = prepare_for_training(model, config, ranks, note)
+    prepared = prepare_for_training(model, config, ranks, note, grams)
     plan = None
     if config.memory_budget is not None:
         x, y = batch()
@@ -292,6 +297,9 @@ def build_session(
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         return first_batch(train_set, config, transform)
 
+    def grams(names: list[str]) -> Mapping[str, Any]:
+        return training_grams(loaded.model, names, train_set, config, transform)
+
     return prepare_session(
         loaded.model,
         config,
@@ -300,8 +308,26 @@ def build_session(
         transform=transform,
         splits=splits,
         floor=floor,
+        grams=grams,
         note=note,
     )
+
+
+def training_grams(
+    model: nn.Module, names: list[str], train_set: Any, config: FinetuneConfig, transform: Any
+) -> Mapping[str, Any]:
+    """The named layers' input Gram matrices on the first ``config.calibrate`` training
+    samples in epoch 0's order (the run's own data; padding rows left out), streamed."""
+    assert config.calibrate is not None
+    count = min(int(config.calibrate), len(train_set))
+    order = epoch_order(len(train_set), config.seed, 0)[:count]
+
+    def batches() -> Any:
+        for images, labels in loader(train_set, config.batch_size, order):
+            x = transform(images)
+            yield x, row_mask(model, x, labels, IGNORE)
+
+    return calibrate_grams(model, names, batches())
 
 
 def calibrate_on_first_batch_(
