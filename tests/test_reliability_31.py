@@ -351,6 +351,21 @@ def test_manifest_bound_work_is_capped(art: Path) -> None:
             artifacts.validate_manifest({**manifest, key: value})
 
 
+def test_info_at_the_layer_cap_shows_a_bounded_table(art: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "c"
+    copy.mkdir()
+    for p in art.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    manifest = json.loads((art / "manifest.json").read_text())
+    layer = {"name": "blocks.0.mlp.fc1", "out_features": 8, "in_features": 8, "rank": 2}
+    manifest["layers"] = [layer] * artifacts.MAX_LAYERS
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(app, ["info", str(copy), "--json", str(tmp_path / "i.json")])
+    assert result.exit_code == 0, result.output
+    assert f"and {artifacts.MAX_LAYERS - 500} more layers (all of them in --json)" in result.output
+    assert len(json.loads((tmp_path / "i.json").read_text())["layers"]) == artifacts.MAX_LAYERS
+
+
 # -- 3. federated inputs -----------------------------------------------------------------------
 
 

@@ -58,6 +58,8 @@ def status(message: str) -> Iterator[None]:
 # The parameters through which a command writes: every other parameter that names an existing
 # file or directory is an input, which no output may overwrite (artifacts.command_inputs).
 OUTPUT_PARAMS = {"out": "dir", "json_path": "file", "predictions": "file"}
+# Commands whose --out is a folder they write into, never replace as a whole (run's stages).
+CONTAINER_OUT = {"run"}
 
 
 def _command_io() -> tuple[list[Any], dict[str, Any]]:
@@ -73,12 +75,16 @@ def _command_io() -> tuple[list[Any], dict[str, Any]]:
                 inputs.append(item)
     # typer converts a Path parameter when it calls the command; the context holds the text
     outputs = {k: Path(params[k]) for k in OUTPUT_PARAMS if isinstance(params.get(k), str | Path)}
+    if ctx is not None and ctx.info_name in CONTAINER_OUT and "out" in outputs:
+        outputs["out_folder"] = outputs.pop("out")
     return inputs, outputs
 
 
 def _check_outputs(outputs: dict[str, Any]) -> None:
     for name, path in outputs.items():
-        if OUTPUT_PARAMS[name] == "dir":
+        if name == "out_folder":  # written into: each output inside it is checked as written
+            artifacts.check_output_path(path)
+        elif OUTPUT_PARAMS[name] == "dir":
             artifacts.check_output_path(path, directory=True)
         elif not is_stdout(path):
             artifacts.check_output_file(path)
