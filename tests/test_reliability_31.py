@@ -264,6 +264,9 @@ class _Recording:
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
         return self.tokenizer.apply_chat_template(*args, **kwargs)
 
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.decode(*args, **kwargs)
+
 
 def test_text_is_cut_before_it_reaches_the_tokenizer(
     lm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -274,7 +277,7 @@ def test_text_is_cut_before_it_reaches_the_tokenizer(
     tok = hf.load_tokenizer(lm_dir)
     rec = _Recording(tok)
     rows = [
-        {"prompt": "cat", "response": "grinning face " * 150_000},  # 2 MB
+        {"prompt": "cat", "response": "grinning face " * 22_000},  # 300 KB: more than 4 pieces
         {"prompt": "dog", "response": "hund"},
         {"prompt": "fish", "response": "fisch"},
     ]
@@ -282,6 +285,8 @@ def test_text_is_cut_before_it_reaches_the_tokenizer(
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     splits = lm.load_lm_data(data, rec, seq_len=32, val_fraction=0.3)
     assert rec.longest <= lm.PIECE_CHARS * 4
+    answers = [*splits.train.answers, *splits.test.answers]  # type: ignore[attr-defined]
+    assert "hund" in answers and max(map(len, answers)) < 1000  # the long answer is cut too
     # the cut changes nothing: the same ids as tokenizing each text whole (the old way)
 
     def whole(tokenizer: Any, text: str, count: int, add_special_tokens: bool = False) -> Any:

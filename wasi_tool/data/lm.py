@@ -242,13 +242,15 @@ def encode_examples(
         # both cut before tokenizing: a prompt longer than seq_len drops the example anyway,
         # and no more of the response than fits after the prompt is ever used
         p = prompt_ids(tokenizer, ex.prompt, seq_len)
-        r = [*token_prefix(tokenizer, ex.response, max(0, seq_len + 1 - len(p)))[0], eos]
-        full = (p + r)[: seq_len + 1]
+        kept, more = token_prefix(tokenizer, ex.response, max(0, seq_len + 1 - len(p)))
+        full = [*p, *kept, eos][: seq_len + 1]
         if len(full) <= len(p):
             continue
         rows.append((full, len(p)))
         prompts.append(p)
-        answers.append(ex.response)
+        # the reference answer is what the example trains on: a response cut at seq_len is
+        # cut here too (exact match never tokenizes or generates past what fits)
+        answers.append(tokenizer.decode(kept, skip_special_tokens=True) if more else ex.response)
     if not rows:
         raise WasiToolError(f"{what}: no example fits in {seq_len} tokens with its response")
     length = seq_len if fixed else min(seq_len, max(len(full) - 1 for full, _ in rows))
