@@ -73,6 +73,13 @@ def finetune(
     act_order: Annotated[
         str, typer.Option(help="ASI mode order: sequential | parallel.")
     ] = default(F, "act_order"),
+    act_residual_rows: Annotated[
+        int,
+        typer.Option(
+            help="asi/wasi: also keep this many sampled residual rows per layer for an "
+            "unbiased weight gradient (an experiment; 0: off, docs/unbiased.md)."
+        ),
+    ] = default(F, "act_residual_rows"),
     update_form: Annotated[str, typer.Option(help="WSI update: projection | paper.")] = default(
         F, "update_form"
     ),
@@ -159,6 +166,7 @@ def finetune(
             act_eps=act_eps,
             act_budget_mb=act_budget_mb,
             act_order=act_order,
+            act_residual_rows=act_residual_rows,
             update_form=update_form,
             epochs=epochs,
             batch_size=batch_size,

@@ -3,13 +3,15 @@
 A one-time HOSVD of each target layer's input: per-mode singular values from the smaller Gram
 matrix of the mode unfolding (float64), ranks by the energy rule, or per-layer ranks chosen
 under a memory budget to minimise the summed weight-gradient error, by dynamic programming.
+Also each layer's input Gram matrix X^T X, streamed over batches, for data-aware compression
+(method.md section 8, ``calibrate_grams``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -228,3 +230,79 @@ def knapsack(
         chosen[gi] = int(picks[gi, used])
         used -= options[gi][chosen[gi]][0]
     return chosen, total
+
+
+class InputGram(NamedTuple):
+    """A layer's input Gram matrix C = X^T X (I x I, float64) over ``rows`` input rows."""
+
+    matrix: torch.Tensor
+    rows: int
+
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
+
+
+@torch.no_grad()
+def calibrate_grams(
+    model: nn.Module, names: Sequence[str], batches: Iterable[Batch]
+) -> dict[str, InputGram]:
+    """Each named linear's input Gram matrix C = X^T X, summed over ``batches`` in eval mode.
+
+    A forward-pre hook adds x^T x (float64) of each input as it passes, over all leading
+    dimensions (batch, tokens) flattened into rows, so memory holds one I x I matrix per layer
+    and one batch's activations, whatever the number of batches: no input is kept.
+
+    Args:
+        model: the model; its train/eval mode is restored afterwards.
+        names: the linear layers (``in_features`` each) to calibrate.
+        batches: model inputs, or (input, row mask) pairs: the mask (the leading dimensions of
+            each layer's input, e.g. (B, T) for token inputs; True = count the row) leaves out
+            rows that change no output, such as padding tokens.
+
+    Returns:
+        {name: InputGram(C, n_rows)} in the order of ``names``.
+    """
+    grams: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = dict.fromkeys(names, 0)
+    mask: list[torch.Tensor | None] = [None]
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        width = int(getattr(module, "in_features", 0))
+        if width <= 0:
+            raise WasiToolError(f"{name} is not a linear layer: it has no in_features")
+        grams[name] = torch.zeros(width, width, dtype=torch.float64)
+
+        def pre(
+            mod: nn.Module, args: tuple[torch.Tensor, ...], name: str = name, width: int = width
+        ) -> None:
+            x = args[0].detach()
+            if x.shape[-1] != width:
+                raise WasiToolError(f"{name} got inputs of width {x.shape[-1]}, not {width}")
+            keep = mask[0]
+            if keep is not None:
+                if tuple(keep.shape) != tuple(x.shape[:-1]):
+                    raise WasiToolError(
+                        f"a row mask of shape {tuple(keep.shape)} does not fit {name}'s input "
+                        f"{tuple(x.shape)}"
+                    )
+                flat = x[keep.to(device=x.device, dtype=torch.bool)]
+            else:
+                flat = x.reshape(-1, width)
+            flat = flat.to(torch.float64)
+            grams[name].addmm_(flat.T, flat)
+            rows[name] += int(flat.shape[0])
+
+        handles.append(module.register_forward_pre_hook(pre))
+    was_training = model.training
+    try:
+        model.eval()  # no dropout / drop-path in calibration
+        for item in batches:
+            x, mask[0] = item if isinstance(item, tuple) else (item, None)
+            model(x)
+    finally:
+        mask[0] = None
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {n: InputGram(grams[n], rows[n]) for n in names}
