@@ -29,6 +29,7 @@ from torch import nn
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import finalize_, get_method
 from wasi_tool.models import custom
+from wasi_tool.models.inputs import check_example_input
 from wasi_tool.models.registry import classifier_names
 from wasi_tool.models.targets import LINEAR_TYPES, select_targets, split_patterns
 from wasi_tool.nn.fastpath import fast_paths_given_up
@@ -161,6 +162,8 @@ def prepare(
 
     spec = get_method(method)
     names = resolve_targets(model, targets, exclude)
+    if example_input is not None:  # before anything changes the model
+        check_example_input(model, example_input)
     defer = (
         spec.compressed_activations
         and act_ranks is None
