@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -363,7 +365,65 @@ def files(
     escape = json.loads((d / "art-escape" / "manifest.json").read_text())
     escape["files"]["../afile"] = {"sha256": "0" * 64, "bytes": 14}
     (d / "art-escape" / "manifest.json").write_text(json.dumps(escape))
+    _issue31_files(d, art, f)
     return f
+
+
+def _issue31_files(d: Path, art: Path, f: dict[str, Path]) -> None:
+    """Inputs of issue 31: outputs onto inputs, unbounded work, federated inputs."""
+    from tests.models.llm_fixtures import save_llama_lm
+
+    # a node that is not a regular file: a character device (the null device's numbers; made
+    # here, never /dev itself) where mknod is allowed, else a socket
+    f["devnode"] = d / "devnode"
+    try:
+        os.mknod(f["devnode"], 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(f["devnode"]))
+        sock.close()
+    for name in ("sparse", "layers", "kwargs"):
+        copy = d / f"art-{name}"
+        copy.mkdir()
+        for p in art.iterdir():
+            (copy / p.name).write_bytes(p.read_bytes())
+        f[f"art-{name}"] = copy
+    os.truncate(d / "art-sparse" / "model.safetensors", 1 << 40)  # 1 TiB, sparse: no data
+    manifest = json.loads((art / "manifest.json").read_text())
+    layer = {"name": "blocks.0.mlp.fc1", "out_features": 8, "in_features": 8, "rank": 2}
+    (d / "art-layers" / "manifest.json").write_text(
+        json.dumps({**manifest, "layers": [layer] * 300_000})
+    )
+    model = {**manifest["model"], "kwargs": ["num_classes", 10]}
+    (d / "art-kwargs" / "manifest.json").write_text(json.dumps({**manifest, "model": model}))
+    # a tiny causal LM, and its copy whose chat template loops (a Jinja "CPU bomb")
+    f["lm"] = save_llama_lm(d / "lm")
+    f["lmloop"] = d / "lmloop"
+    f["lmloop"].mkdir()
+    for p in f["lm"].iterdir():
+        (f["lmloop"] / p.name).write_bytes(p.read_bytes())
+    (f["lmloop"] / "chat_template.jinja").write_text(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    )
+    f["longprompts"] = d / "longprompts.jsonl"  # 10 MB lines, cut before the tokenizer
+    rows = [{"prompt": "grinning face " * 700_000, "response": "x"}] * 2
+    f["longprompts"].write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # federated data: client folders with different class sets; 16 samples for 20 clients
+    rng = np.random.default_rng(0)
+    (d / "folders").mkdir()
+    for name, classes in (("a", 2), ("b", 5)):
+        x = rng.integers(0, 256, (10, 8, 8, 3)).astype(np.uint8)
+        y = np.arange(10) % classes
+        np.savez(d / "folders" / f"{name}.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    f["folders"] = d / "folders"
+    x = rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8)
+    f["sixteen"] = d / "sixteen.npz"
+    np.savez(f["sixteen"], x_train=x, y_train=np.arange(16) % 2, x_test=x, y_test=np.arange(16) % 2)
+    # an interrupted run's state whose history is a string
+    f["fedout"] = d / "fedout"
+    (d / "fedout.fedstate").mkdir()
+    meta = {"fedstate": json.dumps({"identity": {}, "history": "round 1"})}
+    save_file({"w": torch.zeros(2)}, str(d / "fedout.fedstate" / "state.safetensors"), meta)
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -504,6 +564,29 @@ CASES: dict[str, tuple[list[str], str]] = {
     "classes not in the data": (["finetune", "--random-init", *T, "--data", "digits", "--classes", "3,42"], "classes [42] are not in 0..9"),
     "unknown method": (["finetune", "--random-init", *T, "--method", "adamw"], "unknown method 'adamw'"),
     "int8 agreement above 1": (["export", "{artifact}", "--int8", "--min-agreement", "2"], "min_agreement must be in [0, 1], got 2.0"),
+    # issue 31: an output that would destroy an input (one output-path rule)
+    "info --json onto its own manifest": (["info", "{artifact}", "--json", "{artifact}/manifest.json"], "is inside the input artifact"),
+    "eval --predictions onto the input's weights": (["eval", "{artifact}", "--data", "digits", "--predictions", "{artifact}/model.safetensors"], "is inside the input artifact"),
+    "eval --predictions onto a device node": (["eval", "{artifact}", "--data", "digits", "--predictions", "{devnode}"], "not a regular file; refusing to write over it"),
+    "info --json onto a FIFO": (["info", "{artifact}", "--json", "{fifo}"], "is a FIFO, not a regular file"),
+    "compress --overwrite of its own input": (["compress", "{artifact}", "--out", "{artifact}", "--overwrite"], "is an input of this command"),
+    "export --out inside its input": (["export", "{artifact}", "--out", "{artifact}/onnx"], "is inside the input artifact"),
+    "finetune --json onto its checkpoint": (["finetune", "{pth}", *T, "--json", "{pth}"], "is an input of this command"),
+    "bench --json onto the model it times": (["bench", "{onnx}", "--json", "{onnx}"], "is an input of this command"),
+    "federate --overwrite of its start": (["federate", "{artifact}", "--data", "digits", "--out", "{artifact}", "--overwrite"], "is an input of this command"),
+    # issue 31: work that is never bounded
+    "generate --max-new-tokens 1000000000": (["generate", "{lm}", "--prompt", "hi", "--max-new-tokens", "1000000000"], "exceeds the model's context of 256 tokens"),
+    "generate with a 1 MB prompt": (["generate", "{lm}", "--prompt", "grinning face " * 75_000], "the prompt is more than 256 tokens"),
+    "generate with a chat template that loops": (["generate", "{lmloop}", "--prompt", "hi"], "chat template ran more than 1000000 steps"),
+    "generate --temperature nan": (["generate", "{lm}", "--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0, got nan"),
+    ".jsonl of 10 MB prompts": (["eval", "{lm}", "--data", "{longprompts}", "--seq-len", "32"], "no example fits in 32 tokens"),
+    "weights of 1 TiB (sparse)": (["export", "{art-sparse}"], "is 1099511627776 bytes, its manifest records"),
+    "info of 300,000 layer records": (["info", "{art-layers}"], "300000 layers records, more than the 20000 allowed"),
+    "info of model kwargs that are a list": (["info", "{art-kwargs}"], "model kwargs must be an object, got list"),
+    # issue 31: federated inputs
+    "federate folders of different class sets": (["federate", "{artifact}", "--data", "{folders}", "--partition", "folders", "--clients", "2"], "every client needs the same class set"),
+    "federate 20 clients on 16 samples": (["federate", "{artifact}", "--data", "{sixteen}", "--clients", "20"], "16 training samples cannot be split among 20 clients"),
+    "federate --resume of a history that is a string": (["federate", "{artifact}", "--data", "digits", "--out", "{fedout}", "--resume"], "history must be a list of rounds, got str"),
 }  # fmt: skip
 NO_OUT = {"generate", "info", "eval"}  # commands that write nothing (eval: only if asked)
 
@@ -517,6 +600,17 @@ SLOW_CASES = {
 }
 
 
+def _snapshot(root: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Every entry under ``root`` with its mode, size, inode and mtime: a write, a
+    replacement (a new inode) or a new file changes it (no file is read: one is 1 TiB)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            found[os.path.join(dirpath, name)] = (st.st_mode, st.st_size, st.st_ino, st.st_mtime_ns)
+    return found
+
+
 @pytest.mark.parametrize(
     "case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES]
 )
@@ -525,9 +619,15 @@ def test_malformed_input_corpus(case: str, files: dict[str, Path], tmp_path: Pat
     subs = {**{k: str(v) for k, v in files.items()}, "d": str(files["pth"].parent)}
     argv = [a.format(**subs) if "{" in a else a for a in args]
     out = tmp_path / "runs" / "out"
-    if "--out" not in argv and argv[0] not in NO_OUT:
+    if (
+        "--out" not in argv
+        and argv[0] not in NO_OUT
+        and not (argv[0] == "bench" and "--json" in argv)
+    ):
         argv += ["--out", str(out)] if argv[0] != "bench" else ["--json", str(out)]
+    before = _snapshot(files["pth"].parent)
     result = CliRunner().invoke(app, argv)
+    assert _snapshot(files["pth"].parent) == before, case  # inputs untouched, nothing added
     assert result.exit_code == 1, (case, result.output)
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), (case, result.stderr)

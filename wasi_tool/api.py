@@ -2,15 +2,14 @@
 
 In the style of peft's ``get_peft_model`` and torchao's ``quantize_``::
 
-    model, optimizer = wasi_tool.prepare(model, method="wasi", targets="mlp", eps=0.8, lr=0.05,
-                                         example_input=x[:8])
+    model, optimizer = wasi_tool.prepare(model, method="wasi", targets="mlp", eps=0.8, lr=0.05)
     for x, y in loader:
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(); loss.backward(); optimizer.step()
     wasi_tool.save_artifact(model, "runs/my-model", example_input=x[:1])
 
-Both are built on the pieces the CLI uses: ``training.prepare.prepare_for_training`` (the
-method's training model), ``methods.SubspaceSGD`` (the optimiser) and the artifact writer.
+Both are built on the pieces the CLI uses: ``training.session`` (the one builder of a
+training run: the method's training model and its optimiser) and the artifact writer.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +27,15 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.methods import SubspaceSGD, finalize_, get_method
-from wasi_tool.methods.calibrate import streamed_ranks_by_eps
+from wasi_tool.methods import finalize_, get_method
 from wasi_tool.models import custom
+from wasi_tool.models.inputs import check_example_input
 from wasi_tool.models.registry import classifier_names
 from wasi_tool.models.targets import LINEAR_TYPES, select_targets, split_patterns
 from wasi_tool.nn.fastpath import fast_paths_given_up
+from wasi_tool.training.config import FinetuneConfig
+
+log = logging.getLogger("wasi_tool")
 
 Targets = str | Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...]
 
@@ -104,25 +107,31 @@ def resolve_targets(model: nn.Module, targets: Targets, exclude: Sequence[str] =
     return chosen
 
 
+_RECIPE: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+
+
 def prepare(
     model: nn.Module,
     method: str = "wasi",
     targets: Targets = "mlp",
     *,
-    lr: float = 0.05,
-    eps: float = 0.8,
+    lr: float = _RECIPE["lr"],
+    eps: float = _RECIPE["eps"],
     exclude: Sequence[str] = (),
     act_ranks: Sequence[int] | None = None,
     act_eps: float | None = None,
     example_input: torch.Tensor | None = None,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    clip: float | None = None,
-    update_form: str = "projection",
+    momentum: float = _RECIPE["momentum"],
+    weight_decay: float = _RECIPE["weight_decay"],
+    clip: float | None = _RECIPE["clip"],
+    update_form: str = _RECIPE["update_form"],
+    memory_mode: str = _RECIPE["memory_mode"],
+    memory_budget: str | None = None,
+    calibrate: bool = False,
     seed: int = 0,
     verbose: bool = True,
     **baseline: Any,
-) -> tuple[nn.Module, SubspaceSGD]:
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Turn ``model`` (in place) into ``method``'s training model; return it and its optimiser.
 
     Args:
@@ -130,62 +139,100 @@ def prepare(
         targets: a preset (mlp, attn, all), comma-separated globs, a list of names/globs, or
             module types (e.g. ``nn.Linear``); dense wsi/wasi targets are factored at ``eps``.
         act_ranks / act_eps: activation ranks (asi, wasi): explicit per-mode ranks, or by the
-            energy rule (default ``eps``) on ``example_input``, one calibration batch.
-        lr, momentum, weight_decay, clip: the optimiser (``SubspaceSGD``, a
-            ``torch.optim.Optimizer``: stock LR schedulers drive its groups' ``lr``);
-            ``clip`` is the global gradient-norm clip (see ``CLIP_NOTE``).
+            energy rule (default ``eps``) on ``example_input`` when given, else on the first
+            training batch the model sees (the same ranks as passing that batch here).
+        lr, momentum, weight_decay, clip: the optimiser (the method's own; for every built-in
+            method ``SubspaceSGD``, a ``torch.optim.Optimizer``: stock LR schedulers drive its
+            groups' ``lr``); ``clip`` is the global gradient-norm clip (see ``CLIP_NOTE``).
+            The defaults are ``finetune``'s (the paper's recipe), from ``FinetuneConfig``.
+        memory_mode: "off", or recompute in backward instead of saving ("block", "mlp",
+            "attn": the model's repeated blocks, or those halves of them), exactly.
+        memory_budget: the step's whole-process peak, e.g. "1.2GB": the planner picks the
+            least recompute that fits, probed on ``example_input`` (required then).
+        calibrate: factor dense wsi/wasi targets in the metric of their inputs on
+            ``example_input`` (required then; SVD-LLM's whitening, as ``compress --calibrate``)
+            instead of by plain SVD.
         baseline: lora_rank, lora_alpha, lora_dropout, bsr_blocks, drop_at, keep_rate, fuse.
 
-    The report (``PrepareReport``) is ``model.wasi_prepared``; with ``verbose`` it is printed,
-    including which PyTorch fast paths are given up.
+    The report (``PrepareReport``) is ``model.wasi_prepared``; it goes to the ``wasi_tool``
+    logger (INFO with ``verbose``, else DEBUG), including which PyTorch fast paths are given
+    up. Nothing is printed.
     """
-    from wasi_tool.training.config import FinetuneConfig
-    from wasi_tool.training.prepare import prepare_for_training
+    from wasi_tool.training.session import calibrate_on_first_batch_, prepare_session
 
     spec = get_method(method)
     names = resolve_targets(model, targets, exclude)
+    if example_input is not None:  # before anything changes the model
+        check_example_input(model, example_input)
+    defer = (
+        spec.compressed_activations
+        and act_ranks is None
+        and example_input is None
+        and memory_budget is None
+    )
+    if memory_budget is not None and example_input is None:
+        raise WasiToolError("memory_budget plans on a batch: pass example_input=<a training batch>")
+    if calibrate and example_input is None:
+        raise WasiToolError("calibrate factors on real inputs: pass example_input=<a batch>")
     config = FinetuneConfig(
         method=spec.name,
         targets=",".join(names),
         eps=eps,
-        act_ranks=list(act_ranks) if act_ranks is not None else None,
-        act_eps=act_eps,
+        # deferred: placeholder ranks now, the real ones on the first training batch
+        act_ranks=[1, 1, 1] if defer else (list(act_ranks) if act_ranks is not None else None),
+        act_eps=None if defer else act_eps,
         lr=lr,
         lr_min=lr,
         momentum=momentum,
         weight_decay=weight_decay,
         clip=clip,
         update_form=update_form,
+        memory_mode=memory_mode,
+        memory_budget=memory_budget,
+        calibrate=len(example_input) if calibrate and example_input is not None else None,
         seed=seed,
         **baseline,
     )
     notes: list[str] = []
 
-    def rank_rule(chosen: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
-        if config.act_ranks is not None:
-            return {n: tuple(config.act_ranks) for n in chosen}, {"rule": "explicit"}
-        if example_input is None:
-            raise WasiToolError(
-                f"{spec.name} compresses activations: pass example_input=<a training batch> "
-                "(ranks by act_eps on it) or act_ranks=(rB, rN, rC)"
-            )
-        assert config.act_eps is not None
-        with torch.no_grad():
-            ranks = streamed_ranks_by_eps(model, chosen, example_input, config.act_eps)
-        return ranks, {"rule": "eps", "act_eps": config.act_eps}
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        assert example_input is not None
+        return example_input, torch.zeros(len(example_input), dtype=torch.long)
 
-    prepared = prepare_for_training(model, config, rank_rule, notes.append)
+    def grams(chosen: list[str]) -> dict[str, Any]:
+        from wasi_tool.methods.calibrate import calibrate_grams
+
+        assert example_input is not None
+        return calibrate_grams(model, chosen, [example_input])
+
+    session = prepare_session(model, config, batch, grams=grams, note=notes.append)
+    prepared = session.prepared
     notes += fast_paths_given_up(model)
     if spec.factored_weight:
         notes.append(CLIP_NOTE)
-    report = PrepareReport(
-        spec.name, prepared.targets, prepared.act_ranks, notes, prepared.compress_report
-    )
+    level = logging.INFO if verbose else logging.DEBUG
+    ranks = {} if defer else prepared.act_ranks
+    report = PrepareReport(spec.name, prepared.targets, ranks, notes, prepared.compress_report)
     object.__setattr__(model, "wasi_prepared", report)
-    optimizer = SubspaceSGD(model, lr, momentum=momentum, weight_decay=weight_decay, clip=clip)
-    if verbose:
-        print(report)
-    return model, optimizer
+    if defer:
+        rule_eps = act_eps if act_eps is not None else eps
+
+        def calibrated(found: dict[str, tuple[int, ...]], info: dict[str, Any]) -> None:
+            report.act_ranks.update(found)
+            line = (
+                f"wasi_tool.prepare: activation ranks of {len(found)} target(s) calibrated by "
+                f"act_eps {rule_eps} on the first training batch ({info['batch']} samples)"
+            )
+            report.notes.append(line)
+            log.log(level, line)
+
+        calibrate_on_first_batch_(model, prepared.targets, rule_eps, calibrated)
+        notes.append(
+            f"activation ranks: by act_eps {rule_eps} on the first training batch (pass "
+            "example_input= or act_ranks= to choose them now)"
+        )
+    log.log(level, "%s", report)
+    return model, session.optimizer
 
 
 def save_artifact(

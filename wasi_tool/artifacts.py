@@ -8,6 +8,7 @@ This module does file I/O only; rebuilding models lives in ``wasi_tool.models``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import errno
 import hashlib
@@ -17,13 +18,14 @@ import os
 import platform
 import re
 import shutil
+import stat
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -37,6 +39,12 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 REPORT = "report.json"
+# Manifest-bound work is capped: a manifest is read before its model is built, so its lists
+# must not make `info` or a load run for minutes. Far above what any model has (a 70B Llama
+# has 560 linear layers; a recipe a handful of stages).
+MAX_LAYERS = 20_000
+MAX_STAGES = 1_000
+MAX_FILES = 1_000
 
 # Keys a manifest of FORMAT_VERSION must have, with the type each must be.
 _MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -95,6 +103,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WasiToolError(f"cannot read {path}: {exc}") from None
     validate_manifest(manifest, path)
+    note_input(directory)
     return manifest
 
 
@@ -115,6 +124,14 @@ def validate_manifest(manifest: Any, where: Path | str = MANIFEST) -> None:
             raise WasiToolError(f"{where}: missing key {key!r}")
         if not isinstance(manifest[key], kind):
             raise WasiToolError(f"{where}: key {key!r} has the wrong type")
+    for key, limit in (("layers", MAX_LAYERS), ("stages", MAX_STAGES), ("files", MAX_FILES)):
+        if len(manifest[key]) > limit:
+            raise WasiToolError(
+                f"{where}: {len(manifest[key])} {key} records, more than the {limit} allowed"
+            )
+    kwargs = manifest["model"].get("kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise WasiToolError(f"{where}: model kwargs must be an object, got {type(kwargs).__name__}")
     for name, entry in manifest["files"].items():
         if name in ("", ".", "..") or any(c in name for c in "/\\\0") or os.path.isabs(name):
             raise WasiToolError(f"{where}: files lists {name!r}, not a plain file name")
@@ -131,10 +148,13 @@ def validate_manifest(manifest: Any, where: Path | str = MANIFEST) -> None:
             if isinstance(layer, dict)
             else [None]
         )
+        act = layer.get("act_ranks") if isinstance(layer, dict) else None
         if (
             not isinstance(layer, dict)
             or not isinstance(layer.get("name"), str)
+            or len(layer["name"]) > 1000
             or not all(v is None or _count(v, 1 << 31) for v in sizes)
+            or not (act is None or (isinstance(act, list) and len(act) <= 8))
         ):
             raise WasiToolError(
                 f"{where}: a layer record needs a name and integer sizes, got {str(layer)[:80]}"
@@ -160,15 +180,16 @@ def describe(directory: Path) -> dict[str, Any]:
         entry = entry if isinstance(entry, dict) else {}
         path = safe_member(directory, name)
         present = path.is_file()
+        size = path.stat().st_size if present else entry.get("bytes")
         files[name] = {
-            "bytes": path.stat().st_size if present else entry.get("bytes"),
+            "bytes": size,
             "sha256": entry.get("sha256"),
             "status": (
                 "missing"
                 if not present
+                else "mismatch"  # size before hash: a file of another size is never read
+                if size != entry.get("bytes") or sha256_file(path) != entry.get("sha256")
                 else "ok"
-                if sha256_file(path) == entry.get("sha256")
-                else "mismatch"
             ),
         }
     manifest_bytes = (directory / MANIFEST).stat().st_size
@@ -244,6 +265,169 @@ def safe_member(directory: Path, name: str) -> Path:
     if not inside:
         raise WasiToolError(f"{path} resolves outside {directory}")
     return path
+
+
+# -- the output-path rule: no output of a command overwrites what it reads ------------------
+
+# The inputs of the command running now (None outside a command's scope): the paths it was
+# given and every artifact it has read since (read_manifest notes each).
+_INPUTS: contextvars.ContextVar[tuple[Path, ...] | None] = contextvars.ContextVar(
+    "wasi_tool_inputs", default=None
+)
+
+
+def _exists(path: str | Path) -> bool:
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
+@contextlib.contextmanager
+def command_inputs(paths: Iterable[str | Path | None] = ()) -> Iterator[None]:
+    """The scope of one command. Its inputs are ``paths`` (those that exist: arguments that
+    name files or directories) and every artifact it reads inside the scope; no output of the
+    command may be one of them or lie inside one (``check_output_path``). Nested scopes add
+    to the outer one's inputs."""
+    given = tuple(Path(p) for p in paths if p is not None and _exists(p))
+    token = _INPUTS.set((*(_INPUTS.get() or ()), *given))
+    try:
+        yield
+    finally:
+        _INPUTS.reset(token)
+
+
+def note_input(path: str | Path) -> None:
+    """Record ``path`` as an input of the running command (nothing outside a scope)."""
+    found = _INPUTS.get()
+    if found is not None and Path(path) not in found:
+        _INPUTS.set((*found, Path(path)))
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # also a hard link to the same bytes
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_path(
+    out: str | Path, inputs: Iterable[str | Path | None] = (), *, directory: bool = False
+) -> None:
+    """The output-path rule, part 1: ``out`` (a file, or with ``directory`` a directory that
+    replaces whatever is there) must not resolve to an input of the command (``inputs`` and
+    the running command's, see ``command_inputs``), nor lie inside an input directory or
+    artifact; a directory output must not hold an input (replacing it would delete it).
+    Raises a one-line WasiToolError naming both."""
+    target = os.path.realpath(out)
+    scoped = _INPUTS.get() or ()
+    for given in (*(Path(p) for p in inputs if p is not None), *scoped):
+        if not _exists(given):
+            continue
+        source = os.path.realpath(given)
+        if target == source or _same_file(out, given):
+            raise WasiToolError(
+                f"output {out} is an input of this command ({given}); refusing to overwrite it"
+            )
+        if os.path.isdir(source) and _inside(target, source):
+            what = "artifact" if os.path.isfile(os.path.join(source, MANIFEST)) else "directory"
+            raise WasiToolError(
+                f"output {out} is inside the input {what} {given}; refusing to write into it"
+            )
+        if directory and _inside(source, target):
+            raise WasiToolError(
+                f"output {out} holds the input {given}; replacing it would delete that input"
+            )
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_output_file(path: str | Path, inputs: Iterable[str | Path | None] = ()) -> None:
+    """The output-path rule for a file the tool writes (``--json``, ``--predictions``, a
+    report): ``check_output_path``, and ``path`` must be absent or a regular file (never a
+    link, a directory, a device, a FIFO or a socket: the atomic write would replace it)."""
+    check_output_path(path, inputs)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # a parent that is a file, no permission, ...
+        raise WasiToolError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise WasiToolError(
+            f"output {path} is {_kind(mode)}, not a regular file; refusing to write over it"
+        )
+
+
+@contextlib.contextmanager
+def atomic_file(
+    path: str | Path,
+    inputs: Iterable[str | Path | None] = (),
+    *,
+    binary: bool = False,
+    newline: str | None = None,
+) -> Iterator[IO[Any]]:
+    """Yield a file handle whose content becomes ``path`` only if the block succeeds: the
+    output-path rule first (``check_output_file``), then a temporary beside ``path``,
+    flushed, checked again and renamed onto it. On any error nothing is left: not the
+    temporary, not the parent directories this call created, and ``path`` is as it was."""
+    path = Path(path)
+    inputs = tuple(inputs)
+    check_output_file(path, inputs)
+    created: list[Path] = []
+
+    def remove_created() -> None:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+    try:
+        _makedirs_tracked(Path(os.path.abspath(path.parent)), created)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        remove_created()
+        raise WasiToolError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        mode = "wb" if binary else "w"
+        encoding = None if binary else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding, newline=newline) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an output is shared data
+        check_output_file(path, inputs)  # again: what appeared there meanwhile is not replaced
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        remove_created()
+        if isinstance(exc, OSError):
+            raise WasiToolError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def write_file(
+    path: str | Path, data: str | bytes, inputs: Iterable[str | Path | None] = ()
+) -> None:
+    """``data`` to ``path`` through ``atomic_file`` (the output-path rule, an atomic write)."""
+    with atomic_file(path, inputs, binary=isinstance(data, bytes)) as fh:
+        fh.write(data)
 
 
 # -- output directories: claim, replace, publish -----------------------------------------------
@@ -455,6 +639,7 @@ def atomic_directory(
     output are removed, and an existing ``out`` is left as it was.
     """
     out = Path(out)
+    check_output_path(out, directory=True)
     check_output_dir(out, overwrite, replaceable)
     created: list[Path] = []
 
@@ -637,5 +822,11 @@ def verify_files(directory: Path, manifest: Mapping[str, Any], names: list[str])
         path = safe_member(directory, name)
         if not path.is_file():
             raise WasiToolError(f"artifact {directory} is missing {name}")
+        size = path.stat().st_size
+        if size != entry.get("bytes"):  # before hashing: a sparse 1 TiB file is never read
+            raise WasiToolError(
+                f"{path} is {size} bytes, its manifest records {entry.get('bytes')} (corrupt or "
+                "replaced?)"
+            )
         if sha256_file(path) != entry["sha256"]:
             raise WasiToolError(f"{path} does not match its sha256 in the manifest (corrupt?)")

@@ -8,6 +8,9 @@ registered here (never by importing a name found in a file).
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from typing import Any, ClassVar, TypeVar
 
 from wasi_tool.errors import WasiToolError
@@ -62,3 +65,58 @@ def load_config(stage: str, data: dict[str, Any]) -> StageConfig:
     except KeyError:
         raise WasiToolError(f"no settings of a stage {stage!r} can be read") from None
     return cls.from_dict(data)
+
+
+MAX_INT = 2**63  # settings read from a file are bounded: |int| below this, floats finite
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (parsed from JSON or TOML) has the type a config field declares, with
+    bounded numbers (finite floats, integers below 2**63); a type form this does not know is
+    accepted (the config's own validation still runs)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < MAX_INT
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        return abs(value) < MAX_INT if isinstance(value, int) else math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, list | tuple) and all(fits(v, args[0]) for v in value if args)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    return True
+
+
+def type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def check_settings(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """``data`` read from a file as the settings of config ``cls``: an object at the top,
+    known keys only, each value of its field's type with bounded numbers. Returns it as a
+    dict; raises a one-line WasiToolError naming the key, the type and the value."""
+    if not isinstance(data, dict):
+        raise WasiToolError(
+            f"{where}: the settings must be an object of fields, got {type(data).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key == VERSION_KEY:
+            continue
+        if key not in known:
+            raise WasiToolError(f"{where}: unknown setting {key!r}")
+        if not fits(value, hints[key]):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise WasiToolError(f"{where}: {key} takes {type_name(hints[key])}, got {shown}")
+    return dict(data)

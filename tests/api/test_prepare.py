@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -15,6 +16,10 @@ from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.subspace import WASILinear
 
 from .models import TinyViT
+
+# the plain SGD these tests compare with: prepare's defaults are finetune's recipe (weight decay
+# 1e-4, clip 2.0), so they are turned off here
+PLAIN = {"weight_decay": 0.0, "clip": None, "verbose": False}
 
 
 def _data(seed: int = 0, batch: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +64,7 @@ def test_full_rank_prepare_equals_sgd(method: str) -> None:
     """eps 1: full-rank factors and activations; three steps match torch.optim.SGD."""
     ref = _sgd_reference(3)
     model, opt = wasi_tool.prepare(
-        _model(), method, "mlp", eps=1.0, lr=0.05, example_input=_data(99)[0], verbose=False
+        _model(), method, "mlp", eps=1.0, lr=0.05, example_input=_data(99)[0], **PLAIN
     )
     assert isinstance(opt, torch.optim.Optimizer)
     if method in ("wsi", "wasi"):
@@ -85,7 +90,7 @@ def test_clip_argument_is_the_global_clip_of_sgd_plus_clip_grad_norm() -> None:
     model (the clip is small enough to bite)."""
     ref = _sgd_reference(2, clip=0.05)
     model, opt = wasi_tool.prepare(
-        _model(), "wasi", "mlp", eps=1.0, clip=0.05, example_input=_data(99)[0], verbose=False
+        _model(), "wasi", "mlp", eps=1.0, clip=0.05, example_input=_data(99)[0], weight_decay=0.0
     )
     model.train()
     for k in range(2):
@@ -101,7 +106,7 @@ def test_clip_argument_is_the_global_clip_of_sgd_plus_clip_grad_norm() -> None:
 
 def test_stock_clip_grad_norm_works_for_methods_with_dense_gradients() -> None:
     ref = _sgd_reference(2, clip=0.05)
-    model, opt = wasi_tool.prepare(_model(), "vanilla", "mlp", verbose=False)
+    model, opt = wasi_tool.prepare(_model(), "vanilla", "mlp", **PLAIN)
     model.train()
     for k in range(2):
         x, y = _data(k)
@@ -158,9 +163,32 @@ def test_targets_by_type_glob_list_and_preset() -> None:
         resolve_targets(model, "*nothing*")
 
 
-def test_activation_ranks_need_a_batch_or_ranks() -> None:
-    with pytest.raises(WasiToolError, match="example_input"):
-        wasi_tool.prepare(_model(), "wasi", "mlp", verbose=False)
+def test_activation_ranks_from_the_first_training_batch_equal_an_example_batch(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No example batch: the ranks are chosen on the first training forward, and the run is
+    the one a user gets by passing that batch as ``example_input`` (ranks, then weights)."""
+    batches = [_data(k) for k in (3, 4)]
+    with caplog.at_level(logging.INFO, logger="wasi_tool"):
+        lazy, lazy_opt = wasi_tool.prepare(_model(), "wasi", "mlp", **{**PLAIN, "verbose": True})
+    assert lazy.wasi_prepared.act_ranks == {}
+    eager, eager_opt = wasi_tool.prepare(
+        _model(), "wasi", "mlp", example_input=batches[0][0], **PLAIN
+    )
+    for model, opt in ((lazy, lazy_opt), (eager, eager_opt)):
+        model.train()
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert lazy.wasi_prepared.act_ranks == eager.wasi_prepared.act_ranks
+    assert len(lazy.wasi_prepared.act_ranks) == 4
+    got, want = _dense_weights(lazy), _dense_weights(eager)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    said = [r.getMessage() for r in caplog.records if "first training batch" in r.getMessage()]
+    assert len([m for m in said if "calibrated" in m]) == 1  # said once, when it happened
+    assert capsys.readouterr().out == ""  # the library never prints
     model, _ = wasi_tool.prepare(_model(), "asi", "mlp", act_ranks=(2, 4, 8), verbose=False)
     assert set(model.wasi_prepared.act_ranks.values()) == {(2, 4, 8)}
 
@@ -177,3 +205,32 @@ def test_lora_prepares_and_trains_adapters_only() -> None:
     F.cross_entropy(model.train()(x), y).backward()
     opt.step()
     assert torch.equal(frozen, model.encoder.layers[0].linear1.base_layer.weight)
+
+
+def test_calibrated_factoring_keeps_the_outputs_on_the_example_better() -> None:
+    """calibrate=True truncates each dense target in the metric of its inputs on the example:
+    on those inputs its output error is at most plain SVD's at the same eps (per layer)."""
+    x = _data(5, batch=16)[0]
+    dense = _model()
+    name = "encoder.layers.0.linear1"
+    inputs = {}
+    def keep(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        inputs.setdefault("x", args[0].detach().flatten(0, 1))
+
+    hook = dense.get_submodule(name).register_forward_pre_hook(keep)
+    with torch.no_grad():
+        dense.train()(x)  # train mode: the fused eval kernel would not call linear1 (no dropout)
+    hook.remove()
+    w = dense.get_submodule(name).weight.detach()
+    errors = {}
+    for calibrate in (False, True):
+        model, _ = wasi_tool.prepare(
+            copy.deepcopy(dense), "wsi", "mlp", eps=0.5, example_input=x, calibrate=calibrate,
+            verbose=False,
+        )  # fmt: skip
+        layer = model.get_submodule(name)
+        approx = (layer.L @ layer.R).detach()
+        errors[calibrate] = float(torch.linalg.norm(inputs["x"] @ (w - approx).T))
+    assert errors[True] <= errors[False] * (1 + 1e-9)
+    with pytest.raises(WasiToolError, match="example_input"):
+        wasi_tool.prepare(_model(), "wsi", "mlp", calibrate=True, verbose=False)

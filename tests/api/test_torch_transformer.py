@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_wasi_inside_encoder_and_decoder_layers_trains_and_evaluates() -> None:
     tgt = torch.randn(4, 5, 32, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 7, (4, 5), generator=gen)
     model, opt = wasi_tool.prepare(
-        copy.deepcopy(dense), "wsi", "*linear1,*linear2", eps=1.0, verbose=False
+        copy.deepcopy(dense), "wsi", "*linear1,*linear2", eps=1.0, weight_decay=0.0, clip=None
     )
     assert len(model.wasi_prepared.targets) == 4  # encoder and decoder layer, 2 linears each
     ref_opt = torch.optim.SGD(dense.parameters(), lr=0.05)
@@ -88,12 +89,16 @@ def test_wasi_inside_encoder_and_decoder_layers_trains_and_evaluates() -> None:
         torch.testing.assert_close(model(src, tgt), dense(src, tgt), atol=1e-9, rtol=1e-7)
 
 
-def test_prepare_reports_the_fast_paths_given_up(capsys: pytest.CaptureFixture[str]) -> None:
+def test_prepare_reports_the_fast_paths_given_up(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     torch.manual_seed(0)
     model = TinyViT()
     x = torch.randn(4, 3, 16, 16)
-    wasi_tool.prepare(model, "wasi", "mlp", example_input=x)
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="wasi_tool"):
+        wasi_tool.prepare(model, "wasi", "mlp", example_input=x)
+    assert capsys.readouterr().out == ""  # the report goes to logging, never to stdout
+    out = caplog.text
     assert "encoder.layers.1: the fused eval kernel" in out
     assert "given up" in out
     model.eval()

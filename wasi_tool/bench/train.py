@@ -26,24 +26,22 @@ from typing import Any, ClassVar
 from wasi_tool.allocator import check_allocator, worker_env
 from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
-from wasi_tool.methods import get_method
 from wasi_tool.methods.options import BaselineOptions
-from wasi_tool.models.targets import check_patterns
-from wasi_tool.ops import DEFAULT_EPS
 from wasi_tool.safe_read import read_json
 from wasi_tool.threads import check_threads, use_threads
-from wasi_tool.training.config import FinetuneConfig
+from wasi_tool.training.config import FinetuneConfig, TrainSettings
 
 SCHEMA = "wasi-tool-bench-train/2"
 
 
 @register_config
 @dataclass
-class TrainBenchConfig(StageConfig, BaselineOptions):
-    """One training-step measurement (the model source fields mirror ModelSource).
+class TrainBenchConfig(StageConfig, BaselineOptions, TrainSettings):
+    """One training-step measurement: the training settings finetune takes (TrainSettings,
+    BaselineOptions: declared once, with finetune's defaults), the model source (its fields
+    mirror ModelSource) and the bench's own step counts, allocator and threads.
 
-    ``method`` may name several methods, comma-separated; each runs in a fresh process. The
-    step defaults here are the only ones: the CLI and recipes read them from this class.
+    ``method`` may name several methods, comma-separated; each runs in a fresh process.
     """
 
     stage: ClassVar[str] = "bench-train"
@@ -53,49 +51,28 @@ class TrainBenchConfig(StageConfig, BaselineOptions):
     num_classes: int | None = None
     img_size: int | None = None
     random_init: bool = False
-    method: str = "wasi"
-    targets: str | None = None
-    eps: float = DEFAULT_EPS
-    act_ranks: list[int] | None = None
     # per target layer, e.g. the ranks a fine-tune calibrated (``settings_of``); wins over
     # ``act_ranks``; ``settings_from`` says where they came from (the tables print it)
     act_ranks_by_layer: dict[str, list[int]] | None = None
     settings_from: str | None = None
-    batch_size: int = 32
-    seq_len: int = 128  # tokens per input of a text model
     steps: int = 20
     warmup: int = 3
-    seed: int = 0
-    memory_mode: str = "off"
-    memory_budget: str | None = None
-    lossy: str = "off"
     allocator: str = "auto"  # the workers' allocator (wasi_tool/allocator.py)
     threads: int | None = None  # torch's threads in each worker (None: one per core)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.steps < 1 or self.warmup < 0:
-            raise WasiToolError("batch size and steps must be >= 1, warm-up >= 0")
+        if self.steps < 1 or self.warmup < 0:
+            raise WasiToolError("steps must be >= 1, warm-up >= 0")
         check_allocator(self.allocator)
         check_threads(self.threads)
         self.check_baselines()
-        check_patterns(self.targets, "targets")
-
-    @property
-    def saves_memory(self) -> bool:
-        return self.memory_mode != "off" or self.memory_budget is not None or self.lossy != "off"
+        self.check_settings()
 
     def method_config(self, method: str | None = None) -> FinetuneConfig:
         """The training settings of ``method`` (default: this config's) for these fields."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)}
         return FinetuneConfig(
-            method=method or self.method,
-            targets=self.targets,
-            eps=self.eps,
-            act_ranks=self.act_ranks,
-            seed=self.seed,
-            memory_mode=self.memory_mode,
-            memory_budget=self.memory_budget,
-            lossy=self.lossy,
-            **self.baseline_options(),
+            **{**shared, "method": method or self.method}, **self.baseline_options()
         )
 
 
@@ -197,16 +174,10 @@ class TrainBenchResult:
             raise WasiToolError(f"malformed training bench result: {exc}") from None
 
 
-def _default_act_ranks(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """(B/4, N/4, min(32, C)) for (B, N, C); (B/4, H/2, W/2, min(32, C)) for (B, H, W, C)."""
-    if len(shape) == 3:
-        return (max(1, shape[0] // 4), max(1, shape[1] // 4), min(32, shape[2]))
-    return (max(1, shape[0] // 4), max(1, shape[1] // 2), max(1, shape[2] // 2), min(32, shape[3]))
-
-
 def measure(config: TrainBenchConfig) -> StepMeasurement:
-    """Run the steps in this process (the worker side): the finetune preparation and the
-    same ``train_step``, on a synthetic batch of the model's input."""
+    """Run the steps in this process (the worker side): the training session finetune builds
+    (``training.session.prepare_session``) and the method's own step, on a synthetic batch of
+    the model's input."""
     import torch
 
     from wasi_tool.allocator import follow_live_memory, in_use
@@ -218,15 +189,11 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
         library_floor,
         peak_rss_bytes,
     )
-    from wasi_tool.methods import SubspaceSGD
-    from wasi_tool.methods.calibrate import map_inputs
-    from wasi_tool.models import hf
-    from wasi_tool.models.family import family_of
+    from wasi_tool.models.family import CAUSAL_LM, family_of
     from wasi_tool.models.loading import ModelSource, load_model
     from wasi_tool.training.loop import train_step
     from wasi_tool.training.loss import IGNORE
-    from wasi_tool.training.plan import parse_size, plan_memory
-    from wasi_tool.training.prepare import prepare_for_training
+    from wasi_tool.training.session import prepare_session
 
     # resident memory follows live memory (what the plan predicts) when the run saves memory
     allocator = follow_live_memory() if config.saves_memory else in_use()
@@ -247,53 +214,34 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     family = family_of(model)
     spec = family.input_spec(model, loaded.model_kwargs)
     x = family.example_input(model, spec, config.batch_size, config.seq_len)
-    if hf.is_causal_lm(model):  # next-token labels: the input shifted by one
+    if family.task(model) == CAUSAL_LM:  # next-token labels: the input shifted by one
         y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)
     else:
         y = torch.randint(0, classes, (config.batch_size,))
-
-    def default_ranks(targets: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
-        by_layer = config.act_ranks_by_layer
-        if by_layer:
-            missing = [n for n in targets if n not in by_layer]
-            if missing:
-                raise WasiToolError(
-                    f"no activation ranks for target(s) {missing[:3]} in "
-                    f"{config.settings_from or 'act_ranks_by_layer'}"
-                )
-            rule = f"calibrated by {config.settings_from}" if config.settings_from else "per layer"
-            return {n: tuple(by_layer[n]) for n in targets}, {"rule": rule}
-        if config.act_ranks:
-            return {n: tuple(config.act_ranks) for n in targets}, {"rule": "explicit"}
-        shapes = map_inputs(model, targets, x, lambda a: tuple(a.shape))
-        return {n: _default_act_ranks(shapes[n]) for n in targets}, {"rule": "B/4, N/4, 32"}
-
-    method = get_method(config.method)
-    prepared = prepare_for_training(model, config.method_config(), default_ranks)
-    targets, ranks = prepared.targets, prepared.act_ranks
-    rule = (prepared.calibration or {}).get("rule")
-    plan = None
-    if config.memory_budget is not None:
-        budget = parse_size(config.memory_budget)
-        # the floor as training starts: resident after preparation, less the weights
-        plan = plan_memory(
-            model,
-            x,
-            y,
-            budget,
-            floor=library_floor(model) or 0,
-            lossy=config.lossy,
-            plan_ranks=method.compressed_activations and not config.act_ranks,
-        )
-        if plan.chosen.act_ranks is not None:  # the plan lowered the ranks
-            ranks = {n: tuple(r) for n, r in plan.chosen.act_ranks.items()}
-            rule = f"{rule}, lowered by the memory plan"
-    model.train()
-    opt = SubspaceSGD(model, lr=0.01, weight_decay=1e-4, clip=2.0)
+    settings = config.method_config()
+    # a synthetic batch carries no spectrum: without explicit or per-layer ranks the bench
+    # takes the shape rule (training/session.py's RANK_RULES)
+    rule = "per-layer" if config.act_ranks_by_layer else None
+    if rule is None and settings.act_ranks is None and settings.act_budget_mb is None:
+        rule = "shape"
+    session = prepare_session(
+        model,
+        settings,
+        lambda: (x, y),
+        rule=rule,
+        by_layer=config.act_ranks_by_layer,
+        source=config.settings_from,
+        loaded=loaded,
+        floor=floor,
+    )
+    targets, ranks, plan = session.targets, session.act_ranks, session.plan
+    method, opt = session.method, session.optimizer
     meter = SavedBytesMeter(model, targets)
     times, saved, saved_targets = [], [], []
     for step in range(config.warmup + config.steps):
-        result = train_step(model, opt, x, y, meter=meter, where=f"bench step {step + 1}")
+        result = train_step(
+            model, opt, x, y, method=method, meter=meter, where=f"bench step {step + 1}"
+        )
         if step >= config.warmup:
             times.append(result.seconds)
             saved.append(result.saved_total)
@@ -303,7 +251,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     # every kernel once, so this is the file-backed share of the peak within a few pages)
     file_at_peak = file_backed_bytes()
     with LiveTensorMeter() as live:  # one more step: what it allocates over weights and input
-        train_step(model, opt, x, y)
+        train_step(model, opt, x, y, method=method)
     return StepMeasurement(
         method=config.method,
         arch=loaded.arch,
@@ -311,7 +259,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
         targets=len(targets),
         act_ranks_first_target=list(ranks[targets[0]]) if ranks else None,
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        bsr=method.plan_record(prepared.plan),
+        bsr=method.plan_record(session.prepared.plan),
         steps=config.steps,
         warmup=config.warmup,
         median_step_seconds=statistics.median(times),
@@ -330,7 +278,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
         memory_mode=plan.chosen.label if plan else config.memory_mode,
         memory_plan={**plan.to_dict(), "measured_peak_bytes": peak} if plan else None,
         allocator=allocator,
-        act_ranks_rule=rule,
+        act_ranks_rule=session.rank_rule_text() if session.prepared.calibration else None,
     )
 
 

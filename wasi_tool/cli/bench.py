@@ -153,10 +153,7 @@ def bench(
             render_inference(result)
         if json_path is not None:
             payload = result if isinstance(result, dict) else result.to_dict()
-            try:
-                json_path.write_text(artifacts.dumps_json(payload))
-            except OSError as exc:
-                raise WasiToolError(f"cannot write {json_path}: {exc.strerror}") from None
+            artifacts.write_file(json_path, artifacts.dumps_json(payload))
 
 
 def _train(

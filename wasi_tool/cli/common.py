@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 
+from wasi_tool import artifacts
 from wasi_tool.artifacts import dumps_json
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models.loading import ModelSource
@@ -53,15 +55,59 @@ def status(message: str) -> Iterator[None]:
     )
 
 
+# The parameters through which a command writes: every other parameter that names an existing
+# file or directory is an input, which no output may overwrite (artifacts.command_inputs).
+OUTPUT_PARAMS = {"out": "dir", "json_path": "file", "predictions": "file"}
+# Commands whose --out is a folder they write into, never replace as a whole (run's stages).
+CONTAINER_OUT = {"run"}
+
+
+def _command_io() -> tuple[list[Any], dict[str, Any]]:
+    """The running command's path-like parameters (its inputs) and its outputs, by kind."""
+    ctx = click.get_current_context(silent=True)
+    params = ctx.params if ctx is not None else {}
+    inputs: list[Any] = []
+    for name, value in params.items():
+        if name in OUTPUT_PARAMS:
+            continue
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(item, str | Path) and str(item) not in ("", "-"):
+                inputs.append(item)
+    # typer converts a Path parameter when it calls the command; the context holds the text
+    outputs = {k: Path(params[k]) for k in OUTPUT_PARAMS if isinstance(params.get(k), str | Path)}
+    if ctx is not None and ctx.info_name in CONTAINER_OUT and "out" in outputs:
+        outputs["out_folder"] = outputs.pop("out")
+    return inputs, outputs
+
+
+def _check_outputs(outputs: dict[str, Any]) -> None:
+    for name, path in outputs.items():
+        if name == "out_folder":  # written into: each output inside it is checked as written
+            artifacts.check_output_path(path)
+        elif OUTPUT_PARAMS[name] == "dir":
+            artifacts.check_output_path(path, directory=True)
+        elif not is_stdout(path):
+            artifacts.check_output_file(path)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a WasiToolError into one line on stderr and exit code 1. Python warnings raised
     meanwhile (torch's UserWarnings while a file is refused) are held back: dropped when the
-    command fails with that one line, shown as usual when it succeeds or fails otherwise."""
+    command fails with that one line, shown as usual when it succeeds or fails otherwise.
+
+    It is also the command's scope for the output-path rule: its path parameters are its
+    inputs, and its outputs are checked against them before any work is done."""
     failed: WasiToolError | None = None
     held: list[warnings.WarningMessage] = []
+    inputs, outputs = _command_io()
     try:
-        with warnings.catch_warnings(record=True) as held:
+        with warnings.catch_warnings(record=True) as held, artifacts.command_inputs(inputs):
+            try:
+                _check_outputs(outputs)
+            except WasiToolError as exc:  # before the command's body: it must not run
+                err_console.print(f"error: {exc}", markup=False, highlight=False)
+                raise typer.Exit(1) from None
             try:
                 yield
             except WasiToolError as exc:
@@ -131,10 +177,7 @@ def write_json(path: Path | None, payload: Any) -> None:
     if is_stdout(path):
         sys.stdout.write(text)
         return
-    try:
-        path.write_text(text)
-    except OSError as exc:
-        raise WasiToolError(f"cannot write {path}: {exc.strerror}") from None
+    artifacts.write_file(path, text)  # the output-path rule, an atomic write
 
 
 Checkpoint = Annotated[

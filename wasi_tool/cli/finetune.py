@@ -64,6 +64,13 @@ def finetune(
     act_ranks: Annotated[
         str | None, typer.Option(help="Activation ranks per mode, e.g. 16,12,32 (B,N,C).")
     ] = None,
+    calibrate: Annotated[
+        int | None,
+        typer.Option(
+            help="Factor dense wsi/wasi targets in the metric of their inputs on N training "
+            "samples (as compress --calibrate) instead of by plain SVD."
+        ),
+    ] = default(F, "calibrate"),
     act_eps: Annotated[
         float | None, typer.Option(help="Activation ranks by energy on a calibration batch.")
     ] = default(F, "act_eps"),
@@ -73,6 +80,13 @@ def finetune(
     act_order: Annotated[
         str, typer.Option(help="ASI mode order: sequential | parallel.")
     ] = default(F, "act_order"),
+    act_residual_rows: Annotated[
+        int,
+        typer.Option(
+            help="asi/wasi: also keep this many sampled residual rows per layer for an "
+            "unbiased weight gradient (an experiment; 0: off, docs/unbiased.md)."
+        ),
+    ] = default(F, "act_residual_rows"),
     update_form: Annotated[str, typer.Option(help="WSI update: projection | paper.")] = default(
         F, "update_form"
     ),
@@ -156,9 +170,11 @@ def finetune(
             targets=targets,
             eps=eps,
             act_ranks=_ints(act_ranks, "--act-ranks"),
+            calibrate=calibrate,
             act_eps=act_eps,
             act_budget_mb=act_budget_mb,
             act_order=act_order,
+            act_residual_rows=act_residual_rows,
             update_form=update_form,
             epochs=epochs,
             batch_size=batch_size,

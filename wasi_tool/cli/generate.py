@@ -39,19 +39,23 @@ def generate(
 ) -> None:
     """Generate text from a causal LM, greedy or sampled; factored layers stay factored."""
     with common.user_errors():
-        from wasi_tool.data.lm import prompt_ids, render_prompt
+        from wasi_tool.data.lm import prompt_ids, render_prompt, token_prefix
         from wasi_tool.models import hf
         from wasi_tool.models.loading import ModelSource, load_model
 
         loaded = load_model(ModelSource(checkpoint=checkpoint, task=hf.CAUSAL_LM))
         if not hf.is_causal_lm(loaded.model):
             raise WasiToolError(f"{checkpoint} is not a causal language model")
+        context, _ = hf.context_length(loaded.model)
+        # the settings first (before the prompt is rendered or tokenized); the prompt is
+        # tokenized from a bounded prefix: one token past the context says it is too long
+        hf.check_generation(loaded.model, None, max_new_tokens, temperature, top_k, top_p)
         tokenizer = hf.load_tokenizer(loaded.tokenizer_dir)
         if chat and getattr(tokenizer, "chat_template", None):
             text = render_prompt(tokenizer, [{"role": "user", "content": prompt}])
-            ids = prompt_ids(tokenizer, text)
+            ids = prompt_ids(tokenizer, text, limit=context)
         else:
-            ids = list(tokenizer(prompt)["input_ids"])
+            ids = token_prefix(tokenizer, prompt, context + 1, add_special_tokens=True)[0]
         new = hf.generate(
             loaded.model,
             ids,

@@ -23,6 +23,10 @@ STAGE_KEYS = (
 )  # fmt: skip
 
 
+# A table of thousands of rows takes rich seconds to lay out; --json has every layer.
+SHOWN_LAYERS = 500
+
+
 def info(
     artifact: Annotated[Path, typer.Argument(help="A wasi-tool artifact directory.")],
     json_path: common.JsonOut = None,
@@ -78,7 +82,7 @@ def render_info(found: dict[str, Any]) -> None:
         layers = Table(title=f"layers ({len(found['layers'])})")
         for col in ("layer", "O x I", "rank K", "activation ranks"):
             layers.add_column(col, justify="left" if col == "layer" else "right")
-        for row in found["layers"]:
+        for row in found["layers"][:SHOWN_LAYERS]:
             act = row.get("act_ranks")
             layers.add_row(
                 row.get("name", ""),
@@ -87,6 +91,9 @@ def render_info(found: dict[str, Any]) -> None:
                 ", ".join(map(str, act)) if act else "-",
             )
         console.print(layers)
+        if len(found["layers"]) > SHOWN_LAYERS:
+            more = len(found["layers"]) - SHOWN_LAYERS
+            console.print(f"  ... and {more} more layers (all of them in --json)", markup=False)
 
     files = Table(title=f"files ({human_bytes(found['total_bytes'])})")
     for col in ("file", "size", "sha256", "check"):

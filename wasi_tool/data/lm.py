@@ -24,8 +24,12 @@ follows position t when that token belongs to the response (or, for text, to the
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import sys
+import time
+import types
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -96,24 +100,122 @@ def is_lm_spec(spec: str | Path) -> bool:
     return text.split(":", 1)[0] in LM_SPECS or text.endswith((".txt", ".jsonl"))
 
 
+# A chat template is a program from a file: its rendering gets a budget of template steps
+# (lines of the compiled template run, loops included) and of seconds, so that a template can
+# fail but not hang. A real template renders a conversation in a few hundred steps.
+TEMPLATE_STEPS = 1_000_000
+TEMPLATE_SECONDS = 20.0
+_TEMPLATE_CODE = "<template>"  # the file name Jinja compiles a template from a string under
+
+
+@contextlib.contextmanager
+def _template_budget(
+    steps: int = TEMPLATE_STEPS, seconds: float = TEMPLATE_SECONDS
+) -> Iterator[None]:
+    """Count the lines the compiled Jinja template runs in this thread (a trace function on
+    its frames only) and stop it with a WasiToolError past ``steps`` or ``seconds``."""
+    count = 0
+    deadline = time.monotonic() + seconds
+
+    def step(frame: types.FrameType, event: str, arg: Any) -> Any:
+        nonlocal count
+        if event == "line":
+            count += 1
+            if count > steps or (count % 4096 == 0 and time.monotonic() > deadline):
+                raise WasiToolError(
+                    f"the tokenizer's chat template ran more than {steps} steps or "
+                    f"{seconds:g} s; refusing it (a template that loops?)"
+                )
+        return step
+
+    def calls(frame: types.FrameType, event: str, arg: Any) -> Any:
+        return step if frame.f_code.co_filename == _TEMPLATE_CODE else None
+
+    before = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        yield
+    finally:
+        sys.settrace(before)
+
+
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The prompt text the model sees before its answer: the chat template with the
-    generation prompt when the tokenizer has one, else the messages' contents, one a line."""
+    generation prompt when the tokenizer has one (within a step budget), else the messages'
+    contents, one a line."""
     if getattr(tokenizer, "chat_template", None):
         try:
-            text: str = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-            return text
+            with _template_budget():
+                text = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+        except WasiToolError:
+            raise
         except Exception as exc:  # a template that rejects these roles, ...
-            raise WasiToolError(f"cannot apply the tokenizer's chat template: {exc}") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WasiToolError(f"cannot apply the tokenizer's chat template: {first}") from None
+        if not isinstance(text, str):
+            raise WasiToolError("the tokenizer's chat template did not render text")
+        return text
     return "".join(f"{m['content']}\n" for m in messages)
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of a rendered prompt (a chat template brings its own special tokens)."""
+# Text is cut before it reaches the tokenizer: a tokenizer given a 10 MB line at once may
+# abort the process. ``token_prefix`` tokenizes a prefix a few times longer than the tokens
+# asked for would need, growing it only while it gives too few tokens.
+CHARS_PER_TOKEN = 8
+_PREFIX_MARGIN = 16  # tokens past the count, so the cut's own last tokens are never used
+PIECE_CHARS = 1 << 16  # .txt data: tokenized in pieces of at most this many characters
+WORD_CHARS = 1 << 12  # a piece without whitespace
+
+
+def token_prefix(
+    tokenizer: Any, text: str, count: int, add_special_tokens: bool = False
+) -> tuple[list[int], bool]:
+    """The first ``count`` token ids of ``text`` (at most), from a bounded prefix of it, and
+    whether the text had more. The tokenizer never sees more than 4 * PIECE_CHARS characters
+    at once (about ``count * CHARS_PER_TOKEN`` for ordinary text)."""
+    limit = max(256, (count + _PREFIX_MARGIN) * CHARS_PER_TOKEN)
+    while True:
+        piece = text[:limit]
+        try:
+            ids = list(tokenizer(piece, add_special_tokens=add_special_tokens)["input_ids"])
+        except Exception as exc:
+            raise WasiToolError(f"cannot tokenize the text: {exc}") from None
+        if len(piece) == len(text):
+            return ids[:count], len(ids) > count
+        if len(ids) > count + _PREFIX_MARGIN or limit >= PIECE_CHARS * 4:
+            return ids[:count], True
+        limit = min(limit * 4, PIECE_CHARS * 4)
+
+
+def prompt_ids(tokenizer: Any, prompt: str, limit: int | None = None) -> list[int]:
+    """Token ids of a rendered prompt (a chat template brings its own special tokens); with
+    ``limit``, at most ``limit`` + 1 of them (one more says the prompt is longer), from a
+    bounded prefix of the text."""
     specials = not getattr(tokenizer, "chat_template", None)
-    return list(tokenizer(prompt, add_special_tokens=specials)["input_ids"])
+    if limit is None:
+        return list(tokenizer(prompt, add_special_tokens=specials)["input_ids"])
+    return token_prefix(tokenizer, prompt, limit + 1, specials)[0]
+
+
+def stream_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a whole text, tokenized in pieces of at most PIECE_CHARS characters, each
+    cut before a whitespace character where there is one (a pre-token boundary)."""
+    ids: list[int] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + PIECE_CHARS)
+        if end < len(text):
+            cut = max(text.rfind(c, start + 1, end) for c in " \n\t")
+            # no whitespace: a hard cut, shorter (one word's merges grow with its length)
+            end = cut if cut > start else min(end, start + WORD_CHARS)
+        try:
+            ids += tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
+        except Exception as exc:
+            raise WasiToolError(f"cannot tokenize the text: {exc}") from None
+        start = end
+    return ids
 
 
 def _eos(tokenizer: Any) -> int:
@@ -137,14 +239,18 @@ def encode_examples(
     eos, pad = _eos(tokenizer), _pad(tokenizer)
     rows, prompts, answers = [], [], []
     for ex in examples:
-        p = prompt_ids(tokenizer, ex.prompt)
-        r = [*tokenizer(ex.response, add_special_tokens=False)["input_ids"], eos]
-        full = (p + r)[: seq_len + 1]
+        # both cut before tokenizing: a prompt longer than seq_len drops the example anyway,
+        # and no more of the response than fits after the prompt is ever used
+        p = prompt_ids(tokenizer, ex.prompt, seq_len)
+        kept, more = token_prefix(tokenizer, ex.response, max(0, seq_len + 1 - len(p)))
+        full = [*p, *kept, eos][: seq_len + 1]
         if len(full) <= len(p):
             continue
         rows.append((full, len(p)))
         prompts.append(p)
-        answers.append(ex.response)
+        # the reference answer is what the example trains on: a response cut at seq_len is
+        # cut here too (exact match never tokenizes or generates past what fits)
+        answers.append(tokenizer.decode(kept, skip_special_tokens=True) if more else ex.response)
     if not rows:
         raise WasiToolError(f"{what}: no example fits in {seq_len} tokens with its response")
     length = seq_len if fixed else min(seq_len, max(len(full) - 1 for full, _ in rows))
@@ -175,7 +281,7 @@ def text_chunks(
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise WasiToolError(f"cannot read {path}: {exc}") from None
-    stream = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    stream = stream_ids(tokenizer, text)
     chunks = max(0, math.ceil((len(stream) - 1) / seq_len))
     if chunks < 2:
         raise WasiToolError(

@@ -18,12 +18,11 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from wasi_tool.federated.config import FederateConfig
+from wasi_tool.federated.config import FederateConfig, read_settings, settings_config
 from wasi_tool.federated.local import Participant, build, train_round
 from wasi_tool.federated.payload import to_arrays
 from wasi_tool.federated.server import Task, _arrays_record, serve
 from wasi_tool.models.loading import ModelSource
-from wasi_tool.safe_read import read_json
 
 log = logging.getLogger("wasi_tool.federated")
 
@@ -38,7 +37,7 @@ def _node_value(context: Context, key: str, default: Any) -> Any:
 
 
 def participant(task: Task, context: Context) -> tuple[Participant, int, FederateConfig]:
-    config = FederateConfig.from_dict(task.config)
+    config = settings_config(task.config, "the federated task's settings")
     client = int(_node_value(context, "partition-id", 0))
     parts = int(_node_value(context, "num-partitions", config.clients))
     model = str(_node_value(context, "model", task.model))
@@ -86,8 +85,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config (``model``, ``data``, ``out``,
     ``settings``: a JSON file of FederateConfig fields; ``resume``)."""
     cfg = context.run_config
-    settings = read_json(Path(str(cfg["settings"]))) if cfg.get("settings") else {}
-    config = FederateConfig.from_dict(settings)
+    settings = cfg.get("settings")
+    config = read_settings(str(settings)) if settings else FederateConfig()
     out = Path(str(cfg["out"]))
     resume = bool(cfg.get("resume", False))
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
-from wasi_tool.config import register_config
+from wasi_tool.config import check_settings, register_config
 from wasi_tool.errors import WasiToolError
 from wasi_tool.federated.partition import PartitionSpec
+from wasi_tool.safe_read import read_json
 from wasi_tool.training.config import FinetuneConfig
 
 MAX_COUNT = 10_000  # clients, rounds: a simulation keeps one record per client per round
+MAX_SETTINGS_BYTES = 1 << 20
 
 
 @register_config
@@ -82,3 +85,15 @@ class FederateConfig(FinetuneConfig):
     def local_config(self) -> FinetuneConfig:
         """The recipe a client is prepared with (round 0, client 0)."""
         return self.round_config(0, 0)
+
+
+def settings_config(data: Any, where: str) -> FederateConfig:
+    """A FederateConfig from settings read from a file or a message: an object of known fields,
+    each of its type with finite numbers (``config.check_settings``), then the config's own
+    range checks. Every refusal is one line naming the setting."""
+    return FederateConfig.from_dict(check_settings(FederateConfig, data, where))
+
+
+def read_settings(path: str | Path) -> FederateConfig:
+    """The Flower ServerApp's ``settings`` file (JSON, bounded in size and depth)."""
+    return settings_config(read_json(Path(path), max_bytes=MAX_SETTINGS_BYTES), str(path))

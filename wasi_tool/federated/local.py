@@ -28,9 +28,10 @@ from wasi_tool.federated.payload import State, load_state_, trainable_state
 from wasi_tool.measure import peak_rss_bytes
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.training.config import FinetuneConfig
-from wasi_tool.training.loop import Trainer, evaluate, first_batch
-from wasi_tool.training.prepare import Prepared, calibrated_ranks, prepare_for_training
+from wasi_tool.training.loop import Trainer, evaluate
+from wasi_tool.training.prepare import Prepared
 from wasi_tool.training.progress import Silent
+from wasi_tool.training.session import build_session
 
 ImageSet = Dataset[tuple[torch.Tensor, int]]
 
@@ -51,20 +52,6 @@ class Participant:
     @property
     def model(self) -> torch.nn.Module:
         return self.loaded.model
-
-
-def fit_head(
-    loaded: LoadedModel, classes: int, new_head: bool, note: Callable[[str], None]
-) -> None:
-    """A new classifier when the data has another class count (as finetune does)."""
-    model = loaded.model
-    head_classes = getattr(model, "num_classes", None)
-    if head_classes != classes or new_head:
-        if not hasattr(model, "reset_classifier"):
-            raise WasiToolError("the model has no reset_classifier(); cannot fit a new head")
-        model.reset_classifier(classes)  # type: ignore[operator]
-        note(f"new head: {head_classes} -> {classes} classes")
-    loaded.model_kwargs["num_classes"] = classes
 
 
 def client_data(splits: DataSplits, config: FederateConfig, client: int) -> tuple[ImageSet, str]:
@@ -125,17 +112,9 @@ def build(
     else:
         splits = load(data)
         train, description = client_data(splits, config, client)
-    fit_head(loaded, splits.num_classes, local.new_head, note)
-
-    def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        return first_batch(train, local, transform)
-
-    def ranks(targets: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
-        return calibrated_ranks(loaded.model, targets, local, batch)
-
-    prepared = prepare_for_training(loaded.model, local, ranks, note)
+    session = build_session(loaded, (transform, splits), local, train=train, note=note)
     return Participant(
-        loaded, transform, train, splits.test, prepared, description, list(splits.classes)
+        loaded, transform, train, splits.test, session.prepared, description, list(splits.classes)
     )
 
 

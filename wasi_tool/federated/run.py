@@ -50,4 +50,5 @@ def run_federate(
         node_wait=0.0,
         on_round=on_round,
         note=note,
+        check_data=True,  # this process sees every client's data: check it before round 1
     )

@@ -50,7 +50,14 @@ class Task:
     @classmethod
     def from_json(cls, text: str) -> Task:
         raw = loads_json(text, "the federated task")
-        return cls(str(raw["model"]), str(raw["data"]), dict(raw["config"]))
+        if (
+            not isinstance(raw, dict)
+            or not isinstance(raw.get("model"), str)
+            or not isinstance(raw.get("data"), str)
+            or not isinstance(raw.get("config"), dict)
+        ):
+            raise WasiToolError("the federated task needs a model and data (strings) and a config")
+        return cls(raw["model"], raw["data"], raw["config"])
 
 
 @dataclass
@@ -75,9 +82,46 @@ def save_state(directory: Path, state: State, meta: dict[str, Any]) -> None:
     os.replace(tmp, directory / STATE_FILE)
 
 
-def load_state(directory: Path, identity: dict[str, Any]) -> tuple[State, dict[str, Any]]:
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def check_history(history: Any, where: str, rounds: int) -> list[dict[str, Any]]:
+    """A saved round history, typed and bounded: a list of at most ``rounds`` records, record
+    k (1-based) for round k with its clients (objects), accepted count and test figures."""
+    if not isinstance(history, list):
+        kind = type(history).__name__
+        raise WasiToolError(f"{where}: history must be a list of rounds, got {kind}")
+    if len(history) > rounds:
+        raise WasiToolError(f"{where}: {len(history)} rounds saved, this run has {rounds}")
+    for k, row in enumerate(history, 1):
+        if (
+            not isinstance(row, dict)
+            or row.get("round") != k
+            or not isinstance(row.get("clients"), list)
+            or len(row["clients"]) > 10_000
+            or not all(isinstance(c, dict) and {"node", "status"} <= set(c) for c in row["clients"])
+            or not isinstance(row.get("accepted"), int)
+            or not all(_number(row.get(key)) for key in ("test_loss", "test_accuracy", "seconds"))
+        ):
+            raise WasiToolError(
+                f"{where}: history record {k} is not a round record (round {k}, clients, "
+                "accepted, test_loss, test_accuracy)"
+            )
+    return history
+
+
+def load_state(
+    directory: Path, identity: dict[str, Any], rounds: int
+) -> tuple[State, dict[str, Any]]:
+    """The saved global tensors and the validated record (identity, history) of a run."""
+    where = str(directory / STATE_FILE)
     tensors, meta = artifacts.load_weights(directory / STATE_FILE)
-    saved = loads_json(meta.get("fedstate", "{}"), f"{directory} fedstate")
+    saved = loads_json(meta.get("fedstate", "{}"), f"{where} fedstate")
+    if not isinstance(saved, dict):
+        kind = type(saved).__name__
+        raise WasiToolError(f"{where}: the saved state must be an object, got {kind}")
+    saved["history"] = check_history(saved.get("history"), where, rounds)
     if saved.get("identity") != identity:
         raise WasiToolError(
             f"{directory} was made with other settings or data; resume with the same command, "
@@ -124,6 +168,70 @@ def _read_reply(reply: Any, reference: State) -> tuple[dict[str, np.ndarray], di
     if not metrics.get("samples", 0) > 0:
         raise WasiToolError("reply reports no training samples")
     return arrays, metrics
+
+
+def _names(classes: list[str]) -> str:
+    shown = ", ".join(map(str, classes[:6])) + (", ..." if len(classes) > 6 else "")
+    return f"{len(classes)} classes ({shown})"
+
+
+def check_partitions(
+    server: Participant,
+    data: str | Path,
+    config: FederateConfig,
+    test_data: str | Path | None = None,
+) -> None:
+    """Before any round, where the server sees every client's data (a simulation): each
+    client's share has at least MIN_PER_CLIENT training samples, and every client's data has
+    one class set, the server's (the server scores its head on every label). One line saying
+    which client and what to change; nothing has been written yet."""
+    from wasi_tool.data.datasets import _labels_of
+    from wasi_tool.data.text import load_task_data
+    from wasi_tool.federated.partition import MIN_PER_CLIENT, PartitionSpec, client_folders, split
+
+    local = config.local_config()
+    spec = PartitionSpec.parse(config.partition)
+
+    def load(where: str | Path) -> Any:
+        return load_task_data(
+            server.loaded, where, server.transform.size, local.val_fraction, local.seed,
+            local.classes,
+        )  # fmt: skip
+
+    sizes: list[tuple[str, int]] = []
+    if spec.kind == "folders":
+        first: tuple[str, list[str]] | None = None
+        for folder in client_folders(Path(data), config.clients):
+            splits = load(folder)
+            first = first or (folder.name, list(splits.classes))
+            for name, classes in (first, (test_data and "the test data", server.classes)):
+                if name and list(splits.classes) != list(classes):
+                    raise WasiToolError(
+                        f"partition folders: client {folder.name} has "
+                        f"{_names(list(splits.classes))}, {name} has {_names(list(classes))}; "
+                        "every client needs the same class set"
+                    )
+            sizes.append((f"client {folder.name}", len(splits.train)))
+    else:
+        train = server.train if test_data is None else load(data).train
+        if spec.kind == "iid":
+            n = len(train)  # type: ignore[arg-type]
+            if n < config.clients:
+                raise WasiToolError(
+                    f"{n} training samples cannot be split among {config.clients} clients"
+                )
+            sizes = [(f"client {k}", n // config.clients + (k < n % config.clients))
+                     for k in range(config.clients)]  # fmt: skip
+        else:
+            labels = np.asarray(_labels_of(train))
+            parts = split(labels, config.clients, spec, config.seed)
+            sizes = [(f"client {k}", len(p)) for k, p in enumerate(parts)]
+    for who, size in sizes:
+        if size < MIN_PER_CLIENT:
+            raise WasiToolError(
+                f"partition {spec}: {who} gets {size} training sample(s), fewer than "
+                f"{MIN_PER_CLIENT}; use fewer clients or more data"
+            )
 
 
 def run_round(
@@ -186,13 +294,16 @@ def serve(
     node_wait: float = 300.0,
     on_round: Callable[[dict[str, Any]], None] = lambda row: None,
     note: Callable[[str], None] = lambda m: None,
+    check_data: bool = False,
 ) -> FederatedRun:
     """Run ``config.rounds`` rounds over ``grid`` and write the final artifact at ``out``.
 
     After each completed round the global state and history are saved atomically in
     ``<out>.fedstate/``; ``resume`` continues from the last completed round. A round with
     fewer than ``min_clients`` usable updates stops the run (WasiToolError) with that state
-    kept, so a later ``resume`` retries it.
+    kept, so a later ``resume`` retries it; a run that fails before its first round completes
+    leaves nothing. With ``check_data`` (a simulation, whose server sees every client's data)
+    the partitions are checked before any round (``check_partitions``).
     """
     out = Path(out)
     sdir = state_dir(out)
@@ -209,25 +320,59 @@ def serve(
     task = Task(str(source), str(data), config.to_dict())
     identity = {"task": json.loads(task.to_json()), "test_data": str(test_data)}
     server = build(ModelSource(checkpoint=Path(source)), data, config, None, note, test_data)
+    if check_data:
+        check_partitions(server, data, config, test_data)
     state = trainable_state(server.model)
     history: list[dict[str, Any]] = []
     if resume and (sdir / STATE_FILE).exists():
-        state, saved = load_state(sdir, identity)
+        state, saved = load_state(sdir, identity, config.rounds)
         history = list(saved["history"])
         note(f"resumed after round {len(history)} from {sdir / STATE_FILE}")
     elif resume:
         raise WasiToolError(f"nothing to resume: no server state at {sdir / STATE_FILE}")
     else:
         save_state(sdir, state, {"identity": identity, "history": history})
+    try:
+        _rounds(grid, task, server, state, config, history, sdir, identity, node_wait, on_round)
+    except BaseException:
+        if not resume and not history:  # no round completed: nothing worth keeping
+            import shutil
+
+            shutil.rmtree(sdir, ignore_errors=True)
+        raise
+    result = write_federated_artifact(server, config, data, out, history, overwrite)
+    import shutil
+
+    shutil.rmtree(sdir, ignore_errors=True)
+    return result
+
+
+def _rounds(
+    grid: Any,
+    task: Task,
+    server: Participant,
+    state: State,
+    config: FederateConfig,
+    history: list[dict[str, Any]],
+    sdir: Path,
+    identity: dict[str, Any],
+    node_wait: float,
+    on_round: Callable[[dict[str, Any]], None],
+) -> None:
+    """The rounds after ``history``: each one's state and record saved when it completes."""
     for rnd in range(len(history), config.rounds):
         start = time.perf_counter()
         new, clients = run_round(grid, rnd, task, state, config, node_wait)
         if new is None:
             accepted = sum(c["status"] == "ok" for c in clients)
+            kept = (
+                f"the state after round {rnd} is kept in {sdir} (--resume retries)"
+                if history
+                else "no round completed, nothing was saved"
+            )
             raise WasiToolError(
                 f"round {rnd + 1}: {accepted} usable update(s), min_clients is "
-                f"{config.min_clients}; the state after round {rnd} is kept in {sdir} "
-                "(--resume retries)"
+                f"{config.min_clients}; {kept}"
             )
         state = new
         from wasi_tool.federated.payload import load_state_
@@ -245,11 +390,6 @@ def serve(
         history.append(row)
         save_state(sdir, state, {"identity": identity, "history": history})
         on_round(row)
-    result = write_federated_artifact(server, config, data, out, history, overwrite)
-    import shutil
-
-    shutil.rmtree(sdir, ignore_errors=True)
-    return result
 
 
 def write_federated_artifact(

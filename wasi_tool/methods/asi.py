@@ -15,7 +15,11 @@ class ASI(Method):
 
     def build_layer(self, layer: nn.Module, options: LayerOptions) -> nn.Module:
         return ASILinear.from_linear(
-            dense(layer), options.act_ranks or (), options.seed, options.act_order
+            dense(layer),
+            options.act_ranks or (),
+            options.seed,
+            options.act_order,
+            options.act_residual_rows,
         )
 
 

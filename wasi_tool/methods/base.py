@@ -4,19 +4,26 @@ A method decides what each target linear becomes for training (``build_layer``) 
 model-level baselines, what happens to the model around it: ``before_targets`` (BSR installs
 token dropping and plans its blocks), ``restrict_targets`` (BSR keeps the targets inside its
 trained blocks), ``after_swap`` (BSR freezes, LoRA injects adapters) and ``finalize_`` (LoRA
-merges). Its flags say what the accounting and the optimiser need to know. Adding a method is
+merges). Its flags say what the accounting and the optimiser need to know. A method may also
+own its optimiser (``optimizer``: by default the one ``SubspaceSGD`` of every method) and its
+step (``step``: by default forward, loss, backward, update), so that a method without a
+backward pass (zeroth-order) or with another optimiser is one module too. Adding a method is
 one module that subclasses ``Method`` and calls ``register_method`` (see methods/wasi.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.methods.optim import NonFiniteGradient, SubspaceSGD, first_non_finite_grad
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.lossy import undo_lossy_
 from wasi_tool.nn.recompute import undo_recompute_
@@ -25,6 +32,59 @@ from wasi_tool.nn.swap import set_submodule
 from wasi_tool.ops.wsi import UpdateForm
 
 Note = Callable[[str], None]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Recipe(Protocol):
+    """The optimiser settings a method reads (a FinetuneConfig has them)."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    clip: float | None
+
+
+class NonFiniteLoss(WasiToolError):
+    """The loss of a step is NaN or inf; nothing was updated."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(f"the loss is {value}; nothing was updated")
+        self.value = value
+
+
+@dataclass
+class StepOutput:
+    """What one training step of a method gives back: the (detached) loss and logits."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+
+
+def gradient_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    forward: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> StepOutput:
+    """The default step: forward (inside ``forward()``, e.g. a saved-bytes meter), loss,
+    backward, update. Raises ``NonFiniteLoss`` or ``NonFiniteGradient`` before any update."""
+    with forward():
+        logits = model(x)
+    loss = loss_fn(logits, y)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(float(loss.detach()))
+    optimizer.zero_grad()
+    loss.backward()
+    # SubspaceSGD checks the global gradient norm it computes anyway (free); any other
+    # optimiser gets the explicit scan
+    if not isinstance(optimizer, SubspaceSGD):
+        bad = first_non_finite_grad(model)
+        if bad is not None:
+            raise NonFiniteGradient(f"non-finite gradient in {bad}")
+    optimizer.step()
+    return StepOutput(loss.detach(), logits.detach())
 
 
 @dataclass(frozen=True)
@@ -35,6 +95,7 @@ class LayerOptions:
     form: UpdateForm = "projection"
     act_order: str = "sequential"
     seed: int = 0
+    act_residual_rows: int = 0  # asi/wasi: sampled residual rows for an unbiased dW (0: off)
 
 
 class Method:
@@ -80,6 +141,25 @@ class Method:
     def finalize_(self, model: nn.Module) -> None:
         """Undo what only training needs (adapters merged); subspace layers are handled
         by ``wasi_tool.nn.to_plain_``."""
+
+    def optimizer(self, model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+        """The optimiser of the prepared ``model``: SGD for ordinary parameters and the WSI
+        update for factored layers, one global-norm clip (``SubspaceSGD``)."""
+        return SubspaceSGD(model, recipe.lr, recipe.momentum, recipe.weight_decay, recipe.clip)
+
+    def step(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: LossFn,
+        forward: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> StepOutput:
+        """One training step on (x, y); forward passes run inside ``forward()`` (the caller's
+        saved-bytes meter). Raise ``NonFiniteLoss``/``NonFiniteGradient`` before updating
+        anything when a loss or gradient is not finite."""
+        return gradient_step(model, optimizer, x, y, loss_fn, forward)
 
 
 METHODS: dict[str, Method] = {}

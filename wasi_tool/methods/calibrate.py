@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.models.family import CAUSAL_LM, family_of
 from wasi_tool.ops.accounting import tucker_elements
 from wasi_tool.ops.rank import rank_by_energy
 from wasi_tool.ops.tucker import tucker_core, tucker_expand
@@ -295,14 +296,41 @@ def calibrate_grams(
 
         handles.append(module.register_forward_pre_hook(pre))
     was_training = model.training
+    # nn.TransformerEncoderLayer's fused eval kernel reads linear1/linear2's weights without
+    # calling them: it would hide their inputs from the hooks
+    fast_path = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()  # no dropout / drop-path in calibration
-        for item in batches:
-            x, mask[0] = item if isinstance(item, tuple) else (item, None)
-            model(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            for item in batches:
+                x, mask[0] = item if isinstance(item, tuple) else (item, None)
+                model(x)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         mask[0] = None
         model.train(was_training)
         for h in handles:
             h.remove()
+    unseen = [n for n in names if rows[n] == 0]
+    if unseen:
+        raise WasiToolError(f"no calibration input reached {', '.join(unseen[:3])}")
     return {n: InputGram(grams[n], rows[n]) for n in names}
+
+
+def row_mask(
+    model: torch.nn.Module, x: torch.Tensor, y: object, ignore: int = -100
+) -> torch.Tensor | None:
+    """Which rows of a token batch change an output: a causal LM's positions up to its last
+    labelled one (later ones are right padding), a text classifier's non-padding tokens;
+    None (every row) for images. ``ignore``: the label of positions outside the loss (the
+    training loss's IGNORE)."""
+    family = family_of(model)
+    if not family.reads_text or x.ndim != 2:
+        return None
+    if family.task(model) == CAUSAL_LM and isinstance(y, torch.Tensor) and y.shape == x.shape:
+        pos = torch.arange(x.shape[1]).expand_as(x)
+        last = torch.where(y != ignore, pos, torch.full_like(pos, -1)).amax(dim=1)
+        return pos <= last[:, None]
+    pad = getattr(model.config, "pad_token_id", None)
+    return None if pad is None else x != int(pad)

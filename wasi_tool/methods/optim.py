@@ -129,3 +129,15 @@ class SubspaceSGD(torch.optim.Optimizer):
                     buf.mul_(momentum).add_(d_p)
                 d_p = buf
             p.add_(d_p, alpha=-lr)
+
+
+def first_non_finite_grad(model: nn.Module) -> str | None:
+    """Name of the first parameter (or WASI layer's gradient factor) that is not finite."""
+    for name, module in model.named_modules():
+        pending = module.pending_grad if isinstance(module, WASILinear) else None
+        if pending is not None and not bool(torch.isfinite(pending).all()):
+            return f"{name} (WASI gradient factor P)"
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return name
+    return None

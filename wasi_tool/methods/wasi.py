@@ -10,7 +10,12 @@ from wasi_tool.nn.subspace import WASILinear
 
 def build_wasi_layer(layer: nn.Module, options: LayerOptions) -> nn.Module:
     return WASILinear.from_factored(
-        factored(layer), options.act_ranks, options.form, options.seed, options.act_order
+        factored(layer),
+        options.act_ranks,
+        options.form,
+        options.seed,
+        options.act_order,
+        options.act_residual_rows,
     )
 
 

@@ -41,15 +41,26 @@ class InputSpec:
     interpolation: str = "bilinear"
 
 
+CLASSIFIER = "classifier"
+CAUSAL_LM = "causal-lm"
+
+
 class ModelFamily:
     """Base adapter; subclasses override what differs."""
 
     name: ClassVar[str] = "base"
+    # its inputs are text through a tokenizer (check inputs, data come from wasi_tool.data.text)
+    reads_text: ClassVar[bool] = False
     presets: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     final_norms: ClassVar[tuple[str, ...]] = ()
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
+
+    def task(self, model: nn.Module) -> str:
+        """What the model is trained for: ``CLASSIFIER`` (a head fitted to the data's classes)
+        or ``CAUSAL_LM`` (next-token prediction; its vocabulary head is kept)."""
+        return CLASSIFIER
 
     def blocks(self, model: nn.Module) -> list[str]:
         """Names of the transformer blocks in execution order ([] if none are known)."""
@@ -158,6 +169,7 @@ class HFText(ModelFamily):
     """Hugging Face text models (BERT family, Llama family) loaded as sequence classifiers."""
 
     name = "hf"
+    reads_text = True
     # Block outputs of BERT-family encoders: "layer.<n>.output.dense", not the attention's
     # "layer.<n>.attention.output.dense" (a "*" would span the dots).
     presets: ClassVar[Mapping[str, tuple[str, ...]]] = {
@@ -185,6 +197,9 @@ class HFText(ModelFamily):
 
     def matches(self, model: nn.Module) -> bool:
         return hf.is_hf(model)
+
+    def task(self, model: nn.Module) -> str:
+        return CAUSAL_LM if hf.is_causal_lm(model) else CLASSIFIER
 
     def blocks(self, model: nn.Module) -> list[str]:
         for path in self.block_lists:
@@ -319,6 +334,11 @@ def family_of(model: nn.Module) -> ModelFamily:
         if family.matches(model):
             return family
     raise WasiToolError(f"no model family knows {type(model).__name__}")
+
+
+def task_of(model: nn.Module) -> str:
+    """``CLASSIFIER`` or ``CAUSAL_LM``: what ``model``'s family says it is trained for."""
+    return family_of(model).task(model)
 
 
 def all_presets() -> dict[str, tuple[str, ...]]:

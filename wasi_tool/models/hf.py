@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import shutil
+import weakref
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,11 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 DEFAULT_SEQ_LEN = 16  # the sequence length of random check / bench inputs
+# Prompt + generated tokens are bounded by the model's context (its config's position limit),
+# and never more than this whatever a config says.
+MAX_CONTEXT = 1 << 17
+DEFAULT_CONTEXT = 2048  # a config that names no position limit
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx")
 
 
 def _transformers() -> Any:
@@ -340,7 +347,14 @@ def load_gguf(path: Path, task: str | None = None) -> tuple[nn.Module, Path]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WasiToolError(f"cannot load GGUF file {path}: {first}") from None
     tok_dir = Path(tempfile.mkdtemp(prefix="wasi-tool-gguf-tokenizer-"))
-    tokenizer.save_pretrained(str(tok_dir))
+    try:
+        tokenizer.save_pretrained(str(tok_dir))
+    except Exception as exc:
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        raise WasiToolError(f"cannot save the tokenizer of {path}: {exc}") from None
+    # the folder lives as long as the model (artifacts copy the tokenizer from it), and goes
+    # with it: when the model is collected, or at exit, on success and on failure alike
+    weakref.finalize(model, shutil.rmtree, str(tok_dir), True)
     for p in model.parameters():  # transformers refuses .float() on a model read from GGUF
         if p.dtype != torch.float32:
             p.data = p.data.float()
@@ -429,6 +443,55 @@ def random_token_ids(
     return ids
 
 
+def context_length(model: nn.Module) -> tuple[int, str]:
+    """The most tokens (prompt + generated) the model takes, and where that figure is from:
+    its config's position limit, at most MAX_CONTEXT."""
+    config: Any = getattr(model, "config", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return min(value, MAX_CONTEXT), key
+    return DEFAULT_CONTEXT, "the default: the config names no position limit"
+
+
+def check_generation(
+    model: nn.Module, prompt_tokens: int | None, max_new_tokens: int, temperature: float = 0.0,
+    top_k: int | None = None, top_p: float | None = None,
+) -> None:  # fmt: skip
+    """Refuse generation settings out of range: non-finite or negative temperature, top_p
+    outside (0, 1], and a prompt plus ``max_new_tokens`` beyond the model's context
+    (``prompt_tokens`` None: the settings alone, before the prompt is tokenized)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise WasiToolError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise WasiToolError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise WasiToolError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise WasiToolError(f"top_k must be >= 1, got {top_k}")
+    context, where = context_length(model)
+    if prompt_tokens is None:
+        if max_new_tokens >= context:
+            raise WasiToolError(
+                f"max_new_tokens {max_new_tokens} exceeds the model's context of {context} "
+                f"tokens ({where}), prompt included"
+            )
+        return
+    if prompt_tokens < 1:
+        raise WasiToolError("the prompt is empty")
+    if prompt_tokens >= context:
+        raise WasiToolError(
+            f"the prompt is {'more than ' if prompt_tokens > context else ''}{context} tokens: "
+            f"the model's context is {context} ({where}), and it leaves no room to generate"
+        )
+    if prompt_tokens + max_new_tokens > context:
+        raise WasiToolError(
+            f"max_new_tokens {max_new_tokens} with a prompt of {prompt_tokens} tokens exceeds "
+            f"the model's context of {context} tokens ({where}): at most "
+            f"{context - prompt_tokens}"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -442,18 +505,12 @@ def generate(
 ) -> list[int]:
     """New token ids after ``prompt_ids`` from a causal LM, by transformers' ``generate`` with
     its key/value cache: greedy at ``temperature`` 0, else sampled (``top_k``, ``top_p``)
-    with torch's RNG seeded by ``seed``. Stops at the end-of-sequence token. The model's
+    with torch's RNG seeded by ``seed``. Stops at the end-of-sequence token. The prompt and
+    ``max_new_tokens`` together must fit the model's context (``check_generation``). The model's
     modules run as they are (factored layers stay factored)."""
     if not is_causal_lm(model):
         raise WasiToolError("generation needs a causal language model (task causal-lm)")
-    if max_new_tokens < 1:
-        raise WasiToolError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
-        raise WasiToolError("temperature must be >= 0 and top_p in (0, 1]")
-    if top_k is not None and top_k < 1:
-        raise WasiToolError(f"top_k must be >= 1, got {top_k}")
-    if not prompt_ids:
-        raise WasiToolError("the prompt is empty")
+    check_generation(model, len(prompt_ids), max_new_tokens, temperature, top_k, top_p)
     config: Any = model.config
     eos = config.eos_token_id
     was_training = model.training

@@ -10,15 +10,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wasi_tool.autograd import ASIFunction, GradSink, WASIFunction, WSIFunction
+from wasi_tool.autograd import (
+    ASIFunction,
+    ASIResidualFunction,
+    GradSink,
+    WASIFunction,
+    WASIResidualFunction,
+    WSIFunction,
+)
 from wasi_tool.measure import count_kept
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.recompute import recording, replaying
 from wasi_tool.nn.swap import replace_all_
+from wasi_tool.ops.residual import check_sampling, sample_residual_rows
 from wasi_tool.ops.tucker import ASI_ORDERS, random_basis, subspace_step, tucker_compress
 from wasi_tool.ops.wsi import UPDATE_FORMS, UpdateForm, wsi_update
 
 INIT_ITERS = 2  # extra subspace iterations from the Gaussian start, on the first batch only
+
+Residual = tuple[torch.Tensor, torch.Tensor]  # sampled residual rows (m x I), their indices (m)
+Encoded = tuple[torch.Tensor, list[torch.Tensor], Residual | None]
+
+
+def residual_seed(seed: int) -> int:
+    """The residual sampler's seed, derived from the layer's seed (apart from the bases')."""
+    return (seed * 2654435761 + 0x5EED) % (2**63)
 
 
 class ActivationBases:
@@ -28,24 +44,50 @@ class ActivationBases:
     r_m = D_m. A mode whose size changes (batch 64, then a last batch of 10) starts again from
     a seeded Gaussian basis, refined by INIT_ITERS iterations: for the batch mode that loses
     nothing, since one batch's basis says nothing about the next batch's samples.
+
+    ``residual_rows`` m > 0 also samples m rows of the residual x - x~ per step (method.md
+    section 9, ``wasi_tool.ops.residual``) from a generator seeded by ``residual_seed(seed)``,
+    so that the weight gradient is unbiased; 0 (the default) is plain ASI.
     """
 
-    def __init__(self, ranks: Sequence[int], seed: int = 0, order: str = "sequential") -> None:
+    def __init__(
+        self,
+        ranks: Sequence[int],
+        seed: int = 0,
+        order: str = "sequential",
+        residual_rows: int = 0,
+        residual_sampling: str = "norm",
+    ) -> None:
         if not ranks or any(int(r) < 1 for r in ranks):
             raise ValueError(f"activation ranks must be positive, got {tuple(ranks)}")
         if order not in ASI_ORDERS:
             raise ValueError(f"unknown ASI order {order!r}; choose from {ASI_ORDERS}")
+        if int(residual_rows) < 0:
+            raise ValueError(f"residual rows must be >= 0, got {residual_rows}")
+        check_sampling(residual_sampling)
         self.ranks = tuple(int(r) for r in ranks)
         self.seed = seed
         self.order = order
         self.bases: list[torch.Tensor] | None = None
         self._generator = torch.Generator().manual_seed(seed)
+        self.residual_rows = int(residual_rows)
+        self.residual_sampling = residual_sampling
+        self._residual_generator = (
+            torch.Generator().manual_seed(residual_seed(seed)) if self.residual_rows else None
+        )
         # compressions recorded in a recompute region's first forward, replayed in backward
-        self._records: deque[tuple[torch.Tensor, list[torch.Tensor]]] = deque()
+        self._records: deque[Encoded] = deque()
 
     @torch.no_grad()
     def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One ASI step on ``x``: (core, bases); the bases are kept as the next warm start."""
+        core, bases, _ = self.encode(x)
+        return core, bases
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """One ASI step on ``x`` and, with ``residual_rows``, its residual sample:
+        (core, bases, (rows, index) or None)."""
         if x.ndim != len(self.ranks):
             raise ValueError(
                 f"activation has {x.ndim} modes {tuple(x.shape)} but {len(self.ranks)} ranks "
@@ -69,22 +111,37 @@ class ActivationBases:
             starts.append(u)
         core, bases = tucker_compress(x, starts, self.order)
         self.bases = bases
+        residual: Residual | None = None
+        if self._residual_generator is not None:
+            residual = sample_residual_rows(
+                x,
+                core,
+                bases,
+                self.residual_rows,
+                self._residual_generator,
+                self.residual_sampling,
+            )
         if recording():
-            self._records.append((core, bases))
-            for t in (core, *bases):
+            self._records.append((core, bases, residual))
+            for t in (core, *bases, *(residual or ())):
                 count_kept(t)  # held until backward, outside autograd's saved tensors
-        return core, bases
+        return core, bases, residual
 
     def state_dict(self) -> dict[str, object]:
-        return {
+        state: dict[str, object] = {
             "ranks": list(self.ranks),
             "bases": self.bases,
             "generator": self._generator.get_state(),
         }
+        if self._residual_generator is not None:
+            state["residual_generator"] = self._residual_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.bases = state["bases"]  # type: ignore[assignment]
         self._generator.set_state(state["generator"])  # type: ignore[arg-type]
+        if self._residual_generator is not None and "residual_generator" in state:
+            self._residual_generator.set_state(state["residual_generator"])  # type: ignore[arg-type]
 
 
 class SubspaceLayer(nn.Module):
@@ -115,6 +172,8 @@ class WASILinear(SubspaceLayer):
     ``act_ranks`` is given (method ``wasi``), or saved whole when it is None (method ``wsi``).
     Backward hands the weight-gradient factors to ``self.sink``; ``subspace_step`` then applies
     the factor-only update. L and R never receive a ``.grad``. Eval forward: (x R^T) L^T + b.
+    ``act_residual_rows`` m > 0 (with ``act_ranks``) adds m sampled residual rows to the saved
+    activation so the weight gradient is unbiased (``ActivationBases``).
     """
 
     def __init__(
@@ -127,16 +186,24 @@ class WASILinear(SubspaceLayer):
         form: UpdateForm = "projection",
         seed: int = 0,
         act_order: str = "sequential",
+        act_residual_rows: int = 0,
+        act_residual_sampling: str = "norm",
     ) -> None:
         super().__init__()
         if form not in UPDATE_FORMS:
             raise ValueError(f"unknown WSI update form {form!r}; choose from {UPDATE_FORMS}")
+        if act_residual_rows and act_ranks is None:
+            raise ValueError("act_residual_rows needs act_ranks (full activations are exact)")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.L = nn.Parameter(torch.empty(out_features, rank))
         self.R = nn.Parameter(torch.empty(rank, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.form: UpdateForm = form
-        self.act = ActivationBases(act_ranks, seed, act_order) if act_ranks is not None else None
+        self.act = (
+            ActivationBases(act_ranks, seed, act_order, act_residual_rows, act_residual_sampling)
+            if act_ranks is not None
+            else None
+        )
         self.sink = GradSink()
 
     @classmethod
@@ -147,6 +214,8 @@ class WASILinear(SubspaceLayer):
         form: UpdateForm = "projection",
         seed: int = 0,
         act_order: str = "sequential",
+        act_residual_rows: int = 0,
+        act_residual_sampling: str = "norm",
     ) -> WASILinear:
         new = cls(
             layer.in_features,
@@ -157,6 +226,8 @@ class WASILinear(SubspaceLayer):
             form=form,
             seed=seed,
             act_order=act_order,
+            act_residual_rows=act_residual_rows,
+            act_residual_sampling=act_residual_sampling,
         ).to(device=layer.L.device, dtype=layer.L.dtype)
         with torch.no_grad():
             new.L.copy_(layer.L)
@@ -177,8 +248,12 @@ class WASILinear(SubspaceLayer):
             return F.linear(F.linear(x, self.R), self.L, self.bias)
         if self.act is None:
             return WSIFunction.apply(x, self.L, self.R, self.bias, self.sink)
-        core, bases = self.act.compress(x)
-        return WASIFunction.apply(x, self.L, self.R, self.bias, self.sink, core, *bases)
+        core, bases, residual = self.act.encode(x)
+        if residual is None:
+            return WASIFunction.apply(x, self.L, self.R, self.bias, self.sink, core, *bases)
+        return WASIResidualFunction.apply(
+            x, self.L, self.R, self.bias, self.sink, *residual, core, *bases
+        )
 
     @property
     def pending_grad(self) -> torch.Tensor | None:
@@ -186,10 +261,10 @@ class WASILinear(SubspaceLayer):
         return self.sink.p
 
     def grad_sq_norm(self) -> torch.Tensor:
-        """||G||_F^2 of the pending gradient: ||P||_F^2, since U has orthonormal columns."""
-        if self.sink.p is None:
-            return torch.zeros((), dtype=self.L.dtype)
-        return self.sink.p.pow(2).sum()
+        """||G||_F^2 of the pending gradient: ||P||_F^2 when U has orthonormal columns, else
+        from the factors' Gram matrices (``GradSink.sq_norm``)."""
+        sq = self.sink.sq_norm()
+        return torch.zeros((), dtype=self.L.dtype) if sq is None else sq
 
     @torch.no_grad()
     def subspace_step(self, lr: float, weight_decay: float = 0.0, clip_coef: float = 1.0) -> None:
@@ -205,9 +280,11 @@ class WASILinear(SubspaceLayer):
 
     def extra_repr(self) -> str:
         acts = self.act.ranks if self.act is not None else "full"
+        rows = self.act.residual_rows if self.act is not None else 0
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, act_ranks={acts}, form={self.form}"
+            + (f", act_residual_rows={rows}" if rows else "")
         )
 
 
@@ -215,7 +292,8 @@ class ASILinear(SubspaceLayer):
     """A dense linear whose saved activation is Tucker-compressed (method ``asi``).
 
     The weight gradient P U^T is returned to autograd as a dense ``weight.grad`` so a stock
-    optimiser applies it.
+    optimiser applies it. ``act_residual_rows`` m > 0 adds m sampled residual rows (an unbiased
+    weight gradient, ``ActivationBases``).
     """
 
     def __init__(
@@ -226,12 +304,16 @@ class ASILinear(SubspaceLayer):
         bias: bool = True,
         seed: int = 0,
         act_order: str = "sequential",
+        act_residual_rows: int = 0,
+        act_residual_sampling: str = "norm",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.act = ActivationBases(act_ranks, seed, act_order)
+        self.act = ActivationBases(
+            act_ranks, seed, act_order, act_residual_rows, act_residual_sampling
+        )
 
     @classmethod
     def from_linear(
@@ -240,6 +322,8 @@ class ASILinear(SubspaceLayer):
         act_ranks: Sequence[int],
         seed: int = 0,
         act_order: str = "sequential",
+        act_residual_rows: int = 0,
+        act_residual_sampling: str = "norm",
     ) -> ASILinear:
         new = cls(
             layer.in_features,
@@ -248,6 +332,8 @@ class ASILinear(SubspaceLayer):
             layer.bias is not None,
             seed,
             act_order,
+            act_residual_rows,
+            act_residual_sampling,
         ).to(device=layer.weight.device, dtype=layer.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(layer.weight)
@@ -270,13 +356,17 @@ class ASILinear(SubspaceLayer):
         if not (self.training and torch.is_grad_enabled()):
             return F.linear(x, self.weight, self.bias)
         assert self.act is not None  # an ASILinear always compresses
-        core, bases = self.act.compress(x)
-        return ASIFunction.apply(x, self.weight, self.bias, core, *bases)
+        core, bases, residual = self.act.encode(x)
+        if residual is None:
+            return ASIFunction.apply(x, self.weight, self.bias, core, *bases)
+        return ASIResidualFunction.apply(x, self.weight, self.bias, *residual, core, *bases)
 
     def extra_repr(self) -> str:
+        rows = self.act.residual_rows if self.act is not None else 0
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"act_ranks={self.act.ranks if self.act is not None else None}"
+            + (f", act_residual_rows={rows}" if rows else "")
         )
 
 

@@ -303,7 +303,28 @@ def _memory_lead(
                 "allocator": r.allocator,
             }
         )
-    return [*lines, ""]
+    return [*lines, "", *_allocator_line([r.allocator for _, _, r in rows])]
+
+
+def _allocator_line(names: list[str | None]) -> list[str]:
+    """One line under the memory table: the allocator each row's process ran on (peaks on glibc
+    stay higher: it keeps freed memory resident; wasi_tool/allocator.py)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name or "unknown"] = counts.get(name or "unknown", 0) + 1
+    if not counts:
+        return []
+    if len(counts) == 1:
+        text = f"Allocator: every row ran on {next(iter(counts))}."
+    else:
+        each = (f"{n} ({c} row{'s' if c > 1 else ''})" for n, c in counts.items())
+        text = "Allocators: " + ", ".join(each) + "."
+    if any(n.startswith(("glibc", "system")) for n in counts):
+        text += (
+            " glibc keeps freed memory resident, so its peaks sit higher than on jemalloc or "
+            "tcmalloc (apt-get install libjemalloc2; scripts/demo.sh preloads it when installed)."
+        )
+    return [text, ""]
 
 
 def _plots(

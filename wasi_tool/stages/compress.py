@@ -20,8 +20,7 @@ from wasi_tool import artifacts
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
-from wasi_tool.methods.calibrate import Batch, InputGram, calibrate_grams
-from wasi_tool.models import hf
+from wasi_tool.methods.calibrate import Batch, InputGram, calibrate_grams, row_mask
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.models.targets import select_targets
 from wasi_tool.stages.common import layer_records, write_stage_artifact
@@ -66,27 +65,13 @@ class CompressResult:
     calibration: dict[str, Any] | None = None
 
 
-def _row_mask(model: torch.nn.Module, x: torch.Tensor, y: Any) -> torch.Tensor | None:
-    """Which rows of a token batch change an output: a causal LM's positions up to its last
-    labelled one (later ones are right padding), a text classifier's non-padding tokens;
-    None (every row) for images."""
-    if not hf.is_hf(model) or x.ndim != 2:
-        return None
-    if hf.is_causal_lm(model) and isinstance(y, torch.Tensor) and y.shape == x.shape:
-        pos = torch.arange(x.shape[1]).expand_as(x)
-        last = torch.where(y != IGNORE, pos, torch.full_like(pos, -1)).amax(dim=1)
-        return pos <= last[:, None]
-    pad = getattr(model.config, "pad_token_id", None)
-    return None if pad is None else x != int(pad)
-
-
 def _batches(
     loaded: LoadedModel, dataset: Dataset[Any], indices: Sequence[int], transform: Any
 ) -> Iterator[Batch]:
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=CALIBRATION_BATCH)
     for x, y in loader:
         x = transform(x)
-        yield x, _row_mask(loaded.model, x, y)
+        yield x, row_mask(loaded.model, x, y, IGNORE)
 
 
 def calibration_grams(

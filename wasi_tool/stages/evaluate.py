@@ -9,14 +9,13 @@ fine-tuned artifact reads the images it was evaluated on and none it trained on.
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from wasi_tool import artifacts
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
@@ -62,23 +61,15 @@ def _finetune_settings(stages: list[dict[str, Any]]) -> dict[str, Any]:
     return {}
 
 
-def _write_predictions(path: Path, result: EvalResult) -> None:
+def _write_predictions(path: Path, result: EvalResult, inputs: tuple[Any, ...]) -> None:
+    """One CSV row per example, through the output-path rule (never onto an input, a device
+    or a FIFO) and an atomic write."""
     names = result.classes
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise WasiToolError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            out = csv.writer(f)
-            out.writerow(["index", "label", "prediction", "label_name", "prediction_name"])
-            for i, (y, p) in enumerate(zip(result.labels, result.predictions, strict=True)):
-                out.writerow([i, y, p, names[y], names[p] if p < len(names) else ""])
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise WasiToolError(f"cannot write {path}: {exc.strerror}") from None
+    with artifacts.atomic_file(path, inputs, newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["index", "label", "prediction", "label_name", "prediction_name"])
+        for i, (y, p) in enumerate(zip(result.labels, result.predictions, strict=True)):
+            out.writerow([i, y, p, names[y], names[p] if p < len(names) else ""])
 
 
 def run_eval(
@@ -99,6 +90,9 @@ def run_eval(
         raise WasiToolError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if batch_size < 1:
         raise WasiToolError(f"batch size must be >= 1, got {batch_size}")
+    inputs = (source.checkpoint, data)
+    if predictions is not None:  # refused before any work when it would overwrite an input
+        artifacts.check_output_file(predictions, inputs)
     loaded = load_model(source)
     model = loaded.model
     tuned = _finetune_settings(loaded.stages)
@@ -145,5 +139,5 @@ def run_eval(
         result.predictions = [int(p) for top1, _ in found for p in top1.tolist()]
         result.labels = [int(y) for _, labels in found for y in labels.tolist()]
     if predictions is not None:
-        _write_predictions(predictions, result)
+        _write_predictions(predictions, result, inputs)
     return result

@@ -13,7 +13,6 @@ from torch import nn
 from wasi_tool import artifacts, onnxio
 from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models import hf
 from wasi_tool.models.family import family_of
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.stages.common import layer_records, write_stage_artifact
@@ -97,7 +96,7 @@ class ExportResult:
 
 def _check_inputs(loaded: LoadedModel, config: ExportConfig) -> list[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(config.seed)
-    if hf.is_hf(loaded.model):
+    if family_of(loaded.model).reads_text:
         from wasi_tool.data.text import check_inputs
 
         return check_inputs(loaded, config.check_batch, gen, config.data, config.check_images)

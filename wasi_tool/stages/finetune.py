@@ -17,23 +17,22 @@ import torch
 
 from wasi_tool import artifacts
 from wasi_tool.allocator import follow_live_memory, in_use
-from wasi_tool.data import batch_transform
-from wasi_tool.data.text import load_task_data
+from wasi_tool.data.datasets import DataSplits
 from wasi_tool.errors import WasiToolError
-from wasi_tool.measure import library_floor, reset_peak_rss
-from wasi_tool.methods import finalize_, get_method
-from wasi_tool.models import hf
-from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
+from wasi_tool.measure import reset_peak_rss
+from wasi_tool.methods import finalize_
+from wasi_tool.models.family import CAUSAL_LM, task_of
+from wasi_tool.models.hf import load_tokenizer
+from wasi_tool.models.loading import LoadedModel, ModelSource
 from wasi_tool.stages.common import layer_records, write_stage_artifact
 from wasi_tool.training import checkpoint
 from wasi_tool.training.accounting import LAYERS_NOTE, layer_accounting, model_accounting
 from wasi_tool.training.config import FinetuneConfig
 from wasi_tool.training.lm import evaluate_lm
-from wasi_tool.training.loop import Trainer, first_batch
-from wasi_tool.training.plan import parse_size, plan_memory, plan_table
-from wasi_tool.training.prepare import calibrated_ranks, prepare_for_training
+from wasi_tool.training.loop import Trainer
 from wasi_tool.training.progress import Progress, Silent
 from wasi_tool.training.results import FinetuneMetrics
+from wasi_tool.training.session import Session, build_session
 
 __all__ = ["METRICS", "FinetuneConfig", "FinetuneResult", "run_finetune"]
 
@@ -82,17 +81,6 @@ def _check_finite(model: torch.nn.Module) -> None:
             )
 
 
-def _fit_head(loaded: LoadedModel, classes: int, new_head: bool, progress: Progress) -> None:
-    model = loaded.model
-    head_classes = getattr(model, "num_classes", None)
-    if head_classes != classes or new_head:
-        if not hasattr(model, "reset_classifier"):
-            raise WasiToolError("the model has no reset_classifier(); cannot fit a new head")
-        model.reset_classifier(classes)  # type: ignore[operator]
-        progress.note(f"new head: {head_classes} -> {classes} classes")
-    loaded.model_kwargs["num_classes"] = classes
-
-
 def _lm_eval(
     model: torch.nn.Module, test: Any, tokenizer: Any, config: FinetuneConfig, progress: Progress
 ) -> dict[str, Any]:
@@ -128,107 +116,46 @@ def run_finetune(
         config.memory_mode != "off" or config.memory_budget is not None or config.lossy != "off"
     )
     allocator = follow_live_memory() if saves_memory else in_use()
-    torch.manual_seed(config.seed)
-    loaded = load_model(source)
-    model = loaded.model
-    transform = batch_transform(loaded)
-    splits = load_task_data(
-        loaded,
-        data,
-        transform.size,
-        config.val_fraction,
-        config.seed,
-        config.classes,
-        seq_len=config.seq_len,
+    lm_eval: dict[str, Any] = {}
+    tokenizer: Any = None
+
+    def perplexity_before(loaded: LoadedModel, splits: DataSplits) -> None:
+        nonlocal tokenizer
+        if task_of(loaded.model) == CAUSAL_LM:
+            tokenizer = load_tokenizer(loaded.tokenizer_dir)
+            lm_eval["before"] = _lm_eval(loaded.model, splits.test, tokenizer, config, progress)
+
+    session = build_session(
+        source, data, config, before_prepare=perplexity_before, note=progress.note
     )
-    causal = hf.is_causal_lm(model)
-    lm_eval: dict[str, Any] | None = None
-    if causal:  # next-token prediction keeps its vocabulary head
-        tokenizer = hf.load_tokenizer(loaded.tokenizer_dir)
-        lm_eval = {"before": _lm_eval(model, splits.test, tokenizer, config, progress)}
-    else:
-        _fit_head(loaded, splits.num_classes, config.new_head, progress)
-    floor = library_floor(model)  # model and data loaded, less the weights
-
-    method = get_method(config.method)
-
-    def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        return first_batch(splits.train, config, transform)
-
-    def ranks(targets: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
-        found, info = calibrated_ranks(model, targets, config, batch)
-        if info.get("rule") != "explicit":
-            progress.note(f"activation ranks by {info['rule']} on one batch of {info['batch']}")
-        return found, info
-
-    prepared = prepare_for_training(model, config, ranks, progress.note)
-    plan = None
-    if config.memory_budget is not None:
-        x, y = batch()
-        plan = plan_memory(
-            model,
-            x,
-            y,
-            parse_size(config.memory_budget),
-            floor=library_floor(model) or 0,  # resident as training starts, less the weights
-            momentum=config.momentum,
-            lossy=config.lossy,
-            plan_ranks=method.compressed_activations and config.act_ranks is None,
-        )
-        progress.note(plan_table(plan))
-        if plan.chosen.act_ranks is not None:  # the plan lowered the calibrated ranks
-            prepared.act_ranks = {n: tuple(r) for n, r in plan.chosen.act_ranks.items()}
-            prepared.calibration = {**(prepared.calibration or {}), "planned": True}
+    loaded, splits, model, prepared = (
+        session.loaded,
+        session.splits,
+        session.model,
+        session.prepared,
+    )
+    assert loaded is not None and splits is not None
     trainer = Trainer(
         model,
         prepared.targets,
         config,
         splits.train,
         splits.test,
-        transform,
+        session.transform,
         ckpt_dir,
         progress,
         identity={"arch": loaded.arch, "config": config.to_dict(), "data": str(data)},
+        method=session.method,
+        optimizer=session.optimizer,
     )
     if resume:
         trainer.restore()
     trainer.train()
-
-    model_row = {
-        **model_accounting(model),
-        **method.model_accounting(model, prepared.plan, lambda: batch()[0]),
-    }
-    metrics = FinetuneMetrics(
-        method=config.method,
-        config=config.to_dict(),
-        data=splits.description,
-        classes=splits.classes,
-        targets=prepared.targets,
-        weight_ranks={
-            n: int(model.get_submodule(n).rank)  # type: ignore[arg-type]
-            for n in prepared.targets
-            if method.factored_weight
-        },
-        act_ranks={n: list(r) for n, r in prepared.act_ranks.items()},
-        act_calibration=prepared.calibration,
-        epochs=trainer.history,
-        measured=trainer.measured(floor, allocator),
-        analytic={
-            "note": LAYERS_NOTE,
-            "layers": layer_accounting(
-                model, prepared.targets, method, trainer.act_shapes, config.lora_rank
-            ),
-            "model": model_row,
-        },
-        bsr=method.plan_record(prepared.plan),
-    )
-    if plan is not None:
-        plan.measured_peak = metrics.measured.peak_rss_bytes
-        metrics.memory_plan = plan.to_dict()
-    finalize_(model, method)
+    metrics = _metrics(session, trainer, allocator)
+    finalize_(model, session.method)
     model.eval()
     _check_finite(model)
-    if lm_eval is not None:
+    if lm_eval:
         lm_eval["after"] = _lm_eval(model, splits.test, tokenizer, config, progress)
         metrics.lm = lm_eval
     stages = [{"stage": "finetune", "config": config.to_dict(), "data": splits.description}]
@@ -253,3 +180,46 @@ def run_finetune(
     )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return FinetuneResult(loaded, out, metrics, files)
+
+
+def _metrics(session: Session, trainer: Trainer, allocator: str | None) -> FinetuneMetrics:
+    """What the run measured and decided, before the model goes back to plain modules."""
+    model, method, config, prepared = (
+        session.model,
+        session.method,
+        session.config,
+        session.prepared,
+    )
+    assert session.splits is not None
+    model_row = {
+        **model_accounting(model),
+        **method.model_accounting(model, prepared.plan, lambda: session.batch()[0]),
+    }
+    metrics = FinetuneMetrics(
+        method=config.method,
+        config=config.to_dict(),
+        data=session.splits.description,
+        classes=session.splits.classes,
+        targets=prepared.targets,
+        weight_ranks={
+            n: int(model.get_submodule(n).rank)  # type: ignore[arg-type]
+            for n in prepared.targets
+            if method.factored_weight
+        },
+        act_ranks={n: list(r) for n, r in prepared.act_ranks.items()},
+        act_calibration=prepared.calibration,
+        epochs=trainer.history,
+        measured=trainer.measured(session.floor, allocator),
+        analytic={
+            "note": LAYERS_NOTE,
+            "layers": layer_accounting(
+                model, prepared.targets, method, trainer.act_shapes, config.lora_rank
+            ),
+            "model": model_row,
+        },
+        bsr=method.plan_record(prepared.plan),
+    )
+    if session.plan is not None:
+        session.plan.measured_peak = metrics.measured.peak_rss_bytes
+        metrics.memory_plan = session.plan.to_dict()
+    return metrics

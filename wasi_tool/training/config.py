@@ -19,9 +19,68 @@ from wasi_tool.ops.wsi import UPDATE_FORMS
 MEMORY_MODES = ("off", "block", "mlp", "attn")
 
 
+@dataclass
+class TrainSettings:
+    """What a training step is made of, shared by ``finetune`` (FinetuneConfig) and the
+    training bench (TrainBenchConfig), declared once: the method and its targets, the weight
+    rank rule, explicit activation ranks, the batch, the seed, and what memory the step keeps.
+    ``seq_len`` None: 128 tokens. See FinetuneConfig for each field."""
+
+    method: str = "wasi"
+    targets: str | None = None
+    eps: float = DEFAULT_EPS
+    act_ranks: list[int] | None = None
+    batch_size: int = 32
+    seq_len: int | None = None
+    seed: int = 233
+    memory_mode: str = "off"
+    memory_budget: str | None = None
+    lossy: str = "off"
+
+    @property
+    def saves_memory(self) -> bool:
+        """The run recomputes, plans or stores lossily (its workers follow live memory)."""
+        return self.memory_mode != "off" or self.memory_budget is not None or self.lossy != "off"
+
+    def check_settings(self) -> None:
+        """The checks every training run shares (the method names are each config's own)."""
+        check_patterns(self.targets, "targets")
+        self.eps = check_eps(self.eps, "eps")
+        if self.act_ranks is not None:
+            self.act_ranks = [int(r) for r in self.act_ranks]
+            if len(self.act_ranks) not in (3, 4) or min(self.act_ranks) < 1:
+                raise WasiToolError(
+                    f"act_ranks takes 3 (B, N, C) or 4 (B, H, W, C) positive ranks, "
+                    f"got {self.act_ranks}"
+                )
+        if int(self.batch_size) < 1:
+            raise WasiToolError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise WasiToolError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.seed < 0:  # torch.Generator.manual_seed and the data order need it >= 0
+            raise WasiToolError(f"seed must be >= 0, got {self.seed}")
+        if self.memory_mode not in MEMORY_MODES:
+            raise WasiToolError(
+                f"memory_mode must be one of {', '.join(MEMORY_MODES)}, got {self.memory_mode!r}"
+            )
+        if self.memory_budget is not None:
+            from wasi_tool.training.plan import parse_size
+
+            parse_size(self.memory_budget)
+            if self.memory_mode != "off":
+                raise WasiToolError("give memory_budget or memory_mode, not both")
+        if self.lossy not in LOSSY:
+            raise WasiToolError(f"lossy must be one of {', '.join(LOSSY)}, got {self.lossy!r}")
+        if self.lossy != "off" and self.memory_mode == "block":
+            raise WasiToolError(
+                "lossy storage with memory_mode block: a recomputed block stores nothing to "
+                "keep lossily (use mlp or attn, or a memory budget)"
+            )
+
+
 @register_config
 @dataclass
-class FinetuneConfig(StageConfig, BaselineOptions):
+class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
     """How to fine-tune.
 
     Args:
@@ -29,12 +88,18 @@ class FinetuneConfig(StageConfig, BaselineOptions):
         targets: layers the method acts on: a preset or globs as in compress; by default the
             model's factored layers, or the MLP linears when it has none.
         eps: weight rank rule for wsi/wasi targets that are still dense (factored first).
+        calibrate: factor those dense targets in the metric of their inputs on this many
+            training samples (SVD-LLM's whitening, as ``compress --calibrate``: eps then
+            keeps that share of the output energy); None: plain SVD.
         act_ranks: explicit per-mode activation ranks, e.g. [16, 12, 32] for (B, N, C).
         act_eps: activation ranks by the energy rule on a calibration batch (HOSVD).
         act_budget_mb: per-layer activation ranks minimising the gradient error within this
             many MiB of saved activations (dynamic programming on a calibration batch).
             Without any of the three, act_eps = eps.
         act_order: ASI mode order, "sequential" (one HOOI sweep) or "parallel" (reference).
+        act_residual_rows: asi/wasi: m sampled rows of the activation's residual A - A~ kept
+            per layer, scaled so that the weight gradient is unbiased (an experiment,
+            docs/unbiased.md: it measured worse than plain ASI at the same memory; 0: off).
         update_form: WSI update, "projection" (R' = L'^T W') or "paper" (R' = L^T W').
         epochs, batch_size, lr, lr_min, momentum, weight_decay, clip, seed: the recipe; the
             learning rate follows a cosine from lr to lr_min over all steps.
@@ -63,72 +128,55 @@ class FinetuneConfig(StageConfig, BaselineOptions):
 
     stage: ClassVar[str] = "finetune"
 
-    method: str = "wasi"
-    targets: str | None = None
-    eps: float = DEFAULT_EPS
-    act_ranks: list[int] | None = None
+    calibrate: int | None = None
     act_eps: float | None = None
     act_budget_mb: float | None = None
     act_order: str = "sequential"
+    act_residual_rows: int = 0
     update_form: str = "projection"
     epochs: int = 5
-    batch_size: int = 32
     lr: float = 0.05
     lr_min: float = 0.005
     momentum: float = 0.0
     weight_decay: float = 1e-4
     clip: float | None = 2.0
-    seed: int = 233
     val_fraction: float = 0.1
     classes: list[int] | None = None
     max_steps: int | None = None
-    seq_len: int | None = None
     eval_examples: int = 32
     new_head: bool = False
-    memory_mode: str = "off"
-    memory_budget: str | None = None
-    lossy: str = "off"
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
         self.check_baselines()
-        check_patterns(self.targets, "targets")
-        self.eps = check_eps(self.eps, "eps")
+        self.check_settings()
         given = [
             k for k in ("act_ranks", "act_eps", "act_budget_mb") if getattr(self, k) is not None
         ]
         if len(given) > 1:
             raise WasiToolError(f"give one of act_ranks, act_eps, act_budget_mb (got {given})")
-        if self.act_ranks is not None:
-            self.act_ranks = [int(r) for r in self.act_ranks]
-            if len(self.act_ranks) not in (3, 4) or min(self.act_ranks) < 1:
-                raise WasiToolError(
-                    f"act_ranks takes 3 (B, N, C) or 4 (B, H, W, C) positive ranks, "
-                    f"got {self.act_ranks}"
-                )
         if self.act_eps is not None:
             self.act_eps = check_eps(self.act_eps, "act_eps")
         elif spec.compressed_activations and not given:
             self.act_eps = self.eps
         if self.act_budget_mb is not None and not self.act_budget_mb > 0:
             raise WasiToolError(f"act_budget_mb must be positive, got {self.act_budget_mb}")
+        if self.calibrate is not None and int(self.calibrate) < 1:
+            raise WasiToolError(f"calibrate takes a sample count >= 1, got {self.calibrate}")
+        if int(self.act_residual_rows) < 0:
+            raise WasiToolError(f"act_residual_rows must be >= 0, got {self.act_residual_rows}")
         if self.act_order not in ASI_ORDERS:
             raise WasiToolError(f"act_order must be one of {ASI_ORDERS}, got {self.act_order!r}")
         if self.update_form not in UPDATE_FORMS:
             raise WasiToolError(
                 f"update_form must be one of {UPDATE_FORMS}, got {self.update_form!r}"
             )
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise WasiToolError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len is not None and self.seq_len < 2:
-            raise WasiToolError(f"seq_len must be >= 2, got {self.seq_len}")
+        if int(self.epochs) < 1:
+            raise WasiToolError(f"epochs must be >= 1, got {self.epochs}")
         if self.eval_examples < 0:
             raise WasiToolError(f"eval_examples must be >= 0, got {self.eval_examples}")
         if self.max_steps is not None and self.max_steps < 1:
             raise WasiToolError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.seed < 0:  # torch.Generator.manual_seed and the data order need it >= 0
-            raise WasiToolError(f"seed must be >= 0, got {self.seed}")
         for name in ("lr", "lr_min", "weight_decay", "momentum"):
             value = float(getattr(self, name))
             if not math.isfinite(value) or value < 0:
@@ -140,23 +188,6 @@ class FinetuneConfig(StageConfig, BaselineOptions):
         if spec.factored_weight and self.momentum != 0:
             raise WasiToolError(
                 "the WSI update has no momentum (the paper uses 0): set momentum 0 for wsi/wasi"
-            )
-        if self.memory_mode not in MEMORY_MODES:
-            raise WasiToolError(
-                f"memory_mode must be one of {', '.join(MEMORY_MODES)}, got {self.memory_mode!r}"
-            )
-        if self.memory_budget is not None:
-            from wasi_tool.training.plan import parse_size
-
-            parse_size(self.memory_budget)
-            if self.memory_mode != "off":
-                raise WasiToolError("give memory_budget or memory_mode, not both")
-        if self.lossy not in LOSSY:
-            raise WasiToolError(f"lossy must be one of {', '.join(LOSSY)}, got {self.lossy!r}")
-        if self.lossy != "off" and self.memory_mode == "block":
-            raise WasiToolError(
-                "lossy storage with memory_mode block: a recomputed block stores nothing to "
-                "keep lossily (use mlp or attn, or a memory budget)"
             )
         if not 0.0 < self.val_fraction < 1.0:
             raise WasiToolError(f"val_fraction must be in (0, 1), got {self.val_fraction}")

@@ -59,8 +59,11 @@ def evaluate_lm(
     answers: list[str] = list(getattr(test_set, "answers", []))
     n = min(examples, len(prompts))
     hits = 0
+    context = hf.context_length(model)[0]
     for i in range(n):
         limit = len(tokenizer(answers[i], add_special_tokens=False)["input_ids"]) + 4
+        # the prompt and the answer's length together within the model's context
+        limit = max(1, min(limit, context - len(prompts[i])))
         new = hf.generate(model, prompts[i], limit)
         text = tokenizer.decode(new, skip_special_tokens=True)
         hits += normalise(text) == normalise(answers[i])
@@ -73,7 +76,7 @@ def evaluate_lm(
     elif samples and len(test_set):  # type: ignore[arg-type]  # text chunks: continue the first held-out chunk
         ids, _ = test_set[0]
         head = ids[: max(1, len(ids) // 2)].tolist()
-        new = hf.generate(model, head, SAMPLE_TOKENS)
+        new = hf.generate(model, head, max(1, min(SAMPLE_TOKENS, context - len(head))))
         result.samples.append(
             {
                 "prompt": tokenizer.decode(head),

@@ -20,9 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import SavedBytesMeter, peak_rss_bytes
-from wasi_tool.methods import SubspaceSGD
-from wasi_tool.methods.optim import NonFiniteGradient
-from wasi_tool.nn.subspace import WASILinear
+from wasi_tool.methods import Method, NonFiniteLoss, get_method, gradient_step
+from wasi_tool.methods.optim import NonFiniteGradient, first_non_finite_grad
 from wasi_tool.training import checkpoint
 from wasi_tool.training.config import FinetuneConfig
 from wasi_tool.training.loss import count_correct, task_loss
@@ -64,41 +63,39 @@ def train_step(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
+    method: Method | None = None,
     scheduler: Any = None,
     meter: SavedBytesMeter | None = None,
     where: str = "",
     hint: str = "",
 ) -> StepResult:
-    """Forward, cross-entropy (``task_loss``), backward, optimiser (and scheduler) step.
+    """One step of ``method`` (default: forward, ``task_loss``, backward, optimiser step), then
+    the scheduler.
 
     A non-finite loss or gradient is a WasiToolError naming the first module (in execution
     order) whose output is not finite, or the first parameter (or WASI gradient factor) whose
     gradient is not; nothing is updated then. A finite gradient whose update makes a weight
     non-finite (an absurd learning rate) is one too, naming that parameter. ``where`` and
-    ``hint`` are added to the message.
+    ``hint`` are added to the message. ``meter`` counts what the step's forward saves.
     """
     start = time.perf_counter()
-    with meter if meter is not None else contextlib.nullcontext():
-        logits = model(x)
-    loss = task_loss(logits, y)
     at = f" at {where}" if where else ""
-    if not torch.isfinite(loss):
+    forward = (lambda: meter) if meter is not None else contextlib.nullcontext
+    try:
+        if method is None:
+            out = gradient_step(model, optimizer, x, y, task_loss, forward)
+        else:
+            out = method.step(model, optimizer, x, y, task_loss, forward)
+    except NonFiniteLoss as exc:
         raise WasiToolError(
-            f"training diverged: loss is {float(loss.detach())}{at} (first non-finite output: "
+            f"training diverged: loss is {exc.value}{at} (first non-finite output: "
             f"{first_non_finite_output(model, x)}){hint}"
-        )
-    optimizer.zero_grad()
-    loss.backward()
-    # SubspaceSGD checks the global gradient norm it computes anyway (free); any other
-    # optimiser gets the explicit scan
-    bad = None if isinstance(optimizer, SubspaceSGD) else first_non_finite_grad(model)
-    if bad is None:
-        try:
-            optimizer.step()
-        except NonFiniteGradient:
-            bad = first_non_finite_grad(model) or "the gradient norm"
-    if bad is not None:
-        raise WasiToolError(f"training diverged: non-finite gradient in {bad}{at}{hint}")
+        ) from None
+    except NonFiniteGradient:
+        where_grad = first_non_finite_grad(model) or "the gradient norm"
+        raise WasiToolError(
+            f"training diverged: non-finite gradient in {where_grad}{at}{hint}"
+        ) from None
     bad = first_non_finite_param(model)
     if bad is not None:
         raise WasiToolError(
@@ -108,7 +105,7 @@ def train_step(
         scheduler.step()
     seconds = time.perf_counter() - start
     saved = (meter.total, meter.targets) if meter is not None else (0, 0)
-    return StepResult(float(loss.detach()), logits.detach(), seconds, *saved)
+    return StepResult(float(out.loss), out.logits, seconds, *saved)
 
 
 def loader(ds: Dataset[Any], batch_size: int, order: list[int] | None = None) -> DataLoader[Any]:
@@ -188,18 +185,6 @@ def first_non_finite_param(model: nn.Module) -> str | None:
     return named[int((~finite).nonzero()[0])][0]
 
 
-def first_non_finite_grad(model: nn.Module) -> str | None:
-    """Name of the first parameter (or WASI layer's gradient factor) that is not finite."""
-    for name, module in model.named_modules():
-        pending = module.pending_grad if isinstance(module, WASILinear) else None
-        if pending is not None and not bool(torch.isfinite(pending).all()):
-            return f"{name} (WASI gradient factor P)"
-    for name, p in model.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            return name
-    return None
-
-
 @dataclass
 class Trainer:
     """The epochs of one run: data order, steps, evaluation, checkpoints and Ctrl-C.
@@ -227,16 +212,16 @@ class Trainer:
     resume_step: int = 0  # steps of start_epoch already done (a checkpoint made by Ctrl-C)
     partial: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     stop_requested: bool = False
+    method: Method | None = None  # default: the config's method
+    optimizer: torch.optim.Optimizer | None = None  # default: the method's own
 
     def __post_init__(self) -> None:
         cfg = self.config
         self.model.train()
-        self.opt = SubspaceSGD(self.model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.clip)
-        steps = math.ceil(len(self.train_set) / cfg.batch_size)  # type: ignore[arg-type]
-        self.steps_per_epoch = min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt, T_max=cfg.epochs * self.steps_per_epoch, eta_min=cfg.lr_min
-        )
+        self.method = self.method or get_method(cfg.method)
+        self.opt = self.optimizer or self.method.optimizer(self.model, cfg)
+        self.steps_per_epoch = steps_per_epoch(len(self.train_set), cfg)  # type: ignore[arg-type]
+        self.sched = cosine_schedule(self.opt, cfg, self.steps_per_epoch)
 
     def calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first batch of epoch 0 (what activation ranks are calibrated on)."""
@@ -349,6 +334,7 @@ class Trainer:
                 self.opt,
                 self.transform(images),
                 labels,
+                method=self.method,
                 scheduler=self.sched,
                 meter=meter,
                 where=where,
@@ -381,7 +367,7 @@ class Trainer:
             train_accuracy=correct / max(1, seen),
             test_loss=test["loss"],
             test_accuracy=test["accuracy"],
-            lr_end=self.opt.lr,
+            lr_end=float(self.opt.param_groups[0]["lr"]),
             seconds=round(time.perf_counter() - start, 3),
         )
         self.history.append(record)
@@ -407,6 +393,21 @@ class Trainer:
             floor_rss_bytes=floor_rss_bytes,
             allocator=allocator,
         )
+
+
+def steps_per_epoch(samples: int, config: FinetuneConfig) -> int:
+    """Optimiser steps in one epoch of ``samples`` (capped by ``max_steps``)."""
+    steps = math.ceil(samples / config.batch_size)
+    return min(steps, config.max_steps) if config.max_steps is not None else steps
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, config: FinetuneConfig, per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The recipe's learning rate: a cosine from ``lr`` to ``lr_min`` over all steps."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.epochs * per_epoch, eta_min=config.lr_min
+    )
 
 
 def first_batch(

@@ -37,10 +37,10 @@ from torch import nn
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter, peak_rss_bytes
 from wasi_tool.models.family import family_of
-from wasi_tool.nn.lossy import lossy_modules, store_lossy_, undo_lossy_
-from wasi_tool.nn.recompute import recompute_, recomputed, undo_recompute_
+from wasi_tool.nn.recompute import recomputed
 from wasi_tool.nn.subspace import SubspaceLayer, WASILinear
 from wasi_tool.training.loss import task_loss
+from wasi_tool.training.memory import apply_memory_mode_
 
 MODES = ("off", "attn", "mlp", "block")  # least recompute first
 MARGIN = 0.05  # a plan fits when its predicted peak is within 95% of the budget
@@ -354,15 +354,8 @@ def _ranks_within(
 
 
 def _apply(model: nn.Module, family: Any, blocks: list[str], mode: str, lossy: str) -> None:
-    """Make ``model`` recompute the ``mode`` regions and store lossily as ``lossy`` says,
-    and nothing else."""
-    undo_recompute_(model)
-    undo_lossy_(model)
-    if mode != "off":
-        for name in family.regions(model, mode):
-            recompute_(model.get_submodule(name))
-    if lossy != "off":
-        store_lossy_(model, lossy_modules(model, blocks), lossy)
+    """The planner's candidate ``mode`` and ``lossy`` on ``model`` (prepare's own function)."""
+    apply_memory_mode_(model, mode, lossy, strict=False)
 
 
 def plan_table(plan: MemoryPlan) -> str:

@@ -1,29 +1,25 @@
-"""Turning a loaded model into its method's training model (finetune and bench share it)."""
+"""Turning a model into its method's training model (training/session.py calls it)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import LayerOptions, get_method, prepare_
-from wasi_tool.methods.calibrate import capture, ranks_under_budget, streamed_ranks_by_eps
-from wasi_tool.models.family import family_of
 from wasi_tool.models.targets import select_targets
 from wasi_tool.nn.factored import FactoredLinear
-from wasi_tool.nn.lossy import lossy_modules, store_lossy_
-from wasi_tool.nn.recompute import recompute_
 from wasi_tool.training.config import FinetuneConfig
-from wasi_tool.training.loss import task_loss
+from wasi_tool.training.memory import apply_memory_mode_
 from wasi_tool.transforms.compress import CompressConfig, compress_
 
 Ranks = dict[str, tuple[int, ...]]
 RankRule = Callable[[list[str]], tuple[Ranks, dict[str, Any] | None]]
+# the input Gram matrices of the named layers on calibration data (methods.calibrate)
+GramRule = Callable[[list[str]], Mapping[str, Any]]
 
 
 @dataclass
@@ -50,6 +46,7 @@ def prepare_for_training(
     config: FinetuneConfig,
     act_ranks: RankRule,
     note: Callable[[str], None] = lambda message: None,
+    grams: GramRule | None = None,
 ) -> Prepared:
     """Turn ``model`` into the method's training model, in place.
 
@@ -67,9 +64,23 @@ def prepare_for_training(
     if method.factored_weight:
         dense = [n for n in targets if not isinstance(model.get_submodule(n), FactoredLinear)]
         if dense:
-            cfg = CompressConfig(targets=",".join(dense), eps=config.eps, force=True)
-            report = compress_(model, cfg).to_dict()
-            note(f"factored {len(dense)} dense target(s) at eps {config.eps}")
+            how = f"eps {config.eps}"
+            found = None
+            calibrate = None
+            if config.calibrate is not None:
+                if grams is None:
+                    raise WasiToolError(
+                        "calibrate: factoring in the metric of the inputs needs training data "
+                        "(finetune has it; wasi_tool.prepare needs example_input)"
+                    )
+                found = grams(dense)
+                calibrate = f"training data:{config.calibrate}"
+                how += f", calibrated on {config.calibrate} training samples"
+            cfg = CompressConfig(
+                targets=",".join(dense), eps=config.eps, force=True, calibrate=calibrate
+            )
+            report = compress_(model, cfg, grams=found).to_dict()
+            note(f"factored {len(dense)} dense target(s) at {how}")
     ranks, calibration = act_ranks(targets) if method.compressed_activations else ({}, None)
     options = {
         n: LayerOptions(
@@ -77,56 +88,16 @@ def prepare_for_training(
             config.update_form,  # type: ignore[arg-type]
             config.act_order,
             config.seed + k,
+            int(config.act_residual_rows),
         )
         for k, n in enumerate(targets)
     }
     prepare_(model, method, targets, options)
     method.after_swap(model, targets, config, plan, note)
-    if config.memory_mode != "off":
-        regions = family_of(model).regions(model, config.memory_mode)
-        if not regions:
-            raise WasiToolError(
-                f"memory_mode {config.memory_mode}: this model has no {config.memory_mode} "
-                "regions to recompute"
-            )
-        for name in regions:
-            recompute_(model.get_submodule(name))
+    lossy = config.lossy if config.memory_budget is None else "off"  # a budget's plan decides
+    regions, lossy_names = apply_memory_mode_(model, config.memory_mode, lossy)
+    if regions:
         note(f"memory mode {config.memory_mode}: {len(regions)} regions recompute in backward")
-    if config.lossy != "off" and config.memory_budget is None:  # a budget's plan decides
-        family = family_of(model)
-        names = lossy_modules(model, family.blocks(model))
-        store_lossy_(model, names, config.lossy)
-        note(f"lossy storage {config.lossy}: {len(names)} norms and GELUs")
+    if lossy_names:
+        note(f"lossy storage {config.lossy}: {len(lossy_names)} norms and GELUs")
     return Prepared(targets, ranks, calibration, plan, report)
-
-
-def calibrated_ranks(
-    model: nn.Module,
-    targets: list[str],
-    config: FinetuneConfig,
-    batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[Ranks, dict[str, Any]]:
-    """Activation ranks by the config's rule: explicit, energy (``act_eps``) or gradient error
-    under a memory budget (``act_budget_mb``), on one calibration ``batch()``."""
-    if config.act_ranks is not None:
-        return {n: tuple(config.act_ranks) for n in targets}, {"rule": "explicit"}
-    x, y = batch()
-    start = time.perf_counter()
-    info: dict[str, Any]
-    if config.act_budget_mb is not None:
-        captured = capture(model, targets, x, y, task_loss)
-        choice = ranks_under_budget(captured, config.act_budget_mb)
-        info = {
-            "rule": "budget",
-            "budget_mib": config.act_budget_mb,
-            "memory_mib": choice.memory_mb,
-            "summed_gradient_error": choice.error,
-            "eps_per_layer": choice.eps,
-        }
-        ranks = choice.ranks
-    else:
-        assert config.act_eps is not None
-        ranks = streamed_ranks_by_eps(model, targets, x, config.act_eps)
-        info = {"rule": "eps", "act_eps": config.act_eps}
-    info.update(batch=len(y), seconds=round(time.perf_counter() - start, 3))
-    return ranks, info

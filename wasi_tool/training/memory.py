@@ -1,0 +1,33 @@
+"""What a training step keeps outside the targets: recompute regions and lossy storage, set
+in one place for ``prepare`` and the memory planner."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from wasi_tool.errors import WasiToolError
+from wasi_tool.models.family import family_of
+from wasi_tool.nn.lossy import lossy_modules, store_lossy_, undo_lossy_
+from wasi_tool.nn.recompute import recompute_, undo_recompute_
+
+
+def apply_memory_mode_(
+    model: nn.Module, mode: str, lossy: str = "off", *, strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """Make ``model`` recompute its ``mode`` regions ("off", "block", "mlp", "attn": the
+    family's blocks or their halves) and keep the norms' and GELUs' saved inputs as ``lossy``
+    says, and nothing else (what an earlier call did is undone first). Returns the regions
+    and the lossy modules. ``strict``: a mode that finds no region is an error."""
+    undo_recompute_(model)
+    undo_lossy_(model)
+    family = family_of(model)
+    regions = family.regions(model, mode) if mode != "off" else []
+    if mode != "off" and not regions and strict:
+        raise WasiToolError(f"memory_mode {mode}: this model has no {mode} regions to recompute")
+    for name in regions:
+        recompute_(model.get_submodule(name))
+    names: list[str] = []
+    if lossy != "off":
+        names = lossy_modules(model, family.blocks(model))
+        store_lossy_(model, names, lossy)
+    return regions, names
