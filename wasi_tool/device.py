@@ -188,6 +188,7 @@ def probe(
     checks: bool = True,
     timeout: float = 900.0,
     libraries: dict[str, list[str]] | None = None,
+    packages: tuple[str, ...] = PACKAGES,
 ) -> dict[str, Any]:
     """Everything doctor judges, read off this machine.
 
@@ -195,8 +196,9 @@ def probe(
         checks: import each installed package and run a tiny operation in a subprocess.
         timeout: seconds per check (an emulated CPU imports torch in about 30 s).
         libraries: allocator name -> candidate paths of its shared library.
+        packages: the packages to look at (of ``PACKAGES``).
     """
-    versions = installed_versions()
+    versions = installed_versions(packages)
     try:
         affinity: int | None = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -218,7 +220,7 @@ def probe(
         "packages": versions,
         "checks": {
             name: run_check(name, timeout)
-            for name in PACKAGES
+            for name in packages
             if checks and versions.get(name) is not None
         },
         "allocator_libraries": {
@@ -234,12 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-checks", action="store_true", help="no import checks")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per check")
     parser.add_argument("--lib", action="append", default=[], help="NAME=PATH of an allocator")
+    parser.add_argument("--packages", default=",".join(PACKAGES), help="comma-separated")
     args = parser.parse_args(argv)
+    packages = tuple(p for p in args.packages.split(",") if p in PACKAGES)
     libraries: dict[str, list[str]] = {}
     for item in args.lib:
         name, _, path = item.partition("=")
         libraries.setdefault(name, []).append(path)
-    print(json.dumps(probe(not args.no_checks, args.timeout, libraries)))
+    print(json.dumps(probe(not args.no_checks, args.timeout, libraries, packages)))
     return 0
 
 

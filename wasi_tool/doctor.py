@@ -426,6 +426,8 @@ def diagnose(
             )
     for name in device.PACKAGES:
         version = versions.get(name)
+        if name not in versions:
+            continue
         if version is None:
             if not assume and name != "torchvision":
                 add(
@@ -539,6 +541,7 @@ def run_doctor(
     assume: dict[str, str] | None = None,
     ssh: SSHTarget | None = None,
     timeout: float = 900.0,
+    packages: tuple[str, ...] = device.PACKAGES,
 ) -> DoctorReport:
     """Gather the facts (here, or on ``ssh``'s device) and judge them.
 
@@ -547,7 +550,13 @@ def run_doctor(
         assume: package versions to judge instead of the installed ones (no package checks).
         ssh: run ``wasi_tool/device.py`` on that device with its ``python3``.
         timeout: seconds per package check.
+        packages: the packages to look at (default: torch, torchvision, onnxruntime, numpy).
     """
+    unknown = [p for p in packages if p not in device.PACKAGES]
+    if unknown or not packages:
+        raise WasiToolError(
+            f"packages must be some of {', '.join(device.PACKAGES)}, got {', '.join(unknown)}"
+        )
     text = None
     if cpuinfo is not None:
         try:
@@ -558,17 +567,19 @@ def run_doctor(
             raise WasiToolError(f"{cpuinfo} does not look like a /proc/cpuinfo (no flags)")
     checks = cpuinfo is None and assume is None
     if ssh is None:
-        facts = device.probe(checks, timeout, _libraries())
+        facts = device.probe(checks, timeout, _libraries(), packages)
         source = f"this machine ({platform.node()})"
     else:
-        facts = _remote_probe(ssh, checks, timeout)
+        facts = _remote_probe(ssh, checks, timeout, packages)
         source = f"{ssh.destination} over SSH"
     if cpuinfo is not None:
         source = f"{cpuinfo} (a copy of a device's /proc/cpuinfo)"
     return diagnose(facts, source, text, assume)
 
 
-def _remote_probe(ssh: SSHTarget, checks: bool, timeout: float) -> dict[str, Any]:
+def _remote_probe(
+    ssh: SSHTarget, checks: bool, timeout: float, packages: tuple[str, ...]
+) -> dict[str, Any]:
     made = ssh.ssh(["mktemp", "-d"], "mktemp")
     remote_dir = made.stdout.strip()
     if made.returncode != 0 or not remote_dir.startswith("/"):
@@ -579,6 +590,7 @@ def _remote_probe(ssh: SSHTarget, checks: bool, timeout: float) -> dict[str, Any
             script.write_bytes(Path(device.__file__).read_bytes())
             ssh.copy([script], remote_dir)
         argv = [ssh.python, f"{remote_dir}/wasi_device_probe.py", "--timeout", str(timeout)]
+        argv += ["--packages", ",".join(packages)]
         if not checks:
             argv.append("--no-checks")
         for name, paths in _libraries().items():

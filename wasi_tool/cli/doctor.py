@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from wasi_tool.device import PACKAGES
 from wasi_tool.doctor import DoctorReport, parse_assume, run_doctor
 from wasi_tool.errors import WasiToolError
 
@@ -64,6 +65,9 @@ def doctor(
     timeout: Annotated[
         float, typer.Option(help="Seconds per import check (an emulated CPU needs ~60).")
     ] = 900.0,
+    packages: Annotated[
+        str, typer.Option(help="The packages to check, comma-separated.")
+    ] = ",".join(PACKAGES),
 ) -> None:
     """Check the CPU and the installed torch / onnxruntime / numpy against known crashes."""
     try:
@@ -76,7 +80,8 @@ def doctor(
         to_stdout = json_path is not None and str(json_path) == "-"
         if not to_stdout and versions is None and cpuinfo is None:
             console.print("importing each package in a fresh process...", markup=False)
-        report = run_doctor(cpuinfo, versions, target, timeout)
+        names = tuple(p.strip() for p in packages.split(",") if p.strip())
+        report = run_doctor(cpuinfo, versions, target, timeout, names)
         if json_path is not None:
             text = json.dumps(report.to_dict(), indent=2) + "\n"
             if to_stdout:
