@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from typer.testing import CliRunner
 
 from tests.bench.test_bench import _target, sshd  # noqa: F401  (the loopback sshd fixture)
 from wasi_tool import device
+from wasi_tool.bench import SSHTarget, get_profile
 from wasi_tool.cli.app import app
 from wasi_tool.doctor import (
     KNOWN_BAD,
@@ -236,6 +239,7 @@ def test_cli_bad_inputs(tmp_path: Path) -> None:
         ["--cpuinfo", str(tmp_path / "empty.txt")],
         ["--assume", "torch>=2"],
         ["--ssh", "-oProxyCommand=x"],
+        ["--packages", "torch,tensorflow"],
     ):
         result = CliRunner().invoke(app, ["doctor", *argv])
         assert result.exit_code == 1
@@ -272,3 +276,85 @@ def test_doctor_over_ssh(sshd: dict[str, object]) -> None:  # noqa: F811
     local = run_doctor(assume={"torch": "2.10.1"})
     assert report.cpu == local.cpu  # loopback: the same machine
     assert report.ok is local.ok
+
+
+def test_profiles_know_their_cpu_part() -> None:
+    pi4, pi5, host = get_profile("pi4"), get_profile("pi5"), get_profile("host")
+    assert pi4.is_this(parse_cpuinfo(PI4).part) and not pi4.is_this(parse_cpuinfo(PI5).part)
+    assert pi5.is_this("0xd0b") and not pi5.is_this(None)
+    assert host.is_this(None) and host.is_this("0xd08")
+
+
+def test_ssh_target_keeps_the_remote_python() -> None:
+    target = SSHTarget.parse("pi@raspberrypi:2222", python="/home/pi/venv/bin/python")
+    assert (target.user, target.host, target.port) == ("pi", "raspberrypi", 2222)
+    assert target.python == "/home/pi/venv/bin/python"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("cpuinfo", "is_pi5"), [(PI5, True), (PI4, False)])
+def test_bench_on_an_arm_host_records_the_device(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_onnx: Callable[..., Path],
+    cpuinfo: str,
+    is_pi5: bool,
+) -> None:
+    """bench --device pi5 on an aarch64 host: the JSON has the CPU and doctor's findings, and
+    the note says whether this host is a Pi 5 (a Pi 4 is not)."""
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    real_read = device._read
+    monkeypatch.setattr(
+        device, "_read", lambda path: cpuinfo if path == "/proc/cpuinfo" else real_read(path)
+    )
+    model, out = tiny_onnx(tmp_path / "m.onnx"), tmp_path / "b.json"
+    argv = ["bench", str(model), "--device", "pi5", "--repeats", "2", "--warmup", "0"]
+    result = CliRunner().invoke(app, [*argv, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    dev = record["device"]
+    assert dev["cpu"]["model"] == ("Cortex-A76" if is_pi5 else "Cortex-A72")
+    assert dev["is_profile_device"] is is_pi5
+    assert "flags" in dev["cpu"] and dev["findings"][0].startswith("ok: cpu: Cortex-A7")
+    note = record["ran_on"]["note"]
+    assert note.startswith("this host, a pi5") if is_pi5 else note.endswith("not a pi5")
+
+
+@pytest.mark.slow
+def test_bench_on_x86_says_it_is_not_the_device(
+    tmp_path: Path, tiny_onnx: Callable[..., Path]
+) -> None:
+    if platform.machine() == "aarch64":
+        pytest.skip("an x86 host's case")
+    model, out = tiny_onnx(tmp_path / "m.onnx"), tmp_path / "b.json"
+    argv = ["bench", str(model), "--device", "pi4", "--repeats", "2", "--warmup", "0"]
+    result = CliRunner().invoke(app, [*argv, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert "device" not in record
+    assert record["ran_on"]["note"] == "this host with the pi4 profile's settings, not a pi4"
+
+
+@pytest.mark.slow
+def test_bench_over_ssh_records_the_device(
+    sshd: dict[str, object],  # noqa: F811
+    tmp_path: Path,
+    tiny_onnx: Callable[..., Path],
+) -> None:
+    model, out = tiny_onnx(tmp_path / "m.onnx"), tmp_path / "b.json"
+    target = _target(sshd)
+    argv = [
+        "bench", str(model), "--device", "pi5", "--repeats", "2", "--warmup", "0",
+        "--ssh", f"{target.destination}:{target.port}", "--ssh-key", str(target.key),
+        "--known-hosts", str(target.known_hosts), "--remote-python", sys.executable,
+        "--json", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["ran_on"]["where"] == "ssh"
+    assert record["device"]["source"].endswith("over SSH")
+    assert record["device"]["cpu"]["arch"] == platform.machine()
+    assert record["device"]["is_profile_device"] is (
+        parse_cpuinfo(Path("/proc/cpuinfo").read_text()).part == "0xd0b"
+    )

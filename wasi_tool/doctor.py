@@ -536,12 +536,21 @@ def _libraries() -> dict[str, list[str]]:
     }
 
 
+def check_packages(packages: tuple[str, ...]) -> None:
+    unknown = [p for p in packages if p not in device.PACKAGES]
+    if unknown or not packages:
+        raise WasiToolError(
+            f"packages must be some of {', '.join(device.PACKAGES)}, got {', '.join(unknown)}"
+        )
+
+
 def run_doctor(
     cpuinfo: Path | None = None,
     assume: dict[str, str] | None = None,
     ssh: SSHTarget | None = None,
     timeout: float = 900.0,
     packages: tuple[str, ...] = device.PACKAGES,
+    checks: bool = True,
 ) -> DoctorReport:
     """Gather the facts (here, or on ``ssh``'s device) and judge them.
 
@@ -551,12 +560,9 @@ def run_doctor(
         ssh: run ``wasi_tool/device.py`` on that device with its ``python3``.
         timeout: seconds per package check.
         packages: the packages to look at (default: torch, torchvision, onnxruntime, numpy).
+        checks: import each package in a subprocess (off with ``cpuinfo`` or ``assume``).
     """
-    unknown = [p for p in packages if p not in device.PACKAGES]
-    if unknown or not packages:
-        raise WasiToolError(
-            f"packages must be some of {', '.join(device.PACKAGES)}, got {', '.join(unknown)}"
-        )
+    check_packages(packages)
     text = None
     if cpuinfo is not None:
         try:
@@ -565,7 +571,7 @@ def run_doctor(
             raise WasiToolError(f"cannot read {cpuinfo}: {exc.strerror}") from None
         if not parse_cpuinfo(text).flags:
             raise WasiToolError(f"{cpuinfo} does not look like a /proc/cpuinfo (no flags)")
-    checks = cpuinfo is None and assume is None
+    checks = checks and cpuinfo is None and assume is None
     if ssh is None:
         facts = device.probe(checks, timeout, _libraries(), packages)
         source = f"this machine ({platform.node()})"
@@ -609,3 +615,19 @@ def _remote_probe(
     if facts.get("schema") != device.SCHEMA:
         raise WasiToolError(f"unexpected doctor output from {ssh.destination}")
     return facts
+
+
+def device_record(ssh: SSHTarget | None = None) -> dict[str, Any]:
+    """What a benchmark record says about the machine it ran on (here, or ``ssh``'s device):
+    the CPU (model, part, flags, ISA), the package versions and doctor's findings (no import
+    checks: the bench itself ran them)."""
+    report = run_doctor(ssh=ssh, checks=False)
+    data = report.to_dict()
+    return {
+        "source": report.source,
+        "cpu": data["cpu"],
+        "versions": report.versions,
+        "torch_cpu_allocator": report.facts.get("torch_cpu_allocator"),
+        "doctor_ok": report.ok,
+        "findings": [f"{f.level}: {f.topic}: {f.text}" for f in report.findings],
+    }

@@ -43,7 +43,13 @@ class SSHTarget:
         if port is not None and not 0 < port < 65536:
             raise WasiToolError(f"ssh port must be 1-65535, got {port}")
         return cls(
-            found.group("host").strip("[]"), found.group("user"), port, key, known_hosts, timeout
+            found.group("host").strip("[]"),
+            found.group("user"),
+            port,
+            key,
+            known_hosts,
+            timeout,
+            python,  # the device's interpreter (it was dropped: --remote-python did nothing)
         )
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from wasi_tool.bench import (
     run_inference_bench,
     run_train_bench,
 )
+from wasi_tool.bench.profiles import DeviceProfile
 from wasi_tool.bench.train import TrainBenchResult, settings_of, settings_text
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
@@ -150,9 +152,14 @@ def bench(
                 result = run_inference_bench(
                     model, Path(vs) if vs else None, profile, config, target
                 )
+            _record_device(result, profile, target)
             render_inference(result)
         if json_path is not None:
             payload = result if isinstance(result, dict) else result.to_dict()
+            if not isinstance(result, dict) and platform.machine() == "aarch64":
+                from wasi_tool.doctor import device_record
+
+                payload["device"] = device_record()  # the training bench ran here
             try:
                 json_path.write_text(artifacts.dumps_json(payload))
             except OSError as exc:
@@ -197,6 +204,28 @@ def _train(
         result = run_train_bench(config, vs, note=_note)
     render_train(result)
     return result
+
+
+def _record_device(
+    result: dict[str, Any], profile: DeviceProfile, target: SSHTarget | None
+) -> None:
+    """On an ARM host or over --ssh the record says what the device is (doctor's view), and a
+    local --device pi4|pi5 says whether this host is one."""
+    if target is None and platform.machine() != "aarch64":
+        return  # an x86 host: inference.py's note already says it is not the device
+    from wasi_tool.doctor import device_record
+
+    record = device_record(target)
+    record["is_profile_device"] = profile.is_this(record["cpu"]["part"])
+    result["device"] = record
+    if target is None and profile.name != "host":
+        cpu = record["cpu"]["model"]
+        result["ran_on"]["note"] = (
+            f"this host, a {profile.name} by its CPU ({cpu})"
+            if record["is_profile_device"]
+            else f"this host ({cpu}) with the {profile.name} profile's settings, not a "
+            f"{profile.name}"
+        )
 
 
 def _note(message: str) -> None:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from wasi_tool.device import PACKAGES
-from wasi_tool.doctor import DoctorReport, parse_assume, run_doctor
+from wasi_tool.doctor import DoctorReport, check_packages, parse_assume, run_doctor
 from wasi_tool.errors import WasiToolError
 
 console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
@@ -77,10 +77,11 @@ def doctor(
             from wasi_tool.bench.ssh import SSHTarget
 
             target = SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python)
+        names = tuple(p.strip() for p in packages.split(",") if p.strip())
+        check_packages(names)
         to_stdout = json_path is not None and str(json_path) == "-"
         if not to_stdout and versions is None and cpuinfo is None:
             console.print("importing each package in a fresh process...", markup=False)
-        names = tuple(p.strip() for p in packages.split(",") if p.strip())
         report = run_doctor(cpuinfo, versions, target, timeout, names)
         if json_path is not None:
             text = json.dumps(report.to_dict(), indent=2) + "\n"
