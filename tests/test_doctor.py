@@ -358,3 +358,75 @@ def test_bench_over_ssh_records_the_device(
     assert record["device"]["is_profile_device"] is (
         parse_cpuinfo(Path("/proc/cpuinfo").read_text()).part == "0xd0b"
     )
+
+
+def _same_table(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """The columns of the training table that do not depend on timing."""
+    assert a["methods"].keys() == b["methods"].keys()
+    for name in a["methods"]:
+        x, y = a["methods"][name], b["methods"][name]
+        for key in ("memory_mode", "act_ranks_first_target", "input", "saved_bytes_total"):
+            assert x[key] == y[key], (name, key)
+        assert x["saved_bytes_targets"] == y["saved_bytes_targets"]
+
+
+@pytest.mark.slow
+def test_bench_train_over_ssh_gives_the_local_table(
+    sshd: dict[str, object],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """bench --train --ssh copies the checkpoint, the device's wasi-tool runs the training
+    bench, and the table is the local run's (loopback sshd; the device's python is this one
+    with this checkout on its path)."""
+    import safetensors.torch
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10)
+    ckpt = tmp_path / "tiny.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
+    remote_python = tmp_path / "python.sh"
+    remote_python.write_text(
+        f'#!/bin/sh\nPYTHONPATH={REPO} OMP_NUM_THREADS=1 exec {sys.executable} "$@"\n'
+    )
+    remote_python.chmod(0o755)
+    target = _target(sshd)
+    common = [
+        "bench", "--train", str(ckpt), "--arch", "vit_tiny_patch16_224", "--img-size", "32",
+        "--num-classes", "10", "--method", "wasi", "--steps", "2", "--warmup", "1",
+        "--batch-size", "8", "--threads", "1",
+    ]  # fmt: skip
+    ssh = [
+        "--ssh", f"{target.destination}:{target.port}", "--ssh-key", str(target.key),
+        "--known-hosts", str(target.known_hosts), "--remote-python", str(remote_python),
+    ]  # fmt: skip
+    local = CliRunner().invoke(app, [*common, "--json", str(tmp_path / "local.json")])
+    assert local.exit_code == 0, local.output
+    remote = CliRunner().invoke(app, [*common, *ssh, "--json", str(tmp_path / "ssh.json")])
+    assert remote.exit_code == 0, remote.output
+    assert f"ran on: {target.destination} over SSH" in remote.output
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "ssh"))
+    _same_table(a, b)
+    assert b["config"]["checkpoint"].endswith("/checkpoint.safetensors")  # the copy there
+    assert b["device"]["source"].endswith("over SSH")
+
+
+@pytest.mark.slow
+def test_bench_train_over_ssh_without_wasi_tool_there_is_one_line(
+    sshd: dict[str, object],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    bare = tmp_path / "bare.sh"  # a python without site-packages: no wasi-tool
+    bare.write_text(f'#!/bin/sh\ncd /\nPYTHONPATH= exec {sys.executable} -I -S "$@"\n')
+    bare.chmod(0o755)
+    target = _target(sshd)
+    argv = [
+        "bench", "--train", "--random-init", "--arch", "vit_tiny_patch16_224",
+        "--ssh", f"{target.destination}:{target.port}", "--ssh-key", str(target.key),
+        "--known-hosts", str(target.known_hosts), "--remote-python", str(bare),
+    ]  # fmt: skip
+    failed = CliRunner().invoke(app, argv)
+    assert failed.exit_code == 1
+    assert failed.output.strip().splitlines()[-1] == (
+        f"error: the training bench failed on {target.destination}: "
+        f"wasi-tool is not installed for {bare} there"
+    )

@@ -49,7 +49,10 @@ def bench(
     ] = None,
     device: Annotated[str, typer.Option(help=f"Device profile: {', '.join(PROFILES)}.")] = "host",
     ssh: Annotated[
-        str | None, typer.Option(help="Run on a device: user@host[:port] (python3 + onnxruntime).")
+        str | None,
+        typer.Option(
+            help="Run on a device: user@host[:port] (python3 + onnxruntime; --train: wasi-tool)."
+        ),
     ] = None,
     ssh_key: Annotated[Path | None, typer.Option(help="Identity file for --ssh.")] = None,
     remote_python: Annotated[
@@ -126,11 +129,12 @@ def bench(
     with common.user_errors():
         if batch_size is not None and batch_size < 1:  # 0 must not fall back to the default
             raise WasiToolError(f"--batch-size must be >= 1, got {batch_size}")
+        target = SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python) if ssh else None
         if train or random_init:
             result = _train(
                 model, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
                 num_classes, img_size, random_init, memory_mode, memory_budget, lossy,
-                allocator, threads,
+                allocator, threads, target,
             )  # fmt: skip
         else:
             if model is None:
@@ -145,9 +149,6 @@ def bench(
                 repeats=repeats,
                 seq_len=seq_len,
             )
-            target = (
-                SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python) if ssh else None
-            )
             with common.status("benchmarking..."):
                 result = run_inference_bench(
                     model, Path(vs) if vs else None, profile, config, target
@@ -156,10 +157,10 @@ def bench(
             render_inference(result)
         if json_path is not None:
             payload = result if isinstance(result, dict) else result.to_dict()
-            if not isinstance(result, dict) and platform.machine() == "aarch64":
+            if not isinstance(result, dict) and (target or platform.machine() == "aarch64"):
                 from wasi_tool.doctor import device_record
 
-                payload["device"] = device_record()  # the training bench ran here
+                payload["device"] = device_record(target)  # where the training bench ran
             try:
                 json_path.write_text(artifacts.dumps_json(payload))
             except OSError as exc:
@@ -171,6 +172,7 @@ def _train(
     warmup: int | None, targets: str | None, act_ranks: str | None, arch: str | None,
     num_classes: int | None, img_size: int | None, random_init: bool, memory_mode: str,
     memory_budget: str | None, lossy: str, allocator: str, threads: int | None,
+    target: SSHTarget | None = None,
 ) -> TrainBenchResult:  # fmt: skip
     try:
         ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None
@@ -200,6 +202,16 @@ def _train(
     )
     if found:
         config = TrainBenchConfig.from_dict({**config.to_dict(), **found})
+    if target is not None:  # the same settings, run by the device's wasi-tool
+        from wasi_tool.bench.ssh import run_remote_train_bench
+
+        with common.status(f"timing training steps on {target.destination}..."):
+            result = TrainBenchResult.from_dict(
+                run_remote_train_bench(target, config.to_dict(), vs)
+            )
+        render_train(result)
+        console.print(f"ran on: {target.destination} over SSH", markup=False, highlight=False)
+        return result
     with common.status("timing training steps (a fresh process per method)..."):
         result = run_train_bench(config, vs, note=_note)
     render_train(result)
