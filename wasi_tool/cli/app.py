@@ -9,6 +9,7 @@ import typer
 from wasi_tool._version import __version__
 from wasi_tool.cli.bench import bench
 from wasi_tool.cli.compress import compress
+from wasi_tool.cli.doctor import doctor
 from wasi_tool.cli.export import export
 from wasi_tool.cli.federate import federate
 from wasi_tool.cli.finetune import finetune
@@ -32,6 +33,7 @@ app.command()(generate)
 app.command()(federate)
 app.command()(info)
 app.command("eval")(evaluate)
+app.command()(doctor)
 
 
 def _version(value: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import platform
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +20,7 @@ from wasi_tool.bench import (
     run_inference_bench,
     run_train_bench,
 )
+from wasi_tool.bench.profiles import DeviceProfile
 from wasi_tool.bench.train import TrainBenchResult, settings_of, settings_text
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
@@ -47,7 +49,10 @@ def bench(
     ] = None,
     device: Annotated[str, typer.Option(help=f"Device profile: {', '.join(PROFILES)}.")] = "host",
     ssh: Annotated[
-        str | None, typer.Option(help="Run on a device: user@host[:port] (python3 + onnxruntime).")
+        str | None,
+        typer.Option(
+            help="Run on a device: user@host[:port] (python3 + onnxruntime; --train: wasi-tool)."
+        ),
     ] = None,
     ssh_key: Annotated[Path | None, typer.Option(help="Identity file for --ssh.")] = None,
     remote_python: Annotated[
@@ -124,11 +129,12 @@ def bench(
     with common.user_errors():
         if batch_size is not None and batch_size < 1:  # 0 must not fall back to the default
             raise WasiToolError(f"--batch-size must be >= 1, got {batch_size}")
+        target = SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python) if ssh else None
         if train or random_init:
             result = _train(
                 model, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
                 num_classes, img_size, random_init, memory_mode, memory_budget, lossy,
-                allocator, threads,
+                allocator, threads, target,
             )  # fmt: skip
         else:
             if model is None:
@@ -143,16 +149,18 @@ def bench(
                 repeats=repeats,
                 seq_len=seq_len,
             )
-            target = (
-                SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python) if ssh else None
-            )
             with common.status("benchmarking..."):
                 result = run_inference_bench(
                     model, Path(vs) if vs else None, profile, config, target
                 )
+            _record_device(result, profile, target)
             render_inference(result)
         if json_path is not None:
             payload = result if isinstance(result, dict) else result.to_dict()
+            if not isinstance(result, dict) and (target or platform.machine() == "aarch64"):
+                from wasi_tool.doctor import device_record
+
+                payload["device"] = device_record(target)  # where the training bench ran
             artifacts.write_file(json_path, artifacts.dumps_json(payload))
 
 
@@ -161,6 +169,7 @@ def _train(
     warmup: int | None, targets: str | None, act_ranks: str | None, arch: str | None,
     num_classes: int | None, img_size: int | None, random_init: bool, memory_mode: str,
     memory_budget: str | None, lossy: str, allocator: str, threads: int | None,
+    target: SSHTarget | None = None,
 ) -> TrainBenchResult:  # fmt: skip
     try:
         ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None
@@ -190,10 +199,42 @@ def _train(
     )
     if found:
         config = TrainBenchConfig.from_dict({**config.to_dict(), **found})
+    if target is not None:  # the same settings, run by the device's wasi-tool
+        from wasi_tool.bench.ssh import run_remote_train_bench
+
+        with common.status(f"timing training steps on {target.destination}..."):
+            result = TrainBenchResult.from_dict(
+                run_remote_train_bench(target, config.to_dict(), vs)
+            )
+        render_train(result)
+        console.print(f"ran on: {target.destination} over SSH", markup=False, highlight=False)
+        return result
     with common.status("timing training steps (a fresh process per method)..."):
         result = run_train_bench(config, vs, note=_note)
     render_train(result)
     return result
+
+
+def _record_device(
+    result: dict[str, Any], profile: DeviceProfile, target: SSHTarget | None
+) -> None:
+    """On an ARM host or over --ssh the record says what the device is (doctor's view), and a
+    local --device pi4|pi5 says whether this host is one."""
+    if target is None and platform.machine() != "aarch64":
+        return  # an x86 host: inference.py's note already says it is not the device
+    from wasi_tool.doctor import device_record
+
+    record = device_record(target)
+    record["is_profile_device"] = profile.is_this(record["cpu"]["part"])
+    result["device"] = record
+    if target is None and profile.name != "host":
+        cpu = record["cpu"]["model"]
+        result["ran_on"]["note"] = (
+            f"this host, a {profile.name} by its CPU ({cpu})"
+            if record["is_profile_device"]
+            else f"this host ({cpu}) with the {profile.name} profile's settings, not a "
+            f"{profile.name}"
+        )
 
 
 def _note(message: str) -> None:
