@@ -214,6 +214,7 @@ def test_calibrated_factoring_keeps_the_outputs_on_the_example_better() -> None:
     dense = _model()
     name = "encoder.layers.0.linear1"
     inputs = {}
+
     def keep(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         inputs.setdefault("x", args[0].detach().flatten(0, 1))
 
