@@ -41,10 +41,11 @@ def generate(
     with common.user_errors():
         from wasi_tool.data.lm import prompt_ids, render_prompt, token_prefix
         from wasi_tool.models import hf
+        from wasi_tool.models.family import CAUSAL_LM, task_of
         from wasi_tool.models.loading import ModelSource, load_model
 
         loaded = load_model(ModelSource(checkpoint=checkpoint, task=hf.CAUSAL_LM))
-        if not hf.is_causal_lm(loaded.model):
+        if task_of(loaded.model) != CAUSAL_LM:
             raise WasiToolError(f"{checkpoint} is not a causal language model")
         context, _ = hf.context_length(loaded.model)
         # the settings first (before the prompt is rendered or tokenized); the prompt is

@@ -30,6 +30,7 @@ from wasi_tool.data.cldr import EMOJI_LANGUAGES, emoji_names
 from wasi_tool.data.datasets import BatchTransform, DataSplits, load_data, select_classes
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import hf
+from wasi_tool.models.family import CAUSAL_LM, family_of
 
 EMOJI_LANG = "emoji-lang"
 DEFAULT_EMOJI = 1000
@@ -153,7 +154,8 @@ def load_task_data(
     LM), images (``load_data``) for any other model."""
     from wasi_tool.data import lm
 
-    if hf.is_causal_lm(loaded.model):
+    family = family_of(loaded.model)
+    if family.task(loaded.model) == CAUSAL_LM:
         if is_text_spec(spec) or not lm.is_lm_spec(spec):
             raise WasiToolError(
                 f"a causal LM trains on {lm.EMOJI_TRANSLATE}, a .txt or a .jsonl file, got {spec}"
@@ -163,9 +165,9 @@ def load_task_data(
         tokenizer = hf.load_tokenizer(loaded.tokenizer_dir)
         return lm.load_lm_data(spec, tokenizer, seq_len, val_fraction, seed)
     if lm.is_lm_spec(spec):
-        kind = "text classifier" if hf.is_hf(loaded.model) else "vision model"
+        kind = "text classifier" if family.reads_text else "vision model"
         raise WasiToolError(f"{spec} is causal-LM data (--task causal-lm); this is a {kind}")
-    if hf.is_hf(loaded.model):
+    if family.reads_text:
         return load_text_data(spec, loaded.tokenizer_dir, val_fraction, seed, classes)
     if is_text_spec(spec):
         raise WasiToolError(f"{spec} is a text dataset; this model takes images")
