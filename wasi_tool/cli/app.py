@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from wasi_tool._version import __version__
 from wasi_tool.cli.bench import bench
 from wasi_tool.cli.compress import compress
 from wasi_tool.cli.export import export
@@ -36,6 +35,8 @@ app.command("eval")(evaluate)
 
 def _version(value: bool) -> None:
     if value:
+        from wasi_tool._version import __version__  # importlib.metadata: only when asked
+
         typer.echo(f"wasi-tool {__version__}")
         raise typer.Exit()
 
