@@ -12,8 +12,11 @@ import pytest
 from wasi_tool.allocator import JEMALLOC_CONF, find_library, in_use, worker_env
 from wasi_tool.bench.train import TrainBenchConfig
 from wasi_tool.errors import WasiToolError
+from wasi_tool.threads import AUTO_WAIT_POLICY
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux allocators")
+# every worker environment carries the OpenMP wait policy too (the tool's default here)
+W = {"OMP_WAIT_POLICY": AUTO_WAIT_POLICY}
 
 
 @linux
@@ -24,17 +27,18 @@ def test_auto_preloads_an_installed_allocator_only_when_saving_memory(tmp_path, 
     monkeypatch.setenv("WASI_TOOL_ALLOCATOR_PATH", str(tmp_path))
     monkeypatch.setenv("LD_PRELOAD", "/x/libother.so")
     monkeypatch.delenv("MALLOC_CONF", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     env, name = worker_env("auto", memory_saving=True)
     assert name == "tcmalloc"
-    assert env == {"LD_PRELOAD": f"{lib} /x/libother.so"}  # the user's own preload is kept
-    assert worker_env("auto", memory_saving=False) == ({}, "system")
-    assert worker_env("system", memory_saving=True) == ({}, "system")
+    assert env == {**W, "LD_PRELOAD": f"{lib} /x/libother.so"}  # the user's preload is kept
+    assert worker_env("auto", memory_saving=False) == (W, "system")
+    assert worker_env("system", memory_saving=True) == (W, "system")
     # with both installed, jemalloc comes first, with its measured decay
     jemalloc = tmp_path / "libjemalloc.so.2"
     jemalloc.write_bytes(b"")
     env, name = worker_env("auto", memory_saving=True)
     assert name == "jemalloc"
-    assert env == {"LD_PRELOAD": f"{jemalloc} /x/libother.so", "MALLOC_CONF": JEMALLOC_CONF}
+    assert env == {**W, "LD_PRELOAD": f"{jemalloc} /x/libother.so", "MALLOC_CONF": JEMALLOC_CONF}
     monkeypatch.setenv("MALLOC_CONF", "narenas:1")  # the user's own settings win
     assert "MALLOC_CONF" not in worker_env("auto", memory_saving=True)[0]
 
@@ -42,10 +46,11 @@ def test_auto_preloads_an_installed_allocator_only_when_saving_memory(tmp_path, 
 def test_a_named_allocator_that_is_missing_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("wasi_tool.allocator._DIRS", ())
     monkeypatch.setenv("WASI_TOOL_ALLOCATOR_PATH", str(tmp_path))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert find_library("jemalloc") is None
     with pytest.raises(WasiToolError, match="apt install libjemalloc2"):
         worker_env("jemalloc", memory_saving=True)
-    assert worker_env("auto", memory_saving=True) == ({}, "system")
+    assert worker_env("auto", memory_saving=True) == (W, "system")
     with pytest.raises(WasiToolError, match="allocator must be one of"):
         TrainBenchConfig(arch="vit_tiny_patch16_224", random_init=True, allocator="mimalloc")
 

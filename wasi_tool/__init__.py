@@ -1,7 +1,8 @@
 """wasi-tool: fine-tune pretrained transformers on edge CPUs with a fraction of the memory.
 
 The names below load lazily (PEP 562), so ``import wasi_tool.errors`` or the CLI's startup does
-not pay for torch, timm and the rest until they are used.
+not pay for torch, timm and the rest until they are used (nor ``__version__`` for
+importlib.metadata's scan of the installed packages).
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from wasi_tool._version import __version__
 from wasi_tool.errors import WasiToolError
 
 _LAZY = {
+    "__version__": "wasi_tool._version",
     "CompressConfig": "wasi_tool.transforms.compress",
     "CompressReport": "wasi_tool.transforms.compress",
     "compress_": "wasi_tool.transforms.compress",
@@ -27,6 +28,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from wasi_tool._version import __version__
     from wasi_tool.api import PrepareReport, prepare, save_artifact
     from wasi_tool.models.loading import ModelSource, load_model
     from wasi_tool.nn.factored import FactoredLinear

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.threads import wait_policy_env
 
 ALLOCATORS = ("auto", "system", "tcmalloc", "jemalloc")
 
@@ -92,12 +93,18 @@ def in_use() -> str:
 
 def worker_env(choice: str, memory_saving: bool) -> tuple[dict[str, str], str]:
     """Environment variables that start a worker process on allocator ``choice``, and the
-    allocator it names.
+    allocator it names; beside them the OpenMP wait policy the worker's torch starts with
+    (wasi_tool.threads.wait_policy_env: the user's OMP_WAIT_POLICY, else the tool's default).
 
     "auto" picks jemalloc (else tcmalloc) when the run saves memory (a memory mode or a budget)
     and one is installed, and the system allocator otherwise; a named allocator that is not
     installed is an error.
     """
+    env, name = _allocator_env(choice, memory_saving)
+    return {**wait_policy_env(), **env}, name
+
+
+def _allocator_env(choice: str, memory_saving: bool) -> tuple[dict[str, str], str]:
     check_allocator(choice)
     if choice == "system" or (choice == "auto" and not memory_saving):
         return {}, "system"

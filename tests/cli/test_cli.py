@@ -11,7 +11,6 @@ from torch import nn
 from typer.testing import CliRunner
 
 from wasi_tool import artifacts
-from wasi_tool.cli import compress as compress_cmd
 from wasi_tool.cli.app import app
 
 runner = CliRunner()
@@ -46,7 +45,7 @@ def test_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         seen.update(source=source, config=config, out=out, **kw)
         raise SystemExit(0)
 
-    monkeypatch.setattr(compress_cmd, "run_compress", fake_run)
+    monkeypatch.setattr("wasi_tool.stages.compress.run_compress", fake_run)  # imported at run
     invoke(
         "compress", "ck.pth", "--arch", "deit_tiny_patch16_224", "--num-classes", "7",
         "--targets", "attn", "--exclude", "blocks.0.*", "--exclude", "blocks.1.*",
@@ -141,15 +140,13 @@ def test_compress_accepts_an_artifact(tmp_path: Path) -> None:
 
 
 def test_finetune_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wasi_tool.cli import finetune as finetune_cmd
-
     seen: dict[str, Any] = {}
 
     def fake_run(source: Any, data: Any, config: Any, out: Path, **kw: Any) -> None:
         seen.update(source=source, data=data, config=config, out=out, **kw)
         raise SystemExit(0)
 
-    monkeypatch.setattr(finetune_cmd, "run_finetune", fake_run)
+    monkeypatch.setattr("wasi_tool.stages.finetune.run_finetune", fake_run)  # imported at run
     invoke(
         "finetune", "runs/x", "--data", "cifar.npz", "--method", "asi", "--act-ranks", "8,4,16",
         "--epochs", "2", "--batch-size", "16", "--lr", "0.1", "--lr-min", "0.01", "--clip", "0",
@@ -170,15 +167,13 @@ def test_finetune_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.Mo
 def test_bsr_and_lora_flags_reach_the_library(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from wasi_tool.cli import finetune as finetune_cmd
-
     seen: list[Any] = []
 
     def fake_run(source: Any, data: Any, config: Any, out: Path, **kw: Any) -> None:
         seen.append(config)
         raise SystemExit(0)
 
-    monkeypatch.setattr(finetune_cmd, "run_finetune", fake_run)
+    monkeypatch.setattr("wasi_tool.stages.finetune.run_finetune", fake_run)  # imported at run
     invoke(
         "finetune", "ckpt", "--method", "bsr+wasi", "--bsr-blocks", "3,7,11", "--drop-at", "3,6,9",
         "--keep-rate", "0.7", "--no-fuse", "--out", tmp_path / "o",
@@ -254,15 +249,13 @@ def test_export_of_a_corrupt_artifact_is_one_line(tmp_path: Path) -> None:
 
 
 def test_export_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wasi_tool.cli import export as export_cmd
-
     seen: dict[str, Any] = {}
 
     def fake_run(source: Any, config: Any, out: Path, **kw: Any) -> None:
         seen.update(source=source, config=config, out=out, **kw)
         raise SystemExit(0)
 
-    monkeypatch.setattr(export_cmd, "run_export", fake_run)
+    monkeypatch.setattr("wasi_tool.stages.export.run_export", fake_run)  # imported at run
     invoke("export", "runs/x", "--safetensors", "--merge", "--out", tmp_path / "o")
     assert (seen["config"].onnx, seen["config"].merge) == (False, True)
     invoke(

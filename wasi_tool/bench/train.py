@@ -100,6 +100,7 @@ class StepMeasurement:
     memory_mode: str = "off"
     memory_plan: dict[str, Any] | None = None
     allocator: str | None = None  # what the worker ran on (wasi_tool/allocator.py)
+    wait_policy: str | None = None  # OMP_WAIT_POLICY its torch started with (wasi_tool/threads.py)
     act_ranks_rule: str | None = None  # how the activation ranks were chosen
     min_step_seconds: float | None = None  # the spread beside the median
     p10_step_seconds: float | None = None

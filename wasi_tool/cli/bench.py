@@ -5,33 +5,29 @@ from __future__ import annotations
 import dataclasses
 import platform
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from wasi_tool import artifacts
-from wasi_tool.bench import (
-    PROFILES,
-    InferenceBenchConfig,
-    SSHTarget,
-    TrainBenchConfig,
-    get_profile,
-    run_inference_bench,
-    run_train_bench,
-)
-from wasi_tool.bench.profiles import DeviceProfile
-from wasi_tool.bench.train import TrainBenchResult, settings_of, settings_text
+from wasi_tool.bench.profiles import PROFILES
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
+
+# their defaults, without torch (the classes are imported where the configs are built)
+from wasi_tool.cli.defaults import InferenceBenchConfig, TrainBenchConfig
 from wasi_tool.errors import WasiToolError
-from wasi_tool.measure import pace
 from wasi_tool.threads import check_threads
 from wasi_tool.wording import ratio as words
 from wasi_tool.wording import spread, wide
 
-_I = InferenceBenchConfig()  # the defaults, read from the configs, never copied by hand
-_T = TrainBenchConfig()
+if TYPE_CHECKING:  # the library (torch) loads when the command runs, not to parse its flags
+    from wasi_tool.bench import SSHTarget
+    from wasi_tool.bench.profiles import DeviceProfile
+    from wasi_tool.bench.train import TrainBenchResult
+
+_I = InferenceBenchConfig  # the defaults, read from the configs, never copied by hand
+_T = TrainBenchConfig
 
 
 def bench(
@@ -125,6 +121,9 @@ def bench(
     ] = None,
 ) -> None:
     """Time an ONNX model on a device profile (locally or over SSH), or training steps."""
+    from wasi_tool import artifacts
+    from wasi_tool.bench import InferenceBenchConfig, SSHTarget, get_profile, run_inference_bench
+
     result: dict[str, Any] | TrainBenchResult
     with common.user_errors():
         if batch_size is not None and batch_size < 1:  # 0 must not fall back to the default
@@ -171,6 +170,8 @@ def _train(
     memory_budget: str | None, lossy: str, allocator: str, threads: int | None,
     target: SSHTarget | None = None,
 ) -> TrainBenchResult:  # fmt: skip
+    from wasi_tool.bench.train import TrainBenchConfig, run_train_bench, settings_of
+
     try:
         ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None
     except ValueError:
@@ -242,6 +243,8 @@ def _note(message: str) -> None:
 
 
 def render_inference(result: dict[str, Any]) -> None:
+    from wasi_tool.measure import pace
+
     prof = result["profile"]
     title = (
         f"onnxruntime {result['onnxruntime']}: batch {result['batch']}, {result['threads']} "
@@ -287,6 +290,9 @@ def render_inference(result: dict[str, Any]) -> None:
 
 
 def render_train(result: TrainBenchResult) -> None:
+    from wasi_tool.bench.train import settings_text
+    from wasi_tool.measure import pace
+
     table = Table(
         title="training step (forward, backward, update), synthetic input",
         caption=settings_text(result),

@@ -10,24 +10,28 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
 from rich.console import Console
 
-from wasi_tool import artifacts
-from wasi_tool.artifacts import dumps_json
+from wasi_tool.cli.defaults import ConfigDefaults
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.loading import ModelSource
+
+if TYPE_CHECKING:  # torch: imported when a command runs, not to parse its flags
+    from wasi_tool.models.loading import ModelSource
 
 # Piped output (logs, CI) gets a wide table instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def default(config_cls: type, name: str) -> Any:
-    """The default of dataclass field ``name``: CLI defaults are read, never copied by hand."""
+def default(config_cls: type | ConfigDefaults, name: str) -> Any:
+    """The default of dataclass field ``name``: CLI defaults are read, never copied by hand
+    (from wasi_tool.cli.defaults, the torch-free copy tests check against the dataclass)."""
+    if isinstance(config_cls, ConfigDefaults):
+        return getattr(config_cls, name)
     for f in dataclasses.fields(config_cls):
         if f.name == name:
             if f.default is not dataclasses.MISSING:
@@ -81,6 +85,8 @@ def _command_io() -> tuple[list[Any], dict[str, Any]]:
 
 
 def _check_outputs(outputs: dict[str, Any]) -> None:
+    from wasi_tool import artifacts
+
     for name, path in outputs.items():
         if name == "out_folder":  # written into: each output inside it is checked as written
             artifacts.check_output_path(path)
@@ -98,6 +104,8 @@ def user_errors() -> Iterator[None]:
 
     It is also the command's scope for the output-path rule: its path parameters are its
     inputs, and its outputs are checked against them before any work is done."""
+    from wasi_tool import artifacts
+
     failed: WasiToolError | None = None
     held: list[warnings.WarningMessage] = []
     inputs, outputs = _command_io()
@@ -171,12 +179,16 @@ def is_stdout(path: Path | None) -> bool:
 
 def write_json(path: Path | None, payload: Any) -> None:
     """``--json PATH``: the payload to PATH, or to stdout for ``-``; nothing for None."""
+    from wasi_tool.artifacts import dumps_json
+
     if path is None:
         return
     text = dumps_json(json.loads(json.dumps(payload, default=str)))
     if is_stdout(path):
         sys.stdout.write(text)
         return
+    from wasi_tool import artifacts
+
     artifacts.write_file(path, text)  # the output-path rule, an atomic write
 
 
@@ -248,6 +260,8 @@ def model_source(
     task: str | None = None,
     model_class: str | None = None,
 ) -> ModelSource:
+    from wasi_tool.models.loading import ModelSource
+
     return ModelSource(
         task=task,
         checkpoint=checkpoint,

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes, human_count
-from wasi_tool.ops import DEFAULT_EPS
-from wasi_tool.stages.compress import CompressConfig, CompressResult, run_compress
-from wasi_tool.transforms.compress import DEFAULT_CALIBRATION_SAMPLES
+from wasi_tool.cli.defaults import (  # its defaults, without torch
+    DEFAULT_CALIBRATION_SAMPLES,
+    DEFAULT_EPS,
+    CompressConfig,
+)
+
+if TYPE_CHECKING:  # the library (torch) loads when the command runs, not to parse its flags
+    from wasi_tool.stages.compress import CompressResult
 
 
 def compress(
@@ -76,6 +81,8 @@ def compress(
     json_path: common.JsonOut = None,
 ) -> None:
     """SVD-decompose the target linear layers; rank by explained variance; write an artifact."""
+    from wasi_tool.stages.compress import CompressConfig, run_compress
+
     with common.user_errors(), common.progress_to_stderr(json_path):
         config = CompressConfig(
             targets=targets,

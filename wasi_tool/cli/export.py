@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
-from wasi_tool.stages.export import ExportConfig, ExportResult, run_export
+from wasi_tool.cli.defaults import ExportConfig as E  # its defaults, without torch
 
-E = ExportConfig
+if TYPE_CHECKING:  # the library (torch) loads when the command runs, not to parse its flags
+    from wasi_tool.stages.export import ExportConfig, ExportResult
 
 
 def export(
@@ -66,6 +67,8 @@ def export(
     json_path: common.JsonOut = None,
 ) -> None:
     """Export weights (factored or merged) and ONNX (two MatMuls per factored linear)."""
+    from wasi_tool.stages.export import ExportConfig, run_export
+
     with common.user_errors(), common.progress_to_stderr(json_path):
         config = ExportConfig(
             onnx=onnx or not safetensors,

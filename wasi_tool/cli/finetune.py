@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, default, human_bytes
+from wasi_tool.cli.defaults import METHOD_NAMES as METHODS
+from wasi_tool.cli.defaults import FinetuneConfig as F  # its defaults, without torch
 from wasi_tool.cli.progress import RichProgress
 from wasi_tool.errors import WasiToolError
-from wasi_tool.methods import METHODS
-from wasi_tool.stages.finetune import FinetuneConfig, FinetuneResult, run_finetune
-from wasi_tool.threads import use_threads
-from wasi_tool.training.loop import Interrupted
 
-F = FinetuneConfig
+if TYPE_CHECKING:  # the library (torch) loads when the command runs, not to parse its flags
+    from wasi_tool.stages.finetune import FinetuneResult
 
 
 def _ints(text: str | None, what: str) -> list[int] | None:
@@ -164,6 +163,10 @@ def finetune(
 ) -> None:
     """Fine-tune with WASI or a baseline (vanilla, asi, wsi, bsr, bsr+wasi, lora); write an
     artifact and metrics.json."""
+    from wasi_tool.stages.finetune import FinetuneConfig, run_finetune
+    from wasi_tool.threads import use_threads
+    from wasi_tool.training.loop import Interrupted
+
     with common.user_errors(), common.progress_to_stderr(json_path):
         config = FinetuneConfig(
             method=method,

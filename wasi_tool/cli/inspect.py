@@ -4,16 +4,17 @@ and loss of a model on a dataset)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from wasi_tool import artifacts
 from wasi_tool.cli import common
 from wasi_tool.cli.common import console, human_bytes
 from wasi_tool.errors import WasiToolError
-from wasi_tool.stages.evaluate import EvalResult, run_eval
+
+if TYPE_CHECKING:  # the library (torch) loads when the command runs, not to parse its flags
+    from wasi_tool.stages.evaluate import EvalResult
 
 # The settings `info` shows of each stage (all of them are in --json).
 STAGE_KEYS = (
@@ -33,6 +34,8 @@ def info(
 ) -> None:
     """What an artifact is: its kind, how it was made (stage history), its layers and ranks,
     its files with sizes and sha256 (checked against the manifest)."""
+    from wasi_tool import artifacts
+
     with common.user_errors():
         found = artifacts.describe(artifact)
         common.write_json(json_path, found)
@@ -153,6 +156,8 @@ def evaluate(
     json_path: common.JsonOut = None,
 ) -> None:
     """Accuracy and loss of a model on a dataset's held-out split (the split finetune used)."""
+    from wasi_tool.stages.evaluate import run_eval
+
     with common.user_errors():
         source = common.model_source(
             checkpoint, arch, num_classes, img_size, trust_pickle, random_init, seed_init,

@@ -9,12 +9,14 @@ with the epoch line that follows.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from wasi_tool.cli.common import console
-from wasi_tool.training.results import EpochRecord
+
+if TYPE_CHECKING:
+    from wasi_tool.training.results import EpochRecord
 
 _STEP_FIELDS = (
     "mean so far: loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}  "
