@@ -96,6 +96,9 @@ def bench(
     lossy: Annotated[
         str, typer.Option(help="--train: lossy storage for backward: off | bf16.")
     ] = default(TrainBenchConfig, "lossy"),
+    mezo_mu: Annotated[float, typer.Option(help="--train, mezo: perturbation scale mu.")] = default(
+        TrainBenchConfig, "mezo_mu"
+    ),
     allocator: Annotated[
         str,
         typer.Option(
@@ -128,7 +131,7 @@ def bench(
             result = _train(
                 model, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
                 num_classes, img_size, random_init, memory_mode, memory_budget, lossy,
-                allocator, threads,
+                allocator, threads, mezo_mu,
             )  # fmt: skip
         else:
             if model is None:
@@ -161,6 +164,7 @@ def _train(
     warmup: int | None, targets: str | None, act_ranks: str | None, arch: str | None,
     num_classes: int | None, img_size: int | None, random_init: bool, memory_mode: str,
     memory_budget: str | None, lossy: str, allocator: str, threads: int | None,
+    mezo_mu: float = TrainBenchConfig.mezo_mu,
 ) -> TrainBenchResult:  # fmt: skip
     try:
         ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None
@@ -187,6 +191,7 @@ def _train(
         lossy=lossy,
         allocator=allocator,
         threads=threads,
+        mezo_mu=mezo_mu,
     )
     if found:
         config = TrainBenchConfig.from_dict({**config.to_dict(), **found})

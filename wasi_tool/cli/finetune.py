@@ -132,6 +132,9 @@ def finetune(
     lora_dropout: Annotated[float, typer.Option(help="lora: adapter dropout.")] = default(
         F, "lora_dropout"
     ),
+    mezo_mu: Annotated[
+        float, typer.Option(help="mezo: perturbation scale mu (lr ~1e-4 without --clip).")
+    ] = default(F, "mezo_mu"),
     new_head: Annotated[
         bool, typer.Option(help="A fresh head even when the class count matches (new task).")
     ] = False,
@@ -196,6 +199,7 @@ def finetune(
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
+            mezo_mu=mezo_mu,
             new_head=new_head,
             memory_mode=memory_mode,
             memory_budget=memory_budget,

@@ -46,7 +46,10 @@ def layer_accounting(
             "rank": int(layer.rank) if method.factored_weight else None,
             "act_ranks": ranks,
         }
-        mem = accounting.layer_memory_elements(shape, o, i, **flags, adapter_rank=adapter)
+        forward_only = bool(getattr(method, "forward_only", False))  # mezo: no backward
+        mem = accounting.layer_memory_elements(
+            shape, o, i, **flags, adapter_rank=adapter, forward_only=forward_only
+        )
         row: dict[str, Any] = {
             "name": name,
             "act_shape": list(shape),
@@ -57,10 +60,10 @@ def layer_accounting(
             "memory_elements": mem,
             "memory_mib_fp32": {k: v * 4 / MB for k, v in mem.items()},
             "flops_per_step": accounting.layer_step_flops(
-                shape, o, i, **flags, adapter_rank=adapter
+                shape, o, i, **flags, adapter_rank=adapter, forward_only=forward_only
             ),
         }
-        if len(shape) == 3 and not method.adapter:
+        if len(shape) == 3 and not method.adapter and not forward_only:
             row["flops_per_step_reference_code"] = accounting.reference_code_flops(
                 shape, o, i, **flags
             )
