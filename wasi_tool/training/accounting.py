@@ -40,6 +40,8 @@ def layer_accounting(
         rank = int(layer.rank) if method.factored_weight else adapter
         act = getattr(layer, "act", None)
         ranks = tuple(min(r, d) for r, d in zip(act.ranks, shape, strict=True)) if act else None
+        if ranks and getattr(act, "whole_batch", False):  # asi-fixed: the batch mode is whole
+            ranks = (shape[0], *ranks[1:])
         flags: dict[str, Any] = {
             "factored": method.factored_weight,
             "compressed": method.compressed_activations,
