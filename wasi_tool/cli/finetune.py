@@ -132,6 +132,10 @@ def finetune(
     lora_dropout: Annotated[float, typer.Option(help="lora: adapter dropout.")] = default(
         F, "lora_dropout"
     ),
+    lora_recompute: Annotated[
+        bool,
+        typer.Option(help="lora: recompute x A in backward instead of saving it (exact)."),
+    ] = default(F, "lora_recompute"),
     mezo_mu: Annotated[
         float, typer.Option(help="mezo: perturbation scale mu (lr ~1e-4 without --clip).")
     ] = default(F, "mezo_mu"),
@@ -165,8 +169,8 @@ def finetune(
     threads: common.Threads = None,
     json_path: common.JsonOut = None,
 ) -> None:
-    """Fine-tune with WASI or a baseline (vanilla, asi, wsi, bsr, bsr+wasi, lora); write an
-    artifact and metrics.json."""
+    """Fine-tune with WASI or a baseline (vanilla, asi, wsi, bsr, bsr+wasi, lora, lora-fa,
+    mezo, asi-fixed, wasi-fixed); write an artifact and metrics.json."""
     with common.user_errors(), common.progress_to_stderr(json_path):
         config = FinetuneConfig(
             method=method,
@@ -199,6 +203,7 @@ def finetune(
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
+            lora_recompute=lora_recompute,
             mezo_mu=mezo_mu,
             new_head=new_head,
             memory_mode=memory_mode,

@@ -16,9 +16,10 @@ class BaselineOptions(MezoOptions):
     """bsr / bsr+wasi: ``bsr_blocks`` (trained blocks; default 3, 7, 11 scaled to the depth),
     ``drop_at`` (blocks that drop tokens; default 3, 6, 9 scaled), ``keep_rate`` (share of patch
     tokens kept), ``fuse`` (fuse the dropped tokens into one, or discard them); lora:
-    ``lora_rank``, ``lora_alpha``, ``lora_dropout``. A method's own settings are a dataclass in
-    its module, mixed in here (mezo: ``MezoOptions``), so finetune, the bench and prepare get
-    them without knowing the method."""
+    ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_recompute`` (memory-exact LoRA:
+    recompute x A^T in backward instead of saving it; same gradients). A method's own settings
+    are a dataclass in its module, mixed in here (mezo: ``MezoOptions``), so finetune, the
+    bench and prepare get them without knowing the method."""
 
     bsr_blocks: list[int] | None = None
     drop_at: list[int] | None = None
@@ -27,6 +28,7 @@ class BaselineOptions(MezoOptions):
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
+    lora_recompute: bool = False
 
     def check_baselines(self) -> None:
         """Validate (and normalise) the baseline settings, once for every config."""

@@ -31,6 +31,9 @@ def layer_accounting(
     adapter = adapter_rank if method.adapter else None
     for name in targets:
         layer: Any = model.get_submodule(name)
+        saves = getattr(method, "adapter_saves", "both")
+        if type(layer).__name__ == "RecomputeLoraLinear":  # lora_recompute: x only
+            saves = "input"
         if hasattr(layer, "get_base_layer"):  # a peft LoRA layer
             layer = layer.get_base_layer()
         shape = act_shapes.get(name)
@@ -50,8 +53,9 @@ def layer_accounting(
         }
         forward_only = bool(getattr(method, "forward_only", False))  # mezo: no backward
         mem = accounting.layer_memory_elements(
-            shape, o, i, **flags, adapter_rank=adapter, forward_only=forward_only
-        )
+            shape, o, i, **flags, adapter_rank=adapter, forward_only=forward_only,
+            adapter_saves=saves,
+        )  # fmt: skip
         row: dict[str, Any] = {
             "name": name,
             "act_shape": list(shape),
@@ -62,7 +66,13 @@ def layer_accounting(
             "memory_elements": mem,
             "memory_mib_fp32": {k: v * 4 / MB for k, v in mem.items()},
             "flops_per_step": accounting.layer_step_flops(
-                shape, o, i, **flags, adapter_rank=adapter, forward_only=forward_only
+                shape,
+                o,
+                i,
+                **flags,
+                adapter_rank=adapter,
+                forward_only=forward_only,
+                adapter_saves=saves,
             ),
         }
         if len(shape) == 3 and not method.adapter and not forward_only:
