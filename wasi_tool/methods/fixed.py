@@ -50,9 +50,11 @@ def hosvd_basis(x: torch.Tensor, mode: int, rank: int) -> torch.Tensor:
     (D_m x r), from the eigendecomposition of its Gram in float64; each column's largest
     entry is made positive, so the basis is deterministic."""
     shape = x.shape
-    pre = math.prod(shape[:mode])
-    t = x.reshape(pre, shape[mode], -1).double()
-    gram = torch.matmul(t, t.transpose(1, 2)).sum(0)
+    # the unfolding A_(m) (D_m x rest) in float64: one copy of x, and a D_m x D_m Gram (a
+    # batched product over the leading modes would hold one D_m x D_m matrix per row)
+    t = x.reshape(math.prod(shape[:mode]), shape[mode], -1).transpose(0, 1)
+    unfolded = t.reshape(shape[mode], -1).double()
+    gram = unfolded @ unfolded.T
     _, vectors = torch.linalg.eigh(gram)
     u = vectors[:, -rank:].flip(-1)
     peak = u.gather(0, u.abs().argmax(0, keepdim=True))
