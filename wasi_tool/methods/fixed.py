@@ -101,8 +101,9 @@ class FixedActivationBases(ActivationBases):
         self.calibrations += 1
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Project ``x`` onto the fixed bases: (core, bases), no iteration."""
+    def encode(self, x: torch.Tensor) -> Any:
+        """Project ``x`` onto the fixed bases: (core, bases, None), no iteration (no residual
+        sample: the unbiased estimate is an option of asi/wasi, not of the fixed variant)."""
         if x.ndim != len(self.ranks):
             raise ValueError(
                 f"activation has {x.ndim} modes {tuple(x.shape)} but {len(self.ranks)} ranks "
@@ -123,10 +124,10 @@ class FixedActivationBases(ActivationBases):
             if mode:
                 core = mode_product(core, bases[mode], mode, transpose=True)
         if recording():
-            self._records.append((core, bases))
+            self._records.append((core, bases, None))
             for t in (core, *bases):
                 count_kept(t)
-        return core, bases
+        return core, bases, None
 
 
 class _FixedAct:
