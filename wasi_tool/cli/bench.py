@@ -97,6 +97,9 @@ def bench(
     lossy: Annotated[
         str, typer.Option(help="--train: lossy storage for backward: off | bf16.")
     ] = default(TrainBenchConfig, "lossy"),
+    mezo_mu: Annotated[float, typer.Option(help="--train, mezo: perturbation scale mu.")] = default(
+        TrainBenchConfig, "mezo_mu"
+    ),
     allocator: Annotated[
         str,
         typer.Option(
@@ -133,7 +136,7 @@ def bench(
             result = _train(
                 model, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
                 num_classes, img_size, random_init, memory_mode, memory_budget, lossy,
-                allocator, threads, target,
+                allocator, threads, target, mezo_mu,
             )  # fmt: skip
         else:
             if model is None:
@@ -169,6 +172,7 @@ def _train(
     num_classes: int | None, img_size: int | None, random_init: bool, memory_mode: str,
     memory_budget: str | None, lossy: str, allocator: str, threads: int | None,
     target: SSHTarget | None = None,
+    mezo_mu: float = _T.mezo_mu,
 ) -> TrainBenchResult:  # fmt: skip
     from wasi_tool.bench.train import TrainBenchConfig, run_train_bench, settings_of
 
@@ -197,6 +201,7 @@ def _train(
         lossy=lossy,
         allocator=allocator,
         threads=threads,
+        mezo_mu=mezo_mu,
     )
     if found:
         config = TrainBenchConfig.from_dict({**config.to_dict(), **found})

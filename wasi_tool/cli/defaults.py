@@ -34,6 +34,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "memory_mode": "off",
         "memory_budget": None,
         "lossy": "off",
+        "mezo_mu": 0.001,
         "bsr_blocks": None,
         "drop_at": None,
         "keep_rate": 0.5,
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lora_rank": 8,
         "lora_alpha": 16.0,
         "lora_dropout": 0.0,
+        "lora_recompute": False,
         "calibrate": None,
         "act_eps": None,
         "act_budget_mb": None,
@@ -94,6 +96,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "memory_mode": "off",
         "memory_budget": None,
         "lossy": "off",
+        "mezo_mu": 0.001,
         "bsr_blocks": None,
         "drop_at": None,
         "keep_rate": 0.5,
@@ -101,6 +104,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lora_rank": 8,
         "lora_alpha": 16.0,
         "lora_dropout": 0.0,
+        "lora_recompute": False,
         "checkpoint": None,
         "arch": None,
         "num_classes": None,
@@ -121,7 +125,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 # wasi_tool.methods.METHODS (the registry's names, in its order) and wasi_tool.ops.DEFAULT_EPS
-METHOD_NAMES: tuple[str, ...] = ("asi", "wasi", "bsr", "bsr+wasi", "lora", "vanilla", "wsi")
+METHOD_NAMES: tuple[str, ...] = (
+    "asi",
+    "wasi",
+    "bsr",
+    "bsr+wasi",
+    "asi-fixed",
+    "wasi-fixed",
+    "lora",
+    "lora-fa",
+    "mezo",
+    "vanilla",
+    "wsi",
+)
 DEFAULT_EPS = 0.8
 # wasi_tool.transforms.compress.DEFAULT_CALIBRATION_SAMPLES
 DEFAULT_CALIBRATION_SAMPLES = 256

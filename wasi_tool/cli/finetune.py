@@ -131,6 +131,13 @@ def finetune(
     lora_dropout: Annotated[float, typer.Option(help="lora: adapter dropout.")] = default(
         F, "lora_dropout"
     ),
+    lora_recompute: Annotated[
+        bool,
+        typer.Option(help="lora: recompute x A in backward instead of saving it (exact)."),
+    ] = default(F, "lora_recompute"),
+    mezo_mu: Annotated[
+        float, typer.Option(help="mezo: perturbation scale mu (lr ~1e-4 without --clip).")
+    ] = default(F, "mezo_mu"),
     new_head: Annotated[
         bool, typer.Option(help="A fresh head even when the class count matches (new task).")
     ] = False,
@@ -161,8 +168,8 @@ def finetune(
     threads: common.Threads = None,
     json_path: common.JsonOut = None,
 ) -> None:
-    """Fine-tune with WASI or a baseline (vanilla, asi, wsi, bsr, bsr+wasi, lora); write an
-    artifact and metrics.json."""
+    """Fine-tune with WASI or a baseline (vanilla, asi, wsi, bsr, bsr+wasi, lora, lora-fa,
+    mezo, asi-fixed, wasi-fixed); write an artifact and metrics.json."""
     from wasi_tool.stages.finetune import FinetuneConfig, run_finetune
     from wasi_tool.threads import use_threads
     from wasi_tool.training.loop import Interrupted
@@ -199,6 +206,8 @@ def finetune(
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
+            lora_recompute=lora_recompute,
+            mezo_mu=mezo_mu,
             new_head=new_head,
             memory_mode=memory_mode,
             memory_budget=memory_budget,

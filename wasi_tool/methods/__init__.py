@@ -1,10 +1,10 @@
 """Training methods: one module each, registered by name in ``methods.base``.
 
-Importing this package registers the built-in methods: vanilla, asi, wsi, wasi, bsr, bsr+wasi
-and lora.
+Importing this package registers the built-in methods: vanilla, asi, wsi, wasi, bsr, bsr+wasi,
+lora, mezo, asi-fixed and wasi-fixed.
 """
 
-from wasi_tool.methods import asi, bsr, lora, vanilla, wasi, wsi  # noqa: F401  (registration)
+from wasi_tool.methods import asi, bsr, fixed, lora, mezo, vanilla, wasi, wsi  # noqa: F401  (registration)
 from wasi_tool.methods.base import (
     METHODS,
     LayerOptions,

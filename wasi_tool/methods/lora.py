@@ -1,16 +1,24 @@
-"""LoRA baseline through the ``peft`` library: adapters on the target linears, merged back
+"""LoRA baselines through the ``peft`` library: adapters on the target linears, merged back
 into plain dense linears for saving and export.
 
 Trainable: the adapters (A, B) and the classifier head; everything else is frozen (peft's
 default plus the head, which a new task needs). At initialisation B = 0, so the model's
 output is unchanged.
+
+What a target saves for backward (its base W is frozen, so W x saves nothing), per token:
+- ``lora``: the adapter's input x (I, for dA = (B^T dY)^T x) and x A^T (r, for dB);
+- ``lora`` with ``lora_recompute`` (memory-exact LoRA): x only; x A^T is recomputed in
+  backward (one extra GEMM of 2 T I r), the gradients are the same;
+- ``lora-fa`` (LoRA-FA, arXiv 2308.03303): A is frozen at its random init and only B trains,
+  so x is not needed: x A^T (r) only. peft's ``create_lorafa_optimizer`` also rescales B's
+  gradient (LoRA-FA's optimiser); that is not done here: B trains by the recipe's SGD.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,6 +30,60 @@ from wasi_tool.nn.fastpath import sync_fast_paths_
 from wasi_tool.nn.swap import set_submodule
 
 
+class LowRankRecompute(torch.autograd.Function):
+    """y = (x A^T) B^T saving x only: backward recomputes h = x A^T (memory-exact LoRA)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, a, b)
+        return (x @ a.T) @ b.T
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, a, b = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dh = dy @ b  # (T, r)
+        grad_x = (dh @ a).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_a = dh.T @ x2 if ctx.needs_input_grad[1] else None
+        grad_b = dy.T @ (x2 @ a.T) if ctx.needs_input_grad[2] else None  # h, recomputed
+        return grad_x, grad_a, grad_b
+
+
+def _recompute_linear_class() -> type[nn.Module]:
+    from peft.tuners.lora.layer import Linear
+
+    class RecomputeLoraLinear(Linear):
+        """peft's LoRA Linear whose adapters save only their input (``LowRankRecompute``);
+        merged, disabled, mixed-batch and variant (DoRA...) forwards are peft's own."""
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.disable_adapters or self.merged or self.lora_variant or kwargs:
+                return super().forward(x, *args, **kwargs)
+            self._check_forward_args(x, *args, **kwargs)
+            result = self.base_layer(x, *args)
+            for name in self.active_adapters:
+                if name not in self.lora_A:
+                    continue
+                a: torch.Tensor = self.lora_A[name].weight  # type: ignore[assignment]
+                b: torch.Tensor = self.lora_B[name].weight  # type: ignore[assignment]
+                h = self._cast_input_dtype(self.lora_dropout[name](x), a.dtype)
+                result = result + LowRankRecompute.apply(h, a, b) * self.scaling[name]
+            return result
+
+    return RecomputeLoraLinear
+
+
+_RECOMPUTE: list[type[nn.Module]] = []
+
+
+def recompute_linear_class() -> type[nn.Module]:
+    """The memory-exact LoRA layer class (built once: peft is imported only when used)."""
+    if not _RECOMPUTE:
+        _RECOMPUTE.append(_recompute_linear_class())
+    return _RECOMPUTE[0]
+
+
 def apply_lora_(
     model: nn.Module,
     targets: Sequence[str],
@@ -29,8 +91,10 @@ def apply_lora_(
     alpha: float,
     dropout: float = 0.0,
     seed: int = 0,
+    recompute: bool = False,
 ) -> None:
-    """Inject LoRA adapters into exactly the ``targets`` linears of ``model`` (in place)."""
+    """Inject LoRA adapters into exactly the ``targets`` linears of ``model`` (in place);
+    ``recompute``: memory-exact adapters that save only their input."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
@@ -50,6 +114,8 @@ def apply_lora_(
         target_modules="|".join(re.escape(n) for n in targets),
         bias="none",
     )
+    if recompute:
+        config._register_custom_module({nn.Linear: recompute_linear_class()})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model)
@@ -81,11 +147,15 @@ def merge_lora_(model: nn.Module) -> int:
 
 
 class LoRA(Method):
-    """Frozen model, peft LoRA adapters on the targets, trainable head; merged on save."""
+    """Frozen model, peft LoRA adapters on the targets, trainable head; merged on save.
+
+    ``adapter_saves`` says what each target saves for backward (the accounting): "both" (x and
+    x A^T), "input" (x: ``lora_recompute``), "projection" (x A^T: lora-fa)."""
 
     name = "lora"
     description = "frozen model, peft LoRA adapters on the targets + head"
     adapter = True
+    adapter_saves: ClassVar[str] = "both"
 
     def build_layer(self, layer: nn.Module, options: LayerOptions) -> nn.Module:
         return dense(layer)
@@ -93,6 +163,7 @@ class LoRA(Method):
     def after_swap(
         self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
     ) -> None:
+        recompute = bool(getattr(settings, "lora_recompute", False))
         apply_lora_(
             model,
             targets,
@@ -100,10 +171,35 @@ class LoRA(Method):
             settings.lora_alpha,
             settings.lora_dropout,
             settings.seed,
+            recompute=recompute,
         )
+        if recompute:
+            note("lora_recompute: adapters save their input only; x A^T is recomputed")
 
     def finalize_(self, model: nn.Module) -> None:
         merge_lora_(model)
 
 
+class LoRAFA(LoRA):
+    """LoRA-FA: LoRA with A frozen at its random init; B and the head train."""
+
+    name = "lora-fa"
+    description = "frozen model and LoRA A; B (and the head) train; saves x A^T only"
+    adapter_saves = "projection"
+
+    def after_swap(
+        self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
+    ) -> None:
+        if getattr(settings, "lora_recompute", False):
+            raise WasiToolError(
+                "lora_recompute is for lora: lora-fa already saves only x A^T (r per token), "
+                "less than the input a recompute would keep"
+            )
+        super().after_swap(model, targets, settings, plan, note)
+        for name in lora_layers(model):
+            for p in model.get_submodule(name).lora_A.parameters():  # type: ignore[union-attr]
+                p.requires_grad_(False)
+
+
 register_method(LoRA)
+register_method(LoRAFA)

@@ -53,16 +53,30 @@ def layer_memory_elements(
     rank: int | None = None,
     act_ranks: Sequence[int] | None = None,
     adapter_rank: int | None = None,
+    forward_only: bool = False,
+    adapter_saves: str = "both",
 ) -> dict[str, int]:
     """Analytic elements per targeted layer (method.md section 5): saved activation, weight.
 
     A dense layer saves the whole input and keeps O I weight elements; ``compressed`` (asi,
     wasi) saves the Tucker core and bases instead; ``factored`` (wsi, wasi) keeps K (O + I)
-    factor elements; an adapter of rank r (lora) adds r (I + O) to the weight.
+    factor elements; an adapter of rank r (lora) adds r (I + O) to the weight, and its frozen
+    base saves nothing: the adapter saves ``adapter_saves`` = "both" (x and x A^T: T (I + r),
+    lora), "input" (x: T I, memory-exact lora) or "projection" (x A^T: T r, lora-fa);
+    ``forward_only`` (mezo: no backward) saves no activation.
     """
     _check(factored, compressed, rank, act_ranks)
     full_act = math.prod(act_shape)
     act = tucker_elements(act_shape, act_ranks) if compressed else full_act  # type: ignore[arg-type]
+    if adapter_rank is not None and not compressed:
+        tokens = math.prod(act_shape[:-1])
+        act = {
+            "both": full_act + tokens * adapter_rank,
+            "input": full_act,
+            "projection": tokens * adapter_rank,
+        }[adapter_saves]
+    if forward_only:
+        act = 0
     weight = rank * (out_features + in_features) if factored else out_features * in_features  # type: ignore[operator]
     if adapter_rank is not None:
         weight += adapter_rank * (out_features + in_features)
@@ -79,6 +93,8 @@ def layer_step_flops(
     rank: int | None = None,
     act_ranks: Sequence[int] | None = None,
     adapter_rank: int | None = None,
+    forward_only: bool = False,
+    adapter_saves: str = "both",
 ) -> dict[str, int]:
     """FLOPs (2 per multiply-add) of one training step of a layer, by part; no bias terms.
 
@@ -98,6 +114,10 @@ def layer_step_flops(
         fwd += 2 * tokens * adapter_rank * (i + o)
     d_a = fwd
     parts = {"forward": fwd, "compress": 0, "backward": 0, "update": 0}
+    if forward_only:  # mezo: two forwards, no backward; the update is elementwise
+        parts["forward"] = 2 * fwd
+        parts["total"] = 2 * fwd
+        return parts
     if compressed:
         assert act_ranks is not None
         iters = sum(4 * numel * r for r in act_ranks)
@@ -114,6 +134,10 @@ def layer_step_flops(
         d_w = expand + 2 * tokens * o * r_last + (0 if factored else 2 * o * r_last * i)
     elif adapter_rank is not None:  # dB = dY^T (A x), dA = (B^T dY)^T x; W is frozen
         d_w = 2 * tokens * adapter_rank * (i + o)
+        if adapter_saves == "projection":  # lora-fa: A frozen, dB only
+            d_w = 2 * tokens * adapter_rank * o
+        elif adapter_saves == "input":  # memory-exact: x A^T recomputed in backward
+            d_w += 2 * tokens * adapter_rank * i
     else:
         d_w = 2 * tokens * o * i
     parts["backward"] = d_a + d_w

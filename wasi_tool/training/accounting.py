@@ -31,6 +31,9 @@ def layer_accounting(
     adapter = adapter_rank if method.adapter else None
     for name in targets:
         layer: Any = model.get_submodule(name)
+        saves = getattr(method, "adapter_saves", "both")
+        if type(layer).__name__ == "RecomputeLoraLinear":  # lora_recompute: x only
+            saves = "input"
         if hasattr(layer, "get_base_layer"):  # a peft LoRA layer
             layer = layer.get_base_layer()
         shape = act_shapes.get(name)
@@ -40,13 +43,19 @@ def layer_accounting(
         rank = int(layer.rank) if method.factored_weight else adapter
         act = getattr(layer, "act", None)
         ranks = tuple(min(r, d) for r, d in zip(act.ranks, shape, strict=True)) if act else None
+        if ranks and getattr(act, "whole_batch", False):  # asi-fixed: the batch mode is whole
+            ranks = (shape[0], *ranks[1:])
         flags: dict[str, Any] = {
             "factored": method.factored_weight,
             "compressed": method.compressed_activations,
             "rank": int(layer.rank) if method.factored_weight else None,
             "act_ranks": ranks,
         }
-        mem = accounting.layer_memory_elements(shape, o, i, **flags, adapter_rank=adapter)
+        forward_only = bool(getattr(method, "forward_only", False))  # mezo: no backward
+        mem = accounting.layer_memory_elements(
+            shape, o, i, **flags, adapter_rank=adapter, forward_only=forward_only,
+            adapter_saves=saves,
+        )  # fmt: skip
         row: dict[str, Any] = {
             "name": name,
             "act_shape": list(shape),
@@ -57,10 +66,16 @@ def layer_accounting(
             "memory_elements": mem,
             "memory_mib_fp32": {k: v * 4 / MB for k, v in mem.items()},
             "flops_per_step": accounting.layer_step_flops(
-                shape, o, i, **flags, adapter_rank=adapter
+                shape,
+                o,
+                i,
+                **flags,
+                adapter_rank=adapter,
+                forward_only=forward_only,
+                adapter_saves=saves,
             ),
         }
-        if len(shape) == 3 and not method.adapter:
+        if len(shape) == 3 and not method.adapter and not forward_only:
             row["flops_per_step_reference_code"] = accounting.reference_code_flops(
                 shape, o, i, **flags
             )

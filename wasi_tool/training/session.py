@@ -341,7 +341,7 @@ def calibrate_on_first_batch_(
     calibration batch passed beforehand would (the same inputs reach the same layers: the
     layers' no-grad path is their plain module's). ``done(ranks, info)`` hears the result
     once. Returns the hook handle (removed once it ran)."""
-    from wasi_tool.nn.subspace import ActivationBases, SubspaceLayer
+    from wasi_tool.nn.subspace import SubspaceLayer
 
     def calibrate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -368,7 +368,7 @@ def calibrate_on_first_batch_(
             layer = model.get_submodule(name)
             if isinstance(layer, SubspaceLayer) and layer.act is not None:
                 old = layer.act
-                layer.act = ActivationBases(ranks[name], old.seed, old.order)
+                layer.act = type(old)(ranks[name], old.seed, old.order)  # fixed bases stay fixed
         batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
         done(
             ranks,
