@@ -69,6 +69,7 @@ def main() -> None:
         clip=2.0,
         example_input=x_train[: args.batch_size],
     )
+    print(model.wasi_prepared)  # what prepare did (the library logs it; it never prints)
     steps = args.epochs * -(-len(x_train) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for epoch in range(args.epochs):
