@@ -182,18 +182,8 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     import torch
 
     from wasi_tool.allocator import follow_live_memory, in_use
-    from wasi_tool.bench.runner import percentile
-    from wasi_tool.measure import (
-        LiveTensorMeter,
-        SavedBytesMeter,
-        file_backed_bytes,
-        library_floor,
-        peak_rss_bytes,
-    )
-    from wasi_tool.models.family import CAUSAL_LM, family_of
+    from wasi_tool.measure import file_backed_bytes, library_floor
     from wasi_tool.models.loading import ModelSource, load_model
-    from wasi_tool.training.loop import train_step
-    from wasi_tool.training.loss import IGNORE
     from wasi_tool.training.session import prepare_session
 
     # resident memory follows live memory (what the plan predicts) when the run saves memory
@@ -211,14 +201,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     loaded = load_model(src)
     model = loaded.model
     floor, floor_file = library_floor(model), file_backed_bytes()
-    classes = int(getattr(model, "num_classes", 1000) or 1000)
-    family = family_of(model)
-    spec = family.input_spec(model, loaded.model_kwargs)
-    x = family.example_input(model, spec, config.batch_size, config.seq_len)
-    if family.task(model) == CAUSAL_LM:  # next-token labels: the input shifted by one
-        y = torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)
-    else:
-        y = torch.randint(0, classes, (config.batch_size,))
+    x, y = _synthetic_batch(loaded, config)
     settings = config.method_config()
     # a synthetic batch carries no spectrum: without explicit or per-layer ranks the bench
     # takes the shape rule (training/session.py's RANK_RULES)
@@ -236,8 +219,41 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
         floor=floor,
     )
     targets, ranks, plan = session.targets, session.act_ranks, session.plan
-    method, opt = session.method, session.optimizer
-    meter = SavedBytesMeter(model, targets)
+    stats = _timed_steps(session, x, y, config)
+    peak = stats["peak_rss_bytes"]
+    return StepMeasurement(
+        method=config.method,
+        arch=loaded.arch,
+        input=list(x.shape),
+        targets=len(targets),
+        act_ranks_first_target=list(ranks[targets[0]]) if ranks else None,
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        bsr=session.method.plan_record(session.prepared.plan),
+        steps=config.steps,
+        warmup=config.warmup,
+        threads=torch.get_num_threads(),
+        floor_rss_bytes=floor,
+        floor_file_bytes=floor_file,
+        memory_mode=plan.chosen.label if plan else config.memory_mode,
+        memory_plan={**plan.to_dict(), "measured_peak_bytes": peak} if plan else None,
+        allocator=allocator,
+        act_ranks_rule=session.rank_rule_text() if session.prepared.calibration else None,
+        **stats,
+    )
+
+
+def _timed_steps(session: Any, x: Any, y: Any, config: TrainBenchConfig) -> dict[str, Any]:
+    """Warm-up and timed steps of the session's method on (x, y): step times, bytes saved
+    for backward, the peak RSS, the file-backed pages at the peak, and the live-tensor
+    high-water mark of one more step."""
+
+    from wasi_tool.bench.runner import percentile
+    from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter, file_backed_bytes
+    from wasi_tool.measure import peak_rss_bytes as read_peak
+    from wasi_tool.training.loop import train_step
+
+    model, method, opt = session.model, session.method, session.optimizer
+    meter = SavedBytesMeter(model, session.targets)
     times, saved, saved_targets = [], [], []
     for step in range(config.warmup + config.steps):
         result = train_step(
@@ -247,40 +263,42 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
             times.append(result.seconds)
             saved.append(result.saved_total)
             saved_targets.append(result.saved_targets)
-    peak = peak_rss_bytes()  # before the slower metered step below
+    peak = read_peak()  # before the slower metered step below
     # library code paged in by the steps (file-backed, read when first run; warm-up steps run
     # every kernel once, so this is the file-backed share of the peak within a few pages)
     file_at_peak = file_backed_bytes()
     with LiveTensorMeter() as live:  # one more step: what it allocates over weights and input
         train_step(model, opt, x, y, method=method)
-    return StepMeasurement(
-        method=config.method,
-        arch=loaded.arch,
-        input=list(x.shape),
-        targets=len(targets),
-        act_ranks_first_target=list(ranks[targets[0]]) if ranks else None,
-        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        bsr=method.plan_record(session.prepared.plan),
-        steps=config.steps,
-        warmup=config.warmup,
-        median_step_seconds=statistics.median(times),
-        p90_step_seconds=percentile(times, 90),
-        min_step_seconds=min(times),
-        p10_step_seconds=percentile(times, 10),
-        max_step_seconds=max(times),
-        peak_rss_bytes=peak,
-        saved_bytes_total=statistics.median(saved),
-        saved_bytes_targets=statistics.median(saved_targets),
-        threads=torch.get_num_threads(),
-        floor_rss_bytes=floor,
-        live_tensor_peak_bytes=live.peak,
-        floor_file_bytes=floor_file,
-        file_bytes_at_peak=file_at_peak,
-        memory_mode=plan.chosen.label if plan else config.memory_mode,
-        memory_plan={**plan.to_dict(), "measured_peak_bytes": peak} if plan else None,
-        allocator=allocator,
-        act_ranks_rule=session.rank_rule_text() if session.prepared.calibration else None,
-    )
+    return {
+        "median_step_seconds": statistics.median(times),
+        "p90_step_seconds": percentile(times, 90),
+        "min_step_seconds": min(times),
+        "p10_step_seconds": percentile(times, 10),
+        "max_step_seconds": max(times),
+        "peak_rss_bytes": peak,
+        "saved_bytes_total": statistics.median(saved),
+        "saved_bytes_targets": statistics.median(saved_targets),
+        "live_tensor_peak_bytes": live.peak,
+        "file_bytes_at_peak": file_at_peak,
+    }
+
+
+def _synthetic_batch(loaded: Any, config: TrainBenchConfig) -> tuple[Any, Any]:
+    """A random input batch of the model's kind, and labels: random classes, or for a causal
+    LM the next tokens (the input shifted by one)."""
+    import torch
+
+    from wasi_tool.models.family import CAUSAL_LM, family_of
+    from wasi_tool.training.loss import IGNORE
+
+    model = loaded.model
+    family = family_of(model)
+    spec = family.input_spec(model, loaded.model_kwargs)
+    x = family.example_input(model, spec, config.batch_size, config.seq_len)
+    if family.task(model) == CAUSAL_LM:
+        return x, torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)
+    classes = int(getattr(model, "num_classes", 1000) or 1000)
+    return x, torch.randint(0, classes, (config.batch_size,))
 
 
 def settings_of(artifact: Path) -> dict[str, Any] | None:

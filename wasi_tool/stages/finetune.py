@@ -158,26 +158,7 @@ def run_finetune(
     if lm_eval:
         lm_eval["after"] = _lm_eval(model, splits.test, tokenizer, config, progress)
         metrics.lm = lm_eval
-    stages = [{"stage": "finetune", "config": config.to_dict(), "data": splits.description}]
-    if prepared.compress_report is not None:
-        stages.insert(0, {"stage": "compress", "config": prepared.compress_report["config"]})
-
-    def add_metrics(staging: Path) -> None:
-        artifacts.write_json(staging / METRICS, metrics.to_dict())
-
-    as_dict = metrics.to_dict()
-    report = {"stage": "finetune", "final": as_dict["final"], "measured": as_dict["measured"]}
-    if metrics.lm is not None:
-        report["lm"] = metrics.lm
-    files = write_stage_artifact(
-        loaded,
-        out,
-        stages,
-        layer_records(model, prepared.targets, prepared.act_ranks),
-        report,
-        extra=add_metrics,
-        overwrite=overwrite,
-    )
+    files = _write_artifact(session, metrics, out, overwrite)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return FinetuneResult(loaded, out, metrics, files)
 
@@ -223,3 +204,32 @@ def _metrics(session: Session, trainer: Trainer, allocator: str | None) -> Finet
         session.plan.measured_peak = metrics.measured.peak_rss_bytes
         metrics.memory_plan = session.plan.to_dict()
     return metrics
+
+
+def _write_artifact(
+    session: Session, metrics: FinetuneMetrics, out: Path, overwrite: bool
+) -> dict[str, Any]:
+    """The fine-tuned model (plain modules), its stage records, report and metrics.json."""
+    loaded, splits, prepared = session.loaded, session.splits, session.prepared
+    assert loaded is not None and splits is not None
+    config = session.config
+    stages = [{"stage": "finetune", "config": config.to_dict(), "data": splits.description}]
+    if prepared.compress_report is not None:
+        stages.insert(0, {"stage": "compress", "config": prepared.compress_report["config"]})
+
+    def add_metrics(staging: Path) -> None:
+        artifacts.write_json(staging / METRICS, metrics.to_dict())
+
+    as_dict = metrics.to_dict()
+    report = {"stage": "finetune", "final": as_dict["final"], "measured": as_dict["measured"]}
+    if metrics.lm is not None:
+        report["lm"] = metrics.lm
+    return write_stage_artifact(
+        loaded,
+        out,
+        stages,
+        layer_records(session.model, prepared.targets, prepared.act_ranks),
+        report,
+        extra=add_metrics,
+        overwrite=overwrite,
+    )
