@@ -13,6 +13,7 @@ from torch import nn
 import wasi_tool
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.fastpath import fast_paths_given_up
+from wasi_tool.nn.subspace import WASILinear
 from wasi_tool.transforms.compress import CompressConfig, compress_
 
 from .models import Seq2Seq, TinyViT
@@ -104,3 +105,37 @@ def test_prepare_reports_the_fast_paths_given_up(
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (4, 5)  # eval no longer reads linear1.weight
+
+
+def test_prepare_memory_mode_block_recomputes_a_plain_models_encoder_layers() -> None:
+    """memory_mode="block" on a user's own nn.TransformerEncoder ViT: each encoder layer
+    recomputes in backward; fewer bytes saved per step, the same gradients."""
+    from wasi_tool.measure import SavedBytesMeter
+
+    torch.manual_seed(0)
+    dense = TinyViT().double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    saved, grads = {}, {}
+    for mode in ("off", "block"):
+        model, _ = wasi_tool.prepare(
+            copy.deepcopy(dense), "wasi", "mlp", act_ranks=(2, 4, 8), memory_mode=mode,
+            verbose=False,
+        )  # fmt: skip
+        model.train()
+        meter = SavedBytesMeter(model)
+        with meter:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        meter.remove()
+        saved[mode] = meter.total
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads[mode].update(  # the WASI layers' weight gradients stay factored (P, in the sink)
+            {f"{n}.P": m.pending_grad.clone() for n, m in model.named_modules()
+             if isinstance(m, WASILinear) and m.pending_grad is not None}
+        )  # fmt: skip
+    assert saved["block"] < saved["off"]
+    assert grads["block"].keys() == grads["off"].keys()
+    assert sum(k.endswith(".P") for k in grads["off"]) == 4  # linear1, linear2 of 2 layers
+    for name, g in grads["off"].items():
+        torch.testing.assert_close(grads["block"][name], g, msg=name)

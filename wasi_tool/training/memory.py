@@ -22,6 +22,8 @@ def apply_memory_mode_(
     undo_lossy_(model)
     family = family_of(model)
     regions = family.regions(model, mode) if mode != "off" else []
+    if mode == "block" and not regions:  # a plain PyTorch model: its encoder/decoder layers
+        regions = torch_transformer_layers(model)
     if mode != "off" and not regions and strict:
         raise WasiToolError(f"memory_mode {mode}: this model has no {mode} regions to recompute")
     for name in regions:
@@ -31,3 +33,15 @@ def apply_memory_mode_(
         names = lossy_modules(model, family.blocks(model))
         store_lossy_(model, names, lossy)
     return regions, names
+
+
+def torch_transformer_layers(model: nn.Module) -> list[str]:
+    """The layers of every ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` in ``model``
+    (the repeated blocks of a model written on PyTorch's own transformer)."""
+    kinds = (nn.TransformerEncoder, nn.TransformerDecoder)
+    return [
+        f"{name}.layers.{i}" if name else f"layers.{i}"
+        for name, m in model.named_modules()
+        if isinstance(m, kinds)
+        for i in range(len(m.layers))
+    ]
