@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from wasi_tool.cli import compress as compress_cmd
 from wasi_tool.cli.app import app
 
 runner = CliRunner()
@@ -47,7 +46,7 @@ def test_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         seen["config"] = config
         raise SystemExit(0)
 
-    monkeypatch.setattr(compress_cmd, "run_compress", fake_run)
+    monkeypatch.setattr("wasi_tool.stages.compress.run_compress", fake_run)  # imported at run
     invoke(
         "compress", *TINY_FLAGS, "--calibrate", "emoji-lang:300:128", "--calibrate-seed", "5",
         "--calibrate-damp", "0.01", "--rank-budget", "0.4", "--out", tmp_path / "x",
