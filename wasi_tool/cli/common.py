@@ -85,6 +85,8 @@ def _command_io() -> tuple[list[Any], dict[str, Any]]:
 
 
 def _check_outputs(outputs: dict[str, Any]) -> None:
+    if not outputs:
+        return
     from wasi_tool import artifacts
 
     for name, path in outputs.items():
@@ -104,13 +106,17 @@ def user_errors() -> Iterator[None]:
 
     It is also the command's scope for the output-path rule: its path parameters are its
     inputs, and its outputs are checked against them before any work is done."""
-    from wasi_tool import artifacts
-
     failed: WasiToolError | None = None
     held: list[warnings.WarningMessage] = []
     inputs, outputs = _command_io()
+    scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    # artifacts loads torch: not for --help, usage errors, --version or the root's options
+    if outputs or any(Path(str(item)).exists() for item in inputs):
+        from wasi_tool import artifacts
+
+        scope = artifacts.command_inputs(inputs)
     try:
-        with warnings.catch_warnings(record=True) as held, artifacts.command_inputs(inputs):
+        with warnings.catch_warnings(record=True) as held, scope:
             try:
                 _check_outputs(outputs)
             except WasiToolError as exc:  # before the command's body: it must not run
