@@ -551,6 +551,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     "finetune --threads 0": (["finetune", "--random-init", *T, "--threads", "0"], "threads must be between 1 and 1024, got 0"),
     "bench --threads 0": (["bench", "{onnx}", "--threads", "0"], "threads must be between 1 and 1024, got 0"),
     "run --threads 0": (["run", "{toml_ok}", "--threads", "0"], "threads must be between 1 and 1024, got 0"),
+    "doctor --assume without a version": (["doctor", "--assume", "torch"], "--assume takes NAME==VERSION items"),
+    "doctor --cpuinfo missing": (["doctor", "--cpuinfo", "/nonexistent/wasi-tool-cpuinfo"], "cannot read"),
     "federate --server-lr 0": (["federate", "{artifact}", "--data", "digits", "--server-lr", "0"], "server_lr must be in (0, 100], got 0.0"),
     "federate min clients above clients": (["federate", "{artifact}", "--data", "digits", "--clients", "2", "--min-clients", "3"], "min_clients 3 > clients 2"),
     "federate dirichlet with a negative alpha": (["federate", "{artifact}", "--data", "digits", "--partition", "dirichlet:-1"], "dirichlet needs a positive, finite alpha"),
@@ -588,7 +590,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "federate 20 clients on 16 samples": (["federate", "{artifact}", "--data", "{sixteen}", "--clients", "20"], "16 training samples cannot be split among 20 clients"),
     "federate --resume of a history that is a string": (["federate", "{artifact}", "--data", "digits", "--out", "{fedout}", "--resume"], "history must be a list of rounds, got str"),
 }  # fmt: skip
-NO_OUT = {"generate", "info", "eval"}  # commands that write nothing (eval: only if asked)
+NO_OUT = {"doctor", "generate", "info", "eval"}  # commands that write nothing (eval: only if asked)
 
 
 # Cases that run real work before they fail (over ~5 s): marked slow, still run by default.
