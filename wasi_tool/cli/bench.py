@@ -174,7 +174,12 @@ def _train(
     target: SSHTarget | None = None,
     mezo_mu: float = _T.mezo_mu,
 ) -> TrainBenchResult:  # fmt: skip
-    from wasi_tool.bench.train import TrainBenchConfig, run_train_bench, settings_of
+    from wasi_tool.bench.train import (
+        TrainBenchConfig,
+        TrainBenchResult,
+        run_train_bench,
+        settings_of,
+    )
 
     try:
         ranks = [int(v) for v in act_ranks.split(",")] if act_ranks else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -111,7 +112,8 @@ def user_errors() -> Iterator[None]:
     inputs, outputs = _command_io()
     scope: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     # artifacts loads torch: not for --help, usage errors, --version or the root's options
-    if outputs or any(Path(str(item)).exists() for item in inputs):
+    # (os.path.lexists: a text parameter such as a 1 MB prompt is no path and no error)
+    if outputs or any(os.path.lexists(str(item)) for item in inputs):
         from wasi_tool import artifacts
 
         scope = artifacts.command_inputs(inputs)
