@@ -37,9 +37,13 @@ def finetune(
         str,
         typer.Option(help=common.DATA_HELP),
     ] = "digits",
-    method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")] = default(
-        F, "method"
-    ),
+    method: Annotated[
+        str,
+        typer.Option(
+            help=f"One of: {', '.join(METHODS)}; or auto with --memory-budget: the first of "
+            "vanilla, wsi, wasi whose plan fits (exact gradients first), and why."
+        ),
+    ] = default(F, "method"),
     arch: common.Arch = None,
     num_classes: common.NumClasses = None,
     img_size: common.ImgSize = None,

@@ -135,6 +135,8 @@ def run_finetune(
         session.prepared,
     )
     assert loaded is not None and splits is not None
+    asked = config  # method "auto": the session's config names the method it chose
+    config = session.config
     trainer = Trainer(
         model,
         prepared.targets,
@@ -144,7 +146,7 @@ def run_finetune(
         session.transform,
         ckpt_dir,
         progress,
-        identity={"arch": loaded.arch, "config": config.to_dict(), "data": str(data)},
+        identity={"arch": loaded.arch, "config": asked.to_dict(), "data": str(data)},
         method=session.method,
         optimizer=session.optimizer,
     )

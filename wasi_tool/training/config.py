@@ -84,7 +84,9 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
     """How to fine-tune.
 
     Args:
-        method: vanilla, asi, wsi, wasi, bsr, bsr+wasi or lora.
+        method: vanilla, asi, wsi, wasi, bsr, bsr+wasi, lora (or another registered
+            method), or "auto" with a memory_budget: the first of vanilla, wsi, wasi whose
+            plan fits (exact gradients first; the choice and why are in the memory plan).
         targets: layers the method acts on: a preset or globs as in compress; by default the
             model's factored layers, or the MLP linears when it has none.
         eps: weight rank rule for wsi/wasi targets that are still dense (factored first).
@@ -147,7 +149,15 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
     new_head: bool = False
 
     def __post_init__(self) -> None:
-        spec = get_method(self.method)
+        if self.method == "auto":  # training.session.AUTO: vanilla, wsi or wasi under a budget
+            if self.memory_budget is None:
+                raise WasiToolError(
+                    "method auto chooses the method that fits a memory budget: give "
+                    "memory_budget (--memory-budget), or name a method"
+                )
+            spec = get_method("wasi")  # the candidates' checks: wasi's are the strictest
+        else:
+            spec = get_method(self.method)
         self.check_baselines()
         self.check_settings()
         given = [

@@ -80,6 +80,10 @@ class Prediction:
     lossy: str = "off"
     saved_in_targets: int = 0  # of saved_activations: what the target layers keep
     act_ranks: dict[str, list[int]] | None = None  # set when the planner chose the ranks
+    # relative weight-gradient error of the compressed activations on the probe batch
+    # (||dY^T (A - A~)|| / ||dY^T A|| over all targets, A~ the truncated HOSVD at the plan's
+    # ranks: the fidelity benchmark's measure); 0.0: exact gradients (nothing compressed)
+    gradient_error: float = 0.0
 
     @property
     def label(self) -> str:
@@ -118,13 +122,17 @@ class Prediction:
 
 @dataclass
 class MemoryPlan:
-    """The chosen memory mode, every candidate's prediction, and the budget."""
+    """The chosen memory mode, every candidate's prediction, and the budget. ``method`` is
+    the method planned; ``auto`` says, for ``method="auto"``, what was tried and why this
+    one was chosen."""
 
     budget: int
     chosen: Prediction
     candidates: list[Prediction]
     batch_size: int
     measured_peak: int | None = None
+    method: str | None = None
+    auto: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -133,6 +141,7 @@ class MemoryPlan:
             "memory_mode": self.chosen.memory_mode,
             "lossy": self.chosen.lossy,
             "act_ranks_planned": self.chosen.act_ranks is not None,
+            "gradient_error": self.chosen.gradient_error,
             "predicted_peak_bytes": self.chosen.peak,
             "measured_peak_bytes": self.measured_peak,
             "chosen": self.chosen.to_dict(),
@@ -141,9 +150,17 @@ class MemoryPlan:
             "extrapolated linearly to the batch; floor: resident with model and data loaded, "
             "less the weights; peak: the largest of the step's sum and the load peak",
         }
+        if self.method is not None:
+            out["method"] = self.method
+        if self.auto is not None:
+            out["auto"] = self.auto
         if self.measured_peak is not None:
             out["measured_over_predicted"] = self.measured_peak / self.chosen.peak
         return out
+
+
+class BudgetNotMet(WasiToolError):
+    """No plan of this method fits the memory budget (``method="auto"`` tries the next)."""
 
 
 def _tensor_bytes(tensors: Any) -> int:
@@ -256,12 +273,26 @@ def plan_memory(
             act_ranks=ranks,
         )
 
+    errors: dict[tuple[Any, ...], float] = {}
+
+    def error_of(ranks: dict[str, list[int]] | None) -> float:
+        use = ranks if ranks is not None else calibrated
+        if not use:
+            return 0.0  # nothing compressed: the gradient is exact
+        key = tuple(sorted((n, tuple(r)) for n, r in use.items()))
+        if key not in errors:
+            _apply(model, family, blocks, "off", "off")
+            errors[key] = plan_gradient_error(model, x[: sizes[1]], y[: sizes[1]], use, batch)
+        return errors[key]
+
     chosen: Prediction | None = None
     try:
         for mode, kind in options:
             found = predict(mode, kind, None)
             if found is not None:
                 candidates.append(found)
+        for c in candidates:
+            c.gradient_error = error_of(None)
         chosen = next((c for c in candidates if c.peak <= limit), None)
         if chosen is None and plan_ranks and calibrated:
             for base in list(candidates):
@@ -275,6 +306,7 @@ def plan_memory(
                 found = predict(base.memory_mode, base.lossy, ranks)
                 _set_act_ranks(model, calibrated)
                 if found is not None:
+                    found.gradient_error = error_of(ranks)
                     candidates.append(found)
                     if found.peak <= limit:
                         chosen = found
@@ -293,7 +325,7 @@ def plan_memory(
         best = min(candidates, key=lambda c: c.peak)
         largest = sorted(best.parts().items(), key=lambda kv: -kv[1])[:3]
         parts = ", ".join(f"{k} {v / GB:.2f} GB" for k, v in largest)
-        raise WasiToolError(
+        raise BudgetNotMet(
             f"memory budget {budget / GB:.2f} GB cannot be met (plans fit 95% of it): the least "
             f"this run can reach is "
             f"{best.peak / GB:.2f} GB (memory mode {best.label}; largest parts: {parts})"
@@ -302,6 +334,38 @@ def plan_memory(
         _set_act_ranks(model, chosen.act_ranks)
     _apply(model, family, blocks, chosen.memory_mode, chosen.lossy)
     return MemoryPlan(budget, chosen, candidates, batch)
+
+
+def plan_gradient_error(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ranks: dict[str, list[int]],
+    batch: int,
+) -> float:
+    """Relative weight-gradient error of compressing the targets' activations at ``ranks``:
+    ||dY^T (A - A~)||_F / ||dY^T A||_F summed over the targets, A~ the truncated HOSVD of the
+    input A at the ranks, on ``x`` (a probe batch of the run's first batch: the batch mode's
+    rank is scaled to its size, ``rank * len(x) / batch``). The fidelity benchmark's measure;
+    it does not depend on the memory mode (recompute is exact)."""
+    from wasi_tool.methods.calibrate import capture, gradient_error, spectra
+
+    names = list(ranks)
+    captured = capture(model, names, x, y, task_loss)
+    scale = len(x) / batch
+    err_sq = ref_sq = 0.0
+    for name in names:
+        a, dy = captured[name]
+        if dy is None:
+            continue
+        r = [max(1, round(ranks[name][0] * scale)), *ranks[name][1:]]
+        err_sq += gradient_error(a, dy, spectra(a), r) ** 2
+        dw = dy.to(torch.float64).reshape(-1, dy.shape[-1]).T @ a.to(torch.float64).reshape(
+            -1, a.shape[-1]
+        )
+        ref_sq += float(torch.linalg.matrix_norm(dw)) ** 2
+    model.zero_grad(set_to_none=True)
+    return (err_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
 
 
 def _act_ranks(model: nn.Module) -> dict[str, list[int]]:
@@ -366,10 +430,16 @@ def plan_table(plan: MemoryPlan) -> str:
         rows.append((part, *(f"{c.parts()[part] / 1e6:.0f} MB" for c in plan.candidates)))
     rows.append(("load peak", *(f"{c.load_peak / 1e6:.0f} MB" for c in plan.candidates)))
     rows.append(("predicted peak", *(f"{c.peak / 1e6:.0f} MB" for c in plan.candidates)))
+    rows.append(("gradient error", *(_error_text(c.gradient_error) for c in plan.candidates)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    what = f"{plan.method}, " if plan.method else ""
     head = (
         f"memory plan for a {plan.budget / 1e9:.2f} GB budget at batch {plan.batch_size}: "
-        f"memory mode {plan.chosen.label} (predicted peak {plan.chosen.peak / 1e9:.2f} GB)"
+        f"{what}memory mode {plan.chosen.label} (predicted peak {plan.chosen.peak / 1e9:.2f} GB)"
     )
     return "\n".join([head, *lines])
+
+
+def _error_text(error: float) -> str:
+    return "0 (exact)" if error == 0 else f"{error:.3f}"

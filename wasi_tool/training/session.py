@@ -19,6 +19,8 @@ The activation-rank rules (``RANK_RULES``):
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +49,13 @@ from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.training.config import FinetuneConfig
 from wasi_tool.training.loop import epoch_order, first_batch, loader
 from wasi_tool.training.loss import IGNORE, task_loss
-from wasi_tool.training.plan import MemoryPlan, parse_size, plan_memory, plan_table
+from wasi_tool.training.plan import (
+    BudgetNotMet,
+    MemoryPlan,
+    parse_size,
+    plan_memory,
+    plan_table,
+)
 from wasi_tool.training.prepare import GramRule, Prepared, prepare_for_training
 
 Ranks = dict[str, tuple[int, ...]]
@@ -55,6 +63,11 @@ Batch = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 Note = Callable[[str], None]
 
 RANK_RULES = ("explicit", "per-layer", "eps", "budget", "shape")
+AUTO = "auto"
+# method="auto": the methods tried under the budget, most exact first. vanilla trains the
+# model as it is; wsi factors the weights (eps) and keeps its gradients exact; wasi also
+# compresses the activations, which biases the weight gradients (its plan says how much).
+AUTO_ORDER = ("vanilla", "wsi", "wasi")
 
 
 def _quiet(message: str) -> None:
@@ -200,6 +213,11 @@ def prepare_session(
     in the metric of their inputs on ``grams`` when ``config.calibrate``), the memory mode,
     the memory plan under ``memory_budget`` (probed on ``batch()``) and the method's
     optimiser."""
+    if config.method == AUTO:
+        raise WasiToolError(
+            "method auto chooses by loading the model once per candidate: use build_session "
+            "with a model source (finetune, run)"
+        )
     method = get_method(config.method)
     rule = rule or rule_of(config, by_layer)
 
@@ -223,6 +241,7 @@ def prepare_session(
             lossy=config.lossy,
             plan_ranks=method.compressed_activations and config.act_ranks is None,
         )
+        plan.method = config.method
         note(plan_table(plan))
         if plan.chosen.act_ranks is not None:  # the plan lowered the calibrated ranks
             prepared.act_ranks = {n: tuple(r) for n, r in plan.chosen.act_ranks.items()}
@@ -281,6 +300,11 @@ def build_session(
     if isinstance(source, ModelSource):
         torch.manual_seed(config.seed)  # a caller that loads the model seeds before it
         loaded = load_model(source)
+    elif config.method == AUTO:
+        raise WasiToolError(
+            "method auto loads the model once per candidate method: give a model source, "
+            "not a loaded model"
+        )
     else:
         loaded = source
     if isinstance(data, tuple):
@@ -297,19 +321,66 @@ def build_session(
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         return first_batch(train_set, config, transform)
 
-    def grams(names: list[str]) -> Mapping[str, Any]:
-        return training_grams(loaded.model, names, train_set, config, transform)
+    def session_of(loaded: LoadedModel, config: FinetuneConfig) -> Session:
+        def grams(names: list[str]) -> Mapping[str, Any]:
+            return training_grams(loaded.model, names, train_set, config, transform)
 
-    return prepare_session(
-        loaded.model,
-        config,
-        batch,
-        loaded=loaded,
-        transform=transform,
-        splits=splits,
-        floor=floor,
-        grams=grams,
-        note=note,
+        return prepare_session(
+            loaded.model,
+            config,
+            batch,
+            loaded=loaded,
+            transform=transform,
+            splits=splits,
+            floor=floor,
+            grams=grams,
+            note=note,
+        )
+
+    if config.method != AUTO:
+        return session_of(loaded, config)
+    assert isinstance(source, ModelSource)
+    tried: list[dict[str, Any]] = []
+    for k, name in enumerate(AUTO_ORDER):
+        if k:  # the model as loaded, with the same head, for the next candidate
+            del loaded
+            gc.collect()
+            torch.manual_seed(config.seed)
+            loaded = load_model(source)
+            if task_of(loaded.model) != CAUSAL_LM:
+                fit_head(loaded, splits.num_classes, config.new_head)
+        chosen = dataclasses.replace(config, method=name)
+        try:
+            session = session_of(loaded, chosen)
+        except BudgetNotMet as exc:
+            tried.append({"method": name, "fits": False, "why": str(exc)})
+            note(f"method auto: {name} does not fit ({exc})")
+            continue
+        assert session.plan is not None
+        tried.append({"method": name, "fits": True, "memory_mode": session.plan.chosen.label})
+        why = _auto_reason(name, session.plan, tried, config)
+        session.plan.auto = {"order": list(AUTO_ORDER), "tried": tried, "why": why}
+        note(f"method auto: {name}, {why}")
+        return session
+    raise WasiToolError(
+        f"memory budget {config.memory_budget} cannot be met by any method "
+        f"({', '.join(AUTO_ORDER)}); the last: {tried[-1]['why']}"
+    )
+
+
+def _auto_reason(name: str, plan: MemoryPlan, tried: list[dict[str, Any]], config: Any) -> str:
+    """Why method auto chose ``name``: it is the most exact candidate whose plan fits."""
+    fits = f"fits {plan.budget / 1e9:.2f} GB with memory mode {plan.chosen.label}"
+    fits += f" (predicted peak {plan.chosen.peak / 1e9:.2f} GB)"
+    before = [t["method"] for t in tried if not t["fits"]]
+    lead = f"{' and '.join(before)} did not fit; " if before else ""
+    if name == "vanilla":
+        return f"{lead}{fits}: the model trains as it is, gradients exact"
+    if name == "wsi":
+        return f"{lead}{fits}: weights factored at eps {config.eps}, gradients exact"
+    return (
+        f"{lead}{fits}: activations compressed, relative weight-gradient error "
+        f"{plan.chosen.gradient_error:.3f} on the probe batch"
     )
 
 
