@@ -63,6 +63,28 @@ def test_calibrated_layers_keep_orthonormal_l_and_beat_plain_on_held_out(
     assert totals["median_heldout_calibrated"] < totals["median_heldout_plain"]
 
 
+def test_eps_reads_the_weight_spectrum_by_default_and_the_output_one_when_asked(
+    tiny_model: Callable[..., nn.Module], images: Callable[..., torch.Tensor]
+) -> None:
+    """Default: calibrated ranks are plain SVD's at the same eps (same parameters), each layer
+    losing less held-out output. "output": eps is a share of the whitened (output) energy,
+    so it keeps exactly that share on the calibration data and picks no higher ranks."""
+    plain_model, weight_model, output_model = tiny_model(), tiny_model(), tiny_model()
+    names = select_targets(plain_model, "mlp", [])
+    grams, held = _grams(plain_model, names, images, 10), _grams(plain_model, names, images, 50)
+    plain = compress_(plain_model, CompressConfig(eps=0.8))
+    by_weight = compress_(weight_model, CompressConfig(eps=0.8), grams, held)
+    by_output = compress_(output_model, CompressConfig(eps=0.8, eps_spectrum="output"), grams, held)
+    assert [r.rank for r in by_weight.layers] == [r.rank for r in plain.layers]
+    for w, o in zip(by_weight.layers, by_output.layers, strict=True):
+        assert w.heldout_calibrated is not None and w.heldout_plain is not None
+        assert w.heldout_calibrated < w.heldout_plain, w  # (random weights: not by half)
+        assert o.rank <= w.rank and o.energy >= 0.8 - 1e-9  # the output energy it keeps
+    assert sum(o.rank for o in by_output.layers) < sum(w.rank for w in by_weight.layers)
+    with pytest.raises(WasiToolError, match="eps_spectrum must be one of weight, output"):
+        CompressConfig(eps=0.8, eps_spectrum="input")
+
+
 def test_calibrate_without_grams_or_with_missing_ones_is_an_error(tiny: nn.Module) -> None:
     with pytest.raises(WasiToolError, match="Gram"):
         compress_(tiny, CompressConfig(calibrate="digits:16"))

@@ -65,6 +65,14 @@ def compress(
     calibrate_damp: Annotated[
         float, typer.Option(help="Whitening damping: lambda = damp * mean diagonal of X^T X.")
     ] = default(CompressConfig, "calibrate_damp"),
+    eps_spectrum: Annotated[
+        str,
+        typer.Option(
+            help="With --calibrate, what --eps reads: weight (the rank plain SVD picks; "
+            "calibration makes it lose less output) or output (the whitened spectrum, "
+            "SVD-LLM's: a share of the output energy; far lower ranks)."
+        ),
+    ] = default(CompressConfig, "eps_spectrum"),
     rank_budget: Annotated[
         float | None,
         typer.Option(
@@ -93,6 +101,7 @@ def compress(
             calibrate=calibrate,
             calibrate_seed=calibrate_seed,
             calibrate_damp=calibrate_damp,
+            eps_spectrum=eps_spectrum,
             rank_budget=rank_budget,
         )
         source = common.model_source(

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lora_dropout": 0.0,
         "lora_recompute": False,
         "calibrate": None,
+        "eps_spectrum": "weight",
         "act_eps": None,
         "act_budget_mb": None,
         "act_order": "sequential",
@@ -71,6 +72,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "calibrate_seed": 233,
         "calibrate_damp": 0.001,
         "rank_budget": None,
+        "eps_spectrum": "weight",
     },
     "ExportConfig": {
         "onnx": True,

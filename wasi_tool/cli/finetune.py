@@ -74,6 +74,13 @@ def finetune(
             "samples (as compress --calibrate) instead of by plain SVD."
         ),
     ] = default(F, "calibrate"),
+    eps_spectrum: Annotated[
+        str,
+        typer.Option(
+            help="With --calibrate, what --eps reads: weight (plain SVD's rank, truncated to "
+            "lose less output) or output (the whitened spectrum: far lower ranks)."
+        ),
+    ] = default(F, "eps_spectrum"),
     act_eps: Annotated[
         float | None, typer.Option(help="Activation ranks by energy on a calibration batch.")
     ] = default(F, "act_eps"),
@@ -185,6 +192,7 @@ def finetune(
             eps=eps,
             act_ranks=_ints(act_ranks, "--act-ranks"),
             calibrate=calibrate,
+            eps_spectrum=eps_spectrum,
             act_eps=act_eps,
             act_budget_mb=act_budget_mb,
             act_order=act_order,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,8 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
     summary: dict[str, Any] = {"finetune": {}, "train_bench": {}, "inference": {}, "export": {}}
     if trains:
         lines += _memory_lead(trains, finetunes, summary)
+    for name, rep, _ in compresses:
+        lines += _compress_section(name, rep, summary)
     base = next((m for _, m in finetunes if m.method == "vanilla"), None)
     if finetunes:
         lines += [
@@ -222,6 +225,50 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
     (out / REPORT_MD).write_text("\n".join(lines))
     artifacts.write_json(out / "report.json", summary)
     return summary
+
+
+def _compress_section(name: str, rep: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """A compress stage's layers: rank, and the relative output error on held-out inputs of
+    plain SVD and of the calibrated truncation at that rank (when it was calibrated)."""
+    layers = [x for x in rep.get("layers", []) if x.get("status") == "factored"]
+    if not layers:
+        return []
+    held = [x for x in layers if x.get("heldout_plain") is not None]
+    cfg = rep.get("config", {})
+    how = f"calibrated on {cfg['calibrate']}" if cfg.get("calibrate") else "plain SVD"
+    lines = [f"## Compression ({name}: {how}, eps {cfg.get('eps')})", ""]
+    if not held:
+        ranks = ", ".join(str(x["rank"]) for x in layers)
+        return [*lines, f"{len(layers)} layers factored; ranks {ranks}.", ""]
+    lines += [
+        "Relative output error ||X (W - L R)^T|| / ||X W^T|| on held-out inputs, at each "
+        "layer's rank: plain SVD, and the truncation in the metric of the inputs.",
+        "",
+        _row("layer", "rank", "plain SVD", "calibrated", "calibrated / plain"),
+        _row(*["---"] * 5),
+    ]
+    ratios = []
+    for x in held:
+        plain, cal = x["heldout_plain"], x.get("heldout_calibrated")
+        ratio = cal / plain if cal is not None and plain else None
+        if ratio is not None:
+            ratios.append(ratio)
+        lines.append(
+            _row(
+                x["name"],
+                f"{x['rank']} / {x['full_rank']}",
+                f"{plain:.4f}",
+                "" if cal is None else f"{cal:.4f}",
+                "" if ratio is None else f"{ratio:.2f}",
+            )
+        )
+    lines.append("")
+    summary.setdefault("compress", {})[name] = {
+        "layers": len(held),
+        "median_heldout_plain": statistics.median(x["heldout_plain"] for x in held),
+        "median_calibrated_over_plain": statistics.median(ratios) if ratios else None,
+    }
+    return lines
 
 
 def _memory_lead(

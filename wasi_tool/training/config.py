@@ -91,8 +91,10 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
             model's factored layers, or the MLP linears when it has none.
         eps: weight rank rule for wsi/wasi targets that are still dense (factored first).
         calibrate: factor those dense targets in the metric of their inputs on this many
-            training samples (SVD-LLM's whitening, as ``compress --calibrate``: eps then
-            keeps that share of the output energy); None: plain SVD.
+            training samples (SVD-LLM's whitening, as ``compress --calibrate``); None: plain
+            SVD.
+        eps_spectrum: with calibrate, what eps reads: "weight" (plain SVD's rank, calibrated
+            truncation) or "output" (the whitened spectrum), as CompressConfig.
         act_ranks: explicit per-mode activation ranks, e.g. [16, 12, 32] for (B, N, C).
         act_eps: activation ranks by the energy rule on a calibration batch (HOSVD).
         act_budget_mb: per-layer activation ranks minimising the gradient error within this
@@ -131,6 +133,7 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
     stage: ClassVar[str] = "finetune"
 
     calibrate: int | None = None
+    eps_spectrum: str = "weight"
     act_eps: float | None = None
     act_budget_mb: float | None = None
     act_order: str = "sequential"
@@ -173,6 +176,8 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
             raise WasiToolError(f"act_budget_mb must be positive, got {self.act_budget_mb}")
         if self.calibrate is not None and int(self.calibrate) < 1:
             raise WasiToolError(f"calibrate takes a sample count >= 1, got {self.calibrate}")
+        if self.eps_spectrum not in ("weight", "output"):  # transforms.compress.EPS_SPECTRA
+            raise WasiToolError(f"eps_spectrum must be weight or output, got {self.eps_spectrum!r}")
         if int(self.act_residual_rows) < 0:
             raise WasiToolError(f"act_residual_rows must be >= 0, got {self.act_residual_rows}")
         if self.act_order not in ASI_ORDERS:

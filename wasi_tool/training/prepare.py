@@ -77,7 +77,11 @@ def prepare_for_training(
                 calibrate = f"training data:{config.calibrate}"
                 how += f", calibrated on {config.calibrate} training samples"
             cfg = CompressConfig(
-                targets=",".join(dense), eps=config.eps, force=True, calibrate=calibrate
+                targets=",".join(dense),
+                eps=config.eps,
+                force=True,
+                calibrate=calibrate,
+                eps_spectrum=config.eps_spectrum,
             )
             report = compress_(model, cfg, grams=found).to_dict()
             note(f"factored {len(dense)} dense target(s) at {how}")

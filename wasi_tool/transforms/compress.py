@@ -55,6 +55,7 @@ from wasi_tool.ops.whiten import (
 )
 
 DEFAULT_CALIBRATION_SAMPLES = 256  # N in --calibrate DATA[:N] when no N is given
+EPS_SPECTRA = ("weight", "output")  # what eps reads when calibrated (CompressConfig)
 
 
 def parse_calibration(spec: str) -> tuple[str, int]:
@@ -94,6 +95,11 @@ class CompressConfig(StageConfig):
         calibrate_seed: seeds which N training samples calibrate (and the data's own
             train/test split where it draws one, as finetune's seed does; the same default).
         calibrate_damp: lambda = calibrate_damp * mean diagonal of each input Gram matrix.
+        eps_spectrum: with ``calibrate``, the spectrum ``eps`` reads: "weight" (default) the
+            weight's own, so the rank is plain SVD's and calibration only makes the truncation
+            at that rank lose less output (the same parameters); "output": the whitened
+            spectrum (SVD-LLM: eps is a share of the output energy on the calibration data;
+            far lower ranks at the same eps, since a few input directions carry most of it).
         rank_budget: instead of eps, one budget for all targets: the factors may hold this
             fraction of the targets' dense weight parameters (sum O*I), ranks chosen to
             remove the most (whitened, when calibrated) truncation error per parameter.
@@ -110,6 +116,7 @@ class CompressConfig(StageConfig):
     calibrate_seed: int = 233  # finetune's default seed, so both see the same train/test split
     calibrate_damp: float = DEFAULT_DAMP
     rank_budget: float | None = None
+    eps_spectrum: str = "weight"
 
     def __post_init__(self) -> None:
         rules = [n for n in ("eps", "rank_ratio", "rank_budget") if getattr(self, n) is not None]
@@ -127,6 +134,10 @@ class CompressConfig(StageConfig):
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise WasiToolError(f"calibrate_seed must be an integer >= 0, got {seed!r}")
         self.calibrate_damp = check_damp(self.calibrate_damp)
+        if self.eps_spectrum not in EPS_SPECTRA:
+            raise WasiToolError(
+                f"eps_spectrum must be one of {', '.join(EPS_SPECTRA)}, got {self.eps_spectrum!r}"
+            )
 
     @property
     def rule(self) -> str:
@@ -399,7 +410,8 @@ def _compress_layer(
         rank = min(o, i)
     else:
         assert config.eps is not None
-        rank = rank_by_energy(spec.s, config.eps)
+        by_weight = white is not None and config.eps_spectrum == "weight"
+        rank = rank_by_energy((_spectrum(layer, None) if by_weight else spec).s, config.eps)
 
     def build(k: int) -> FactoredLinear:
         if white is None:
