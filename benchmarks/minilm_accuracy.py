@@ -6,7 +6,8 @@ encoder; each method is `wasi-tool finetune` in a fresh process with the same re
 (head init, data order), so a seed gives a paired difference to vanilla. Methods: vanilla;
 wasi eps 0.8 by plain SVD and calibrated (--calibrate 512: each dense target truncated at plain
 SVD's rank in the metric of its inputs on 512 training names), the latter also at act eps 0.95
-(the default act eps is eps); and --method auto under a
+(the default act eps is eps); wsi at eps 0.8, calibrated, with --memory-mode block (factored
+weights, exact activations); and --method auto under a
 budget of half of vanilla's peak above the floor (that seed's vanilla floor and peak).
 Targets: the model's MLP linears (the default).
 
@@ -39,6 +40,10 @@ METHODS: dict[str, list[str]] = {
         *("--method", "wasi", "--eps", "0.8", "--calibrate", "512", "--act-eps", "0.95"),
     ],
     "auto, half of vanilla": ["--method", "auto"],  # --memory-budget from vanilla's run
+    # WASI's weight half with exact activations, recomputed per block (an exact plan)
+    "wsi eps 0.8, calibrated, block": [
+        *("--method", "wsi", "--eps", "0.8", "--calibrate", "512", "--memory-mode", "block"),
+    ],
 }
 
 
