@@ -46,6 +46,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "cifar10_subset.npz"
 RECIPE = ROOT / "pipelines" / "cifar5_pretrain.toml"
+REUSE_ONLY = False  # --reuse-only: summarise the runs already made, run none
+
+
+class NotRun(Exception):
+    """A run --reuse-only skips: it has no results yet."""
+
+
 FULL_DATA = ROOT.parent / "shared" / "data" / "cifar10_full.npz"
 FULL_RECIPE = ROOT / "pipelines" / "cifar5full_pretrain.toml"
 
@@ -116,6 +123,8 @@ def finetune(
     done = out.parent / f"{out.name}.command"
     if done.is_file() and done.read_text() == " ".join(cmd) and (out / "metrics.json").is_file():
         print(f"{name}: reusing {out} (same command)", flush=True)
+    elif REUSE_ONLY:
+        raise NotRun(name)
     else:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -181,7 +190,10 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--full", action="store_true", help="the whole CIFAR-10, paired seeds")
+    parser.add_argument("--reuse-only", action="store_true", help="summarise finished runs only")
     args = parser.parse_args()
+    global REUSE_ONLY
+    REUSE_ONLY = args.reuse_only
     if args.full:
         full(args)
         return
@@ -236,6 +248,12 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _pairs(van: list[dict[str, Any]], mine: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
+    """(vanilla's row, the method's row) of each seed both ran."""
+    by_seed = {v["seed"]: v for v in van}
+    return [(by_seed[r["seed"]], r) for r in mine if r["seed"] in by_seed]
+
+
 def paired(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     """Mean over the seeds of (method - vanilla) in points, with its standard error."""
     by_seed = {r["seed"]: r["test_accuracy"] for r in rows if r["method"] == "vanilla"}
@@ -267,12 +285,16 @@ def full(args: argparse.Namespace) -> None:
         for name in ["vanilla", *[m for m in methods if m != "vanilla"]]:
             extra = None
             if name.startswith("auto"):
-                assert vanilla is not None
+                if vanilla is None:  # its budget comes from vanilla's run of the seed
+                    continue
                 floor = vanilla["floor_rss_bytes"]
                 budget = floor + (vanilla["peak_rss_bytes"] - floor) // 2
                 extra = ["--memory-budget", str(budget)]
             out = args.runs / "accuracy_full" / f"{name.replace(' ', '-').replace(',', '')}-s{seed}"
-            row = finetune(src, name, seed, epochs, args.batch_size, out, FULL_DATA, extra)
+            try:
+                row = finetune(src, name, seed, epochs, args.batch_size, out, FULL_DATA, extra)
+            except NotRun:
+                continue
             rows.append(row)
             if name == "vanilla":
                 vanilla = row
@@ -287,18 +309,19 @@ def full(args: argparse.Namespace) -> None:
                 flush=True,
             )
     summary: dict[str, Any] = {}
+    van = [r for r in rows if r["method"] == "vanilla"]
     for name in methods:
         mine = [r for r in rows if r["method"] == name]
+        if not mine:
+            continue
         accs = [r["test_accuracy"] for r in mine]
-        van = [r for r in rows if r["method"] == "vanilla"]
         ratio = statistics.fmean(
-            v["training_memory_bytes"] / r["training_memory_bytes"]
-            for v, r in zip(van, mine, strict=True)
+            v["training_memory_bytes"] / r["training_memory_bytes"] for v, r in _pairs(van, mine)
         )
         above = [
             (v["peak_rss_bytes"] - v["floor_rss_bytes"])
             / (r["peak_rss_bytes"] - r["floor_rss_bytes"])
-            for v, r in zip(van, mine, strict=True)
+            for v, r in _pairs(van, mine)
         ]
         summary[name] = {
             "mean_accuracy": statistics.fmean(accs),

@@ -30,7 +30,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from accuracy import paired  # noqa: E402  (the same paired statistics)
+from accuracy import NotRun, _pairs, paired  # noqa: E402  (the same paired statistics)
+
+REUSE_ONLY = False  # --reuse-only: summarise the runs already made, run none
 
 METHODS: dict[str, list[str]] = {
     "vanilla": ["--method", "vanilla"],
@@ -71,6 +73,8 @@ def run(
     done = out.parent / f"{out.name}.command"
     if done.is_file() and done.read_text() == " ".join(cmd) and (out / "metrics.json").is_file():
         print(f"{name}: reusing {out} (same command)", flush=True)
+    elif REUSE_ONLY:
+        raise NotRun(name)
     else:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -117,18 +121,25 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "minilm_accuracy")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--reuse-only", action="store_true", help="summarise finished runs only")
     args = ap.parse_args()
+    global REUSE_ONLY
+    REUSE_ONLY = args.reuse_only
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
         vanilla: dict[str, Any] | None = None
         for name in ["vanilla", *[m for m in args.methods if m != "vanilla"]]:
             extra: list[str] = []
             if name.startswith("auto"):
-                assert vanilla is not None
+                if vanilla is None:  # its budget comes from vanilla's run of the seed
+                    continue
                 floor = vanilla["floor_rss_bytes"]
                 extra = ["--memory-budget", str(floor + (vanilla["peak_rss_bytes"] - floor) // 2)]
             out = args.runs / f"{name.replace(' ', '-').replace(',', '')}-s{seed}"
-            row = run(name, seed, args, out, extra)
+            try:
+                row = run(name, seed, args, out, extra)
+            except NotRun:
+                continue
             rows.append(row)
             vanilla = row if name == "vanilla" else vanilla
             print(
@@ -143,10 +154,12 @@ def main() -> None:
     van = [r for r in rows if r["method"] == "vanilla"]
     for name in args.methods:
         mine = [r for r in rows if r["method"] == name]
+        if not mine:
+            continue
         above = [
             (v["peak_rss_bytes"] - v["floor_rss_bytes"])
             / (r["peak_rss_bytes"] - r["floor_rss_bytes"])
-            for v, r in zip(van, mine, strict=True)
+            for v, r in _pairs(van, mine)
         ]
         summary[name] = {
             "mean_accuracy": statistics.fmean(r["test_accuracy"] for r in mine),
@@ -154,7 +167,7 @@ def main() -> None:
             "vanilla_over_method_peak_above_floor": statistics.fmean(above),
             "vanilla_over_method_training_memory": statistics.fmean(
                 v["training_memory_bytes"] / r["training_memory_bytes"]
-                for v, r in zip(van, mine, strict=True)
+                for v, r in _pairs(van, mine)
             ),
         }
         p = summary[name]["paired_vs_vanilla"]
