@@ -330,7 +330,10 @@ def full(args: argparse.Namespace) -> None:
             "vanilla_over_method_peak_above_floor": statistics.fmean(above),
         }
         p = summary[name]["paired_vs_vanilla"]
-        diff = f"{p['mean_points']:+.2f} ± {p['se_points'] or float('nan'):.2f} points" if p else ""
+        diff = ""
+        if p:
+            se = float("nan") if p["se_points"] is None else p["se_points"]
+            diff = f"{p['mean_points']:+.2f} ± {se:.2f} points"
         print(f"{name:26s} mean acc {statistics.fmean(accs):.4f}  {diff}  memory x{ratio:.2f}")
     result = {
         "benchmark": "accuracy_full",

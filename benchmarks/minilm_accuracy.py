@@ -171,7 +171,10 @@ def main() -> None:
             ),
         }
         p = summary[name]["paired_vs_vanilla"]
-        diff = f"{p['mean_points']:+.2f} ± {p['se_points'] or float('nan'):.2f} points" if p else ""
+        diff = ""
+        if p:
+            se = float("nan") if p["se_points"] is None else p["se_points"]
+            diff = f"{p['mean_points']:+.2f} ± {se:.2f} points"
         print(f"{name:26s} mean acc {summary[name]['mean_accuracy']:.4f}  {diff}")
     result = {
         "benchmark": "minilm_accuracy",
