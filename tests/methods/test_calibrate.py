@@ -6,6 +6,7 @@ import torch
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.calibrate import (
+    BUDGET_EPS,
     gradient_error,
     knapsack,
     mode_svd,
@@ -92,3 +93,23 @@ def test_budget_choice_on_activations() -> None:
     assert tight.memory_mb <= low.memory_mb + 0.01
     with pytest.raises(WasiToolError, match="below the smallest choice"):
         ranks_under_budget(captured, 1e-6, cands)
+
+
+def test_roomy_budget_buys_rank_above_eps_09() -> None:
+    """The default candidates go above the reference protocol's 0.9: with room to spare the
+    budget spends it where the gradient error falls, never exceeding the budget."""
+    gen = torch.Generator().manual_seed(1)
+    decay = torch.logspace(0, -1, 32)
+    captured = {
+        f"l{k}": (
+            torch.randn(16, 12, 32, generator=gen) * decay,
+            torch.randn(16, 12, 20, generator=gen),
+        )
+        for k in range(3)
+    }
+    at_09 = ranks_under_budget(captured, 1000.0, (0.9,))
+    roomy = ranks_under_budget(captured, at_09.memory_mb * 3)
+    assert max(BUDGET_EPS) > 0.9
+    assert roomy.memory_mb <= at_09.memory_mb * 3
+    assert any(e > 0.9 for e in roomy.eps.values())
+    assert roomy.error < 0.8 * at_09.error
