@@ -81,6 +81,11 @@ def test_allowed_lossy_storage_is_tried_after_each_exact_mode(
     by = {c.label: c for c in plan.candidates}
     assert by["off + bf16"].saved_activations < by["off"].saved_activations
     assert plan.chosen.label == "off" and not stored_lossily(model)
+    # each candidate's probe step is timed, and the table shows it beside memory and error
+    assert plan.probe_batch == 4 and all(c.probe_seconds > 0 for c in plan.candidates)
+    table = planner.plan_table(plan).splitlines()
+    assert [r.split("  ")[0] for r in table[-2:]] == ["gradient error", "probe step (batch 4)"]
+    assert table[-1].count(" ms (") == len(plan.candidates) and "(1.00x)" in table[-1]
     # a budget between the two: exact off does not fit, off + bf16 does
     budget = (by["off"].peak + by["off + bf16"].peak) / 2 / (1 - planner.MARGIN)
     plan = planner.plan_memory(model, x, y, int(budget), floor=0, lossy="bf16")

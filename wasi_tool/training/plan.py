@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,9 @@ class Prediction:
     # (||dY^T (A - A~)|| / ||dY^T A|| over all targets, A~ the truncated HOSVD at the plan's
     # ranks: the fidelity benchmark's measure); 0.0: exact gradients (nothing compressed)
     gradient_error: float = 0.0
+    # wall time of the larger probe step (forward + backward at the probe batch): what this
+    # plan's recompute and compression cost in time, next to the others' on the same batch
+    probe_seconds: float = 0.0
 
     @property
     def label(self) -> str:
@@ -133,11 +137,13 @@ class MemoryPlan:
     measured_peak: int | None = None
     method: str | None = None
     auto: dict[str, Any] | None = None
+    probe_batch: int = 0  # the batch of the probe step each candidate's probe_seconds times
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "budget_bytes": self.budget,
             "batch_size": self.batch_size,
+            "probe_batch": self.probe_batch,
             "memory_mode": self.chosen.memory_mode,
             "lossy": self.chosen.lossy,
             "act_ranks_planned": self.chosen.act_ranks is not None,
@@ -251,7 +257,9 @@ def plan_memory(
         probes = []
         for b in sizes:
             model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
             probes.append(_probe(model, x[:b], y[:b], blocks, targets))
+            seconds = time.perf_counter() - start  # the last (larger) probe's is kept
         (s1, l1, per1, t1), (s2, l2, per2, t2) = probes
         scale = (batch - sizes[0]) / (sizes[1] - sizes[0])
         saved = int(s1 + (s2 - s1) * scale)
@@ -271,6 +279,7 @@ def plan_memory(
             kind,
             saved_in_targets=int(t1 + (t2 - t1) * scale),
             act_ranks=ranks,
+            probe_seconds=seconds,
         )
 
     errors: dict[tuple[Any, ...], float] = {}
@@ -333,7 +342,7 @@ def plan_memory(
     if chosen.act_ranks is not None:
         _set_act_ranks(model, chosen.act_ranks)
     _apply(model, family, blocks, chosen.memory_mode, chosen.lossy)
-    return MemoryPlan(budget, chosen, candidates, batch)
+    return MemoryPlan(budget, chosen, candidates, batch, probe_batch=sizes[1])
 
 
 def plan_gradient_error(
@@ -431,6 +440,17 @@ def plan_table(plan: MemoryPlan) -> str:
     rows.append(("load peak", *(f"{c.load_peak / 1e6:.0f} MB" for c in plan.candidates)))
     rows.append(("predicted peak", *(f"{c.peak / 1e6:.0f} MB" for c in plan.candidates)))
     rows.append(("gradient error", *(_error_text(c.gradient_error) for c in plan.candidates)))
+    if plan.probe_batch:  # one timing each, on a shared machine: a guide, not a benchmark
+        first = plan.candidates[0].probe_seconds or 1.0
+        rows.append(
+            (
+                f"probe step (batch {plan.probe_batch})",
+                *(
+                    f"{c.probe_seconds * 1e3:.0f} ms ({c.probe_seconds / first:.2f}x)"
+                    for c in plan.candidates
+                ),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     what = f"{plan.method}, " if plan.method else ""
