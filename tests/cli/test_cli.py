@@ -182,7 +182,9 @@ def test_bsr_and_lora_flags_reach_the_library(
         "finetune", "ckpt", "--method", "lora", "--lora-rank", "4", "--lora-alpha", "8",
         "--lora-dropout", "0.1", "--out", tmp_path / "o",
     )  # fmt: skip
-    bsr_cfg, lora_cfg = seen
+    invoke("finetune", "ckpt", "--method", "lora-fa", "--match-memory", "runs/w", "--out", tmp_path)
+    bsr_cfg, lora_cfg, match_cfg = seen
+    assert (match_cfg.method, match_cfg.match_memory) == ("lora-fa", "runs/w")
     assert (bsr_cfg.method, bsr_cfg.bsr_blocks, bsr_cfg.drop_at) == (
         "bsr+wasi",
         [3, 7, 11],
@@ -218,6 +220,8 @@ def test_finetune_runs_and_reports(tmp_path: Path) -> None:
         (["--data", "/no/such/data"], "no such dataset"),
         (["--act-eps", "1.5"], "act_eps must be in (0, 1]"),
         (["--momentum", "0.9"], "momentum"),
+        (["--method", "vanilla", "--match-memory", "runs/w"], "vanilla has no setting"),
+        (["--method", "lora", "--match-memory", "/no/such/run"], "not a finished finetune run"),
     ],
 )
 def test_finetune_bad_input(tmp_path: Path, args: list[str], message: str) -> None:

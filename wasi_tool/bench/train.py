@@ -30,6 +30,7 @@ from wasi_tool.methods.options import BaselineOptions
 from wasi_tool.safe_read import read_json
 from wasi_tool.threads import check_threads, use_threads
 from wasi_tool.training.config import FinetuneConfig, TrainSettings
+from wasi_tool.training.results import METRICS
 
 SCHEMA = "wasi-tool-bench-train/2"
 
@@ -306,7 +307,7 @@ def settings_of(artifact: Path) -> dict[str, Any] | None:
     targets, calibrated activation ranks per layer, eps, seed and baseline options (None when
     ``artifact`` holds no fine-tune metrics). The memory mode, budget and lossy storage stay
     the bench's own: they are what a bench varies, and its tables state them."""
-    path = Path(artifact) / "metrics.json"
+    path = Path(artifact) / METRICS
     if not path.is_file():
         return None
     try:

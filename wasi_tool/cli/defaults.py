@@ -61,6 +61,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_steps": None,
         "eval_examples": 32,
         "new_head": False,
+        "match_memory": None,
     },
     "CompressConfig": {
         "targets": "mlp",

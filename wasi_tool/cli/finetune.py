@@ -172,6 +172,14 @@ def finetune(
             "bfloat16; with --memory-budget: allowed to the plan)."
         ),
     ] = default(F, "lossy"),
+    match_memory: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RUN",
+            help="A finished finetune run: choose the activation ranks (asi, wasi) or LoRA rank "
+            "so this run's training memory comes as close to RUN's as it can without going over.",
+        ),
+    ] = default(F, "match_memory"),
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run from <out>.ckpt/.")
     ] = False,
@@ -224,6 +232,7 @@ def finetune(
             memory_mode=memory_mode,
             memory_budget=memory_budget,
             lossy=lossy,
+            match_memory=match_memory,
         )
         use_threads(threads)
         source = common.model_source(
@@ -288,6 +297,13 @@ def render(result: FinetuneResult) -> None:
             f"predicted peak (budget {human_bytes(plan['budget_bytes'])})",
             human_bytes(plan["predicted_peak_bytes"]),
         )
+    if m.match_memory is not None:
+        match = m.match_memory
+        table.add_row(
+            f"training memory (matched to {human_bytes(match['target_bytes'])})",
+            f"{human_bytes(match['run_bytes'])} ({match['run_over_target']:.3f}x)",
+        )
+        table.add_row(f"matched {match['setting']}", str(match["chosen"]))
     console.print(table)
     if m.lm is not None and m.lm["after"]["samples"]:
         sample = m.lm["after"]["samples"][0]

@@ -13,13 +13,13 @@ from wasi_tool import artifacts
 from wasi_tool.bench.train import TrainBenchResult, settings_text
 from wasi_tool.measure import pace
 from wasi_tool.safe_read import read_json
+from wasi_tool.training.results import METRICS as METRICS_FILE
 from wasi_tool.training.results import FinetuneMetrics
 from wasi_tool.wording import ratio as words
 from wasi_tool.wording import spread, wide
 
 BENCH_FILE = "bench.json"
 REPORT_MD = "report.md"
-METRICS_FILE = "metrics.json"
 
 
 def _row(*cells: object) -> str:

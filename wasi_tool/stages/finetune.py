@@ -30,13 +30,12 @@ from wasi_tool.training.accounting import LAYERS_NOTE, layer_accounting, model_a
 from wasi_tool.training.config import FinetuneConfig
 from wasi_tool.training.lm import evaluate_lm
 from wasi_tool.training.loop import Trainer
+from wasi_tool.training.match import training_memory_of
 from wasi_tool.training.progress import Progress, Silent
-from wasi_tool.training.results import FinetuneMetrics
+from wasi_tool.training.results import METRICS, FinetuneMetrics
 from wasi_tool.training.session import Session, build_session
 
 __all__ = ["METRICS", "FinetuneConfig", "FinetuneResult", "run_finetune"]
-
-METRICS = "metrics.json"
 
 
 @dataclass
@@ -205,6 +204,10 @@ def _metrics(session: Session, trainer: Trainer, allocator: str | None) -> Finet
     if session.plan is not None:
         session.plan.measured_peak = metrics.measured.peak_rss_bytes
         metrics.memory_plan = session.plan.to_dict()
+    if session.match is not None:  # the training memory the run measured, beside its target
+        run = training_memory_of(metrics)
+        target = session.match["target_bytes"]
+        metrics.match_memory = {**session.match, "run_bytes": run, "run_over_target": run / target}
     return metrics
 
 

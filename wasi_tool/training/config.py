@@ -128,6 +128,11 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
         lossy: "off" (default: every saved tensor exact) or "bf16": the norms' and GELUs'
             saved inputs outside recompute regions are kept in bfloat16 (nn/lossy.py); with
             a budget, "bf16" allows the plan to use it.
+        match_memory: a finished finetune run (its directory): choose this run's activation
+            ranks (asi, wasi, bsr+wasi, the fixed-subspace variants) or LoRA rank (lora,
+            lora-fa) so that its training memory (saved bytes + weights + gradients) comes as
+            close to that run's as the setting allows without exceeding it
+            (training/match.py); replaces act_eps / lora_rank.
     """
 
     stage: ClassVar[str] = "finetune"
@@ -150,6 +155,7 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
     max_steps: int | None = None
     eval_examples: int = 32
     new_head: bool = False
+    match_memory: str | None = None
 
     def __post_init__(self) -> None:
         if self.method == "auto":  # training.session.AUTO: vanilla, wsi or wasi under a budget
@@ -174,6 +180,21 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
             self.act_eps = self.eps
         if self.act_budget_mb is not None and not self.act_budget_mb > 0:
             raise WasiToolError(f"act_budget_mb must be positive, got {self.act_budget_mb}")
+        if self.match_memory is not None:
+            self.match_memory = str(self.match_memory)
+            clash = [
+                k
+                for k in ("act_ranks", "act_budget_mb", "memory_budget")
+                if getattr(self, k) is not None
+            ]
+            if self.method == "auto" or clash:
+                raise WasiToolError(
+                    "match_memory chooses the ranks that meet another run's memory: give it "
+                    f"without {', '.join(clash) or 'method auto'}"
+                )
+            from wasi_tool.training.match import check_method
+
+            check_method(spec)
         if self.calibrate is not None and int(self.calibrate) < 1:
             raise WasiToolError(f"calibrate takes a sample count >= 1, got {self.calibrate}")
         if self.eps_spectrum not in ("weight", "output"):  # transforms.compress.EPS_SPECTRA

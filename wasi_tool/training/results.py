@@ -14,6 +14,7 @@ from typing import Any
 from wasi_tool.errors import WasiToolError
 
 FINETUNE_SCHEMA = "wasi-tool-finetune-metrics/2"
+METRICS = "metrics.json"  # a finetune artifact's FinetuneMetrics
 SAVED_NOTE = (
     "storages autograd saved for backward in one step, each once, parameters excluded "
     "(saved_tensors_hooks)"
@@ -77,6 +78,7 @@ class FinetuneMetrics:
     bsr: dict[str, Any] | None = None
     memory_plan: dict[str, Any] | None = None
     lm: dict[str, Any] | None = None  # causal LM: held-out evaluation before and after
+    match_memory: dict[str, Any] | None = None  # training/match.py: target and chosen setting
     schema: str = field(default=FINETUNE_SCHEMA)
 
     @property
@@ -86,7 +88,7 @@ class FinetuneMetrics:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["final"] = dataclasses.asdict(self.final) if self.final else None
-        for key in ("bsr", "memory_plan", "lm"):
+        for key in ("bsr", "memory_plan", "lm", "match_memory"):
             if out[key] is None:
                 out.pop(key)
         return out
