@@ -91,7 +91,28 @@ METHODS: dict[str, list[str]] = {
     "wasi eps 0.8, calibrated, attn, act budget 1.5x": [
         *("--method", "wasi", "--eps", "0.8", "--calibrate", "512", "--memory-mode", "attn"),
     ],  # --act-budget-mb from that seed's vanilla and "attn" runs
+    # issue 29's baselines at their defaults (mezo: docs/methods-baselines.md's learning rate)
+    "lora-fa": ["--method", "lora-fa", "--lora-rank", "8", "--lora-alpha", "16"],
+    "lora, memory-exact": [
+        *("--method", "lora", "--lora-rank", "8", "--lora-alpha", "16", "--lora-recompute"),
+    ],
+    "mezo": ["--method", "mezo", "--lr", "3e-4", "--lr-min", "3e-5", "--clip", "0"],
+    "asi-fixed": ["--method", "asi-fixed", "--act-eps", "0.8"],
+    "wasi-fixed eps 0.8": ["--method", "wasi-fixed", "--eps", "0.8"],
+    # iso-memory (--match-memory): the rank chosen so the run's training memory comes within
+    # ISO_BASE's (that seed's run), never over. A memory mode where the method's other bytes
+    # alone exceed it: lora saves each target's whole input (rank 1 + attn: 161 MB against
+    # 128), so its MLP halves recompute (+ block, every rank up to 128 fits in 35 MB)
+    "lora + mlp, at wasi's memory": [
+        *("--method", "lora", "--lora-alpha", "16", "--memory-mode", "mlp"),
+    ],
+    "lora-fa + attn, at wasi's memory": [
+        *("--method", "lora-fa", "--lora-alpha", "16", "--memory-mode", "attn"),
+    ],
+    "asi + attn, at wasi's memory": ["--method", "asi", "--memory-mode", "attn"],
 }
+ISO = ", at wasi's memory"
+ISO_BASE = "wasi eps 0.8, calibrated, attn, act budget 1.5x"
 TARGET_RATIO = 1.5  # issue 33: at >= 1.5x less training memory than vanilla
 FULL_METHODS = [
     "vanilla",
@@ -102,6 +123,13 @@ FULL_METHODS = [
     "wsi eps 0.8, calibrated, block",
     "wasi eps 0.8, calibrated, attn",
     "wasi eps 0.8, calibrated, attn, act budget 1.5x",
+    "lora",
+    "lora-fa",
+    "mezo",
+    "asi-fixed",
+    "lora + mlp, at wasi's memory",
+    "lora-fa + attn, at wasi's memory",
+    "asi + attn, at wasi's memory",
 ]
 
 
@@ -183,6 +211,8 @@ def finetune(
         "weight_ranks_sum": sum(m.get("weight_ranks", {}).values()),
         "wall_seconds": round(time.perf_counter() - start, 1),  # ~0 when reused
         "command": " ".join(cmd),
+        "out": str(out),
+        "match_memory": m.get("match_memory"),
     }
 
 
@@ -321,6 +351,13 @@ def full(args: argparse.Namespace) -> None:
                 if vanilla is None or base is None:
                     continue
                 extra = ["--act-budget-mb", f"{act_budget_mib(vanilla, base):.3f}"]
+            if name.endswith(ISO):
+                iso = done.get(ISO_BASE) or next(
+                    (r for r in reversed(rows) if r["method"] == ISO_BASE), None
+                )
+                if iso is None:
+                    continue
+                extra = ["--match-memory", iso["out"]]
             if name.startswith("auto"):
                 if vanilla is None:  # its budget comes from vanilla's run of the seed
                     continue
@@ -367,6 +404,10 @@ def full(args: argparse.Namespace) -> None:
             "vanilla_over_method_training_memory": ratio,
             "vanilla_over_method_peak_above_floor": statistics.fmean(above),
         }
+        if name.endswith(ISO):
+            summary[name]["run_over_target_memory"] = [
+                r["match_memory"]["run_over_target"] for r in mine if r.get("match_memory")
+            ]
         p = summary[name]["paired_vs_vanilla"]
         diff = ""
         if p:
