@@ -5,6 +5,10 @@
 - pareto.png: test accuracy vs training memory, one point per method (accuracy.json: measured
   saved bytes + weights + gradients of the small ViT on CIFAR-10 5-9) and, beside it, peak RSS
   vs step time of ViT-B/32 at batch 32 (e2e_step.json).
+- pareto_full.png: the whole CIFAR-10 transfer on the second backbone, every method
+  (accuracy_full_methods.json): test accuracy (mean over the seeds each ran) vs training memory,
+  and vs median step time (single-threaded runs on a shared machine: a guide, not a speed
+  result); iso-memory runs (--match-memory) marked.
 - latency.png: onnxruntime p50 (with p90 whiskers) of ViT-B/32 per model and batch
   (inference.json).
 """
@@ -12,7 +16,9 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -74,6 +80,38 @@ def pareto(out: Path) -> None:
     plt.close(fig)
 
 
+def pareto_full(out: Path) -> None:
+    acc = json.loads((RESULTS / "accuracy_full_methods.json").read_text())
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in acc["rows"]:
+        by.setdefault(r["method"], []).append(r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    points = []
+    for name, rs in by.items():
+        x = statistics.fmean(r["training_memory_bytes"] for r in rs) / 1e6
+        t = statistics.fmean(r["median_step_ms"] for r in rs) / 1e3
+        y = 100 * statistics.fmean(r["test_accuracy"] for r in rs)
+        points.append((x, y))
+        iso = "at wasi's memory" in name
+        label = f"{name} ({len(rs)} seed{'s' if len(rs) > 1 else ''})"
+        for ax, xv in ((ax1, x), (ax2, t)):
+            ax.scatter(xv, y, s=40, marker="s" if iso else "o")
+            ax.annotate(label, (xv, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    front = _pareto_front(points)
+    ax1.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("training memory (MB): measured saved activations + weights + gradients")
+    ax1.set_ylabel("test accuracy, CIFAR-10 classes 5-9, 5,000 images (%)")
+    ax1.set_title("small ViT pretrained on classes 0-4 (25,000 images), one epoch of 25,000")
+    ax1.legend(loc="lower right", fontsize=8)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("median training step (s), 1 thread, shared machine: a guide")
+    ax2.set_title("squares: iso-memory runs (--match-memory, wasi's training memory)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def latency(out: Path) -> None:
     inf = json.loads((RESULTS / "inference.json").read_text())
     models = list(dict.fromkeys(r["model"] for r in inf["rows"]))
@@ -104,6 +142,8 @@ def latency(out: Path) -> None:
 
 def main() -> None:
     pareto(RESULTS / "pareto.png")
+    if (RESULTS / "accuracy_full_methods.json").is_file():
+        pareto_full(RESULTS / "pareto_full.png")
     latency(RESULTS / "latency.png")
     print(f"wrote {RESULTS / 'pareto.png'} and {RESULTS / 'latency.png'}")
 

@@ -143,7 +143,7 @@ def match_act_ranks(
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
     """Activation ranks of the prepared ``model`` whose measured training memory is as close
     to ``target`` as the rank candidates allow, at most it. Sets them on the model."""
-    from wasi_tool.methods.calibrate import capture, ranks_under_budget
+    from wasi_tool.methods.calibrate import BUDGET_EPS, capture, ranks_under_budget
     from wasi_tool.training.loss import task_loss
     from wasi_tool.training.plan import _layer_states, _set_act_ranks
 
@@ -188,10 +188,10 @@ def match_act_ranks(
     ranks, choice, memory = best
     _set_act_ranks(model, {n: list(r) for n, r in ranks.items()})
     why = None
-    if memory < 0.9 * target.bytes:
+    if memory < 0.9 * target.bytes and all(e == max(BUDGET_EPS) for e in choice.eps.values()):
         why = (
-            "the highest rank candidates (act eps 0.999) need less than the target: the "
-            "method compresses activations even when room is left"
+            f"every layer is at the highest rank candidate (act eps {max(BUDGET_EPS)}), which "
+            "needs less than the target: the method compresses activations even with room left"
         )
     info = {
         "rule": "budget",
@@ -248,6 +248,8 @@ def match_lora_rank(
     rank = max(1, rank)
     while rank > 1 and measure(rank) > target.bytes:
         rank -= 1
+    while rank < top and measure(rank + 1) <= target.bytes:  # the line is exact; make sure
+        rank += 1
     why = None
     if rank == top and measure(rank) < 0.9 * target.bytes:
         why = f"the LoRA rank is at its largest ({top}, the smallest target's width)"
