@@ -154,3 +154,28 @@ def test_finetune_and_bench(method: str, recompute: bool, tmp_path: Path) -> Non
         targets="mlp", batch_size=4, steps=2, warmup=1, lora_rank=4, lora_recompute=recompute,
     )  # fmt: skip
     assert measure(bench).saved_bytes_targets > 0
+
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_lora_fa_projects_b_gradient_as_the_lora_fa_optimiser(projection: bool) -> None:
+    """One step, no clip or decay: B' = B - lr (r / alpha)^2 g_B (A A^T)^-1 (peft's LoRA-FA
+    rule, checked against a dense float64 inverse), or plain SGD with the projection off."""
+    model, opt = _prepared(
+        "lora-fa", clip=None, weight_decay=0.0, lora_fa_projection=projection, lora_alpha=6.0
+    )
+    _nonzero_b(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, grads = _saved(model, *_batch(1))
+    opt.step()
+    checked = 0
+    for name, p in model.named_parameters():
+        if "lora_B" not in name:
+            continue
+        a = before[name.replace("lora_B", "lora_A")].to(torch.float64)
+        g = grads[name].to(torch.float64)
+        if projection:
+            g = (R / 6.0) ** 2 * g @ torch.linalg.inv(a @ a.T)
+        expected = before[name].to(torch.float64) - 0.05 * g
+        torch.testing.assert_close(p.detach().to(torch.float64), expected, rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked == len(TARGETS)

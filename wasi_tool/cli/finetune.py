@@ -146,6 +146,13 @@ def finetune(
         bool,
         typer.Option(help="lora: recompute x A in backward instead of saving it (exact)."),
     ] = default(F, "lora_recompute"),
+    lora_fa_projection: Annotated[
+        bool,
+        typer.Option(
+            "--lora-fa-projection/--no-lora-fa-projection",
+            help="lora-fa: project B's gradient by (r/alpha)^2 (A A^T)^-1, as LoRA-FA's optimiser.",
+        ),
+    ] = default(F, "lora_fa_projection"),
     mezo_mu: Annotated[
         float, typer.Option(help="mezo: perturbation scale mu (lr ~1e-4 without --clip).")
     ] = default(F, "mezo_mu"),
@@ -227,6 +234,7 @@ def finetune(
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             lora_recompute=lora_recompute,
+            lora_fa_projection=lora_fa_projection,
             mezo_mu=mezo_mu,
             new_head=new_head,
             memory_mode=memory_mode,

@@ -181,7 +181,14 @@ class LoRA(Method):
 
 
 class LoRAFA(LoRA):
-    """LoRA-FA: LoRA with A frozen at its random init; B and the head train."""
+    """LoRA-FA: LoRA with A frozen at its random init; B and the head train.
+
+    With ``lora_fa_projection`` (the default), each B's gradient is projected as LoRA-FA's
+    optimiser does (arXiv 2308.03303; peft's ``create_lorafa_optimizer``): g_B <- (r / alpha)^2
+    g_B (A A^T + delta I)^+, the B update whose product B A comes closest (Frobenius) to the
+    full weight gradient's step. A is frozen, so the r x r inverse is computed once. peft builds
+    it into AdamW; here it is a step pre-hook of the recipe's SGD, so the clip sees the projected
+    gradient."""
 
     name = "lora-fa"
     description = "frozen model and LoRA A; B (and the head) train; saves x A^T only"
@@ -199,6 +206,38 @@ class LoRAFA(LoRA):
         for name in lora_layers(model):
             for p in model.get_submodule(name).lora_A.parameters():  # type: ignore[union-attr]
                 p.requires_grad_(False)
+
+    def optimizer(self, model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
+        opt = super().optimizer(model, recipe)
+        if getattr(recipe, "lora_fa_projection", True):
+            pairs = projections(model)
+            opt.register_step_pre_hook(lambda optimizer, args, kwargs: project_(pairs))
+        return opt
+
+
+FA_DELTA = 1e-8  # peft's regulariser of A A^T
+
+
+def projections(model: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(B, (r / alpha)^2 (A A^T + delta I)^+) of every adapter of ``model`` (A frozen)."""
+    pairs = []
+    for name in lora_layers(model):
+        layer: Any = model.get_submodule(name)
+        for key in layer.lora_A:
+            a = layer.lora_A[key].weight.detach().to(torch.float64)
+            gram = a @ a.T + FA_DELTA * torch.eye(a.shape[0], dtype=torch.float64)
+            inverse = torch.linalg.pinv(gram, hermitian=True) / float(layer.scaling[key]) ** 2
+            b = layer.lora_B[key].weight
+            pairs.append((b, inverse.to(b.dtype)))
+    return pairs
+
+
+def project_(pairs: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """g_B <- g_B M for each (B, M), in place (before the optimiser's step)."""
+    with torch.no_grad():
+        for b, inverse in pairs:
+            if b.grad is not None:
+                b.grad.copy_(b.grad @ inverse)
 
 
 register_method(LoRA)

@@ -17,7 +17,9 @@ class BaselineOptions(MezoOptions):
     ``drop_at`` (blocks that drop tokens; default 3, 6, 9 scaled), ``keep_rate`` (share of patch
     tokens kept), ``fuse`` (fuse the dropped tokens into one, or discard them); lora:
     ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_recompute`` (memory-exact LoRA:
-    recompute x A^T in backward instead of saving it; same gradients). A method's own settings
+    recompute x A^T in backward instead of saving it; same gradients); lora-fa:
+    ``lora_fa_projection`` (B's gradient projected by (r / alpha)^2 (A A^T)^-1, as LoRA-FA's
+    optimiser; off: plain SGD on B). A method's own settings
     are a dataclass in its module, mixed in here (mezo: ``MezoOptions``), so finetune, the
     bench and prepare get them without knowing the method."""
 
@@ -29,6 +31,7 @@ class BaselineOptions(MezoOptions):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_recompute: bool = False
+    lora_fa_projection: bool = True
 
     def check_baselines(self) -> None:
         """Validate (and normalise) the baseline settings, once for every config."""
