@@ -6,9 +6,9 @@ encoder; each method is `wasi-tool finetune` in a fresh process with the same re
 (head init, data order), so a seed gives a paired difference to vanilla. Methods: vanilla;
 wasi eps 0.8 by plain SVD and calibrated (--calibrate 512: each dense target truncated at plain
 SVD's rank in the metric of its inputs on 512 training names), the latter also at act eps 0.95
-(the default act eps is eps); wasi eps 0.9, calibrated, at act eps 0.99; wsi at eps 0.8, calibrated, with --memory-mode block (factored
-weights, exact activations); and --method auto under a
-budget of half of vanilla's peak above the floor (that seed's vanilla floor and peak).
+(the default act eps is eps); wasi eps 0.9, calibrated, at act eps 0.99; wsi at eps 0.8,
+calibrated, with --memory-mode block (factored weights, exact activations); and --method auto
+under a budget of half of vanilla's peak above the floor (that seed's vanilla floor and peak).
 Targets: the model's MLP linears (the default).
 
     python benchmarks/minilm_accuracy.py --seeds 233 234 235 \\

@@ -150,7 +150,8 @@ def finetune(
         bool,
         typer.Option(
             "--lora-fa-projection/--no-lora-fa-projection",
-            help="lora-fa: project B's gradient by (r/alpha)^2 (A A^T)^-1, as LoRA-FA's optimiser.",
+            help="lora-fa: project B's gradient by (r/alpha)^2 (A A^T)^-1, as LoRA-FA's "
+            "optimiser (off: SGD on B).",
         ),
     ] = default(F, "lora_fa_projection"),
     mezo_mu: Annotated[

@@ -183,7 +183,7 @@ class LoRA(Method):
 class LoRAFA(LoRA):
     """LoRA-FA: LoRA with A frozen at its random init; B and the head train.
 
-    With ``lora_fa_projection`` (the default), each B's gradient is projected as LoRA-FA's
+    With ``lora_fa_projection`` (off by default), each B's gradient is projected as LoRA-FA's
     optimiser does (arXiv 2308.03303; peft's ``create_lorafa_optimizer``): g_B <- (r / alpha)^2
     g_B (A A^T + delta I)^+, the B update whose product B A comes closest (Frobenius) to the
     full weight gradient's step. A is frozen, so the r x r inverse is computed once. peft builds
@@ -209,7 +209,7 @@ class LoRAFA(LoRA):
 
     def optimizer(self, model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
         opt = super().optimizer(model, recipe)
-        if getattr(recipe, "lora_fa_projection", True):
+        if getattr(recipe, "lora_fa_projection", False):
             pairs = projections(model)
             opt.register_step_pre_hook(lambda optimizer, args, kwargs: project_(pairs))
         return opt

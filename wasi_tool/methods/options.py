@@ -19,8 +19,8 @@ class BaselineOptions(MezoOptions):
     ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_recompute`` (memory-exact LoRA:
     recompute x A^T in backward instead of saving it; same gradients); lora-fa:
     ``lora_fa_projection`` (B's gradient projected by (r / alpha)^2 (A A^T)^-1, as LoRA-FA's
-    optimiser; off: plain SGD on B). A method's own settings
-    are a dataclass in its module, mixed in here (mezo: ``MezoOptions``), so finetune, the
+    optimiser; off by default: plain SGD on B, see docs/methods-baselines.md). A method's own
+    settings are a dataclass in its module, mixed in here (mezo: ``MezoOptions``), so finetune, the
     bench and prepare get them without knowing the method."""
 
     bsr_blocks: list[int] | None = None
@@ -31,7 +31,7 @@ class BaselineOptions(MezoOptions):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_recompute: bool = False
-    lora_fa_projection: bool = True
+    lora_fa_projection: bool = False
 
     def check_baselines(self) -> None:
         """Validate (and normalise) the baseline settings, once for every config."""
