@@ -138,3 +138,22 @@ def test_activation_ranks_are_planned_only_when_no_exact_plan_fits(
     assert all(r != high and all(a <= b for a, b in zip(r, high, strict=True)) for r in ranks)
     assert plan.to_dict()["act_ranks_planned"] is True
     model(x).sum().backward()  # the planned ranks train
+
+
+def test_the_probes_leave_the_random_stream_as_it_was(images) -> None:  # type: ignore[no-untyped-def]
+    """A model with dropout: the probe steps draw masks, and the stream is restored after, so a
+    run planned under a budget that chose vanilla trains exactly as vanilla (MiniLM's auto rows
+    differed from vanilla's before)."""
+    import timm
+    import torch
+
+    from wasi_tool.training import plan as planner
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2, drop_rate=0.5
+    )
+    x, y = images(8), torch.arange(8) % 10
+    rng = torch.random.get_rng_state()
+    planner.plan_memory(model, x, y, 10**12, floor=0, modes=("off",))
+    assert torch.equal(torch.random.get_rng_state(), rng)

@@ -240,6 +240,7 @@ def plan_memory(
     states = _layer_states(model)
     calibrated = _act_ranks(model)
     was_training = model.training
+    rng = torch.random.get_rng_state()  # the probes' dropout draws must not shift the run's
     model.train()
     candidates: list[Prediction] = []
     options = [
@@ -330,6 +331,7 @@ def plan_memory(
             model.get_submodule(name).set_extra_state(state)
         _apply(model, family, blocks, "off", "off")
         model.train(was_training)
+        torch.random.set_rng_state(rng)
     if chosen is None:
         best = min(candidates, key=lambda c: c.peak)
         largest = sorted(best.parts().items(), key=lambda kv: -kv[1])[:3]
