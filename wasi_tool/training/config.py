@@ -192,9 +192,12 @@ class FinetuneConfig(StageConfig, BaselineOptions, TrainSettings):
                     "match_memory chooses the ranks that meet another run's memory: give it "
                     f"without {', '.join(clash) or 'method auto'}"
                 )
-            from wasi_tool.training.match import check_method
-
-            check_method(spec)
+            if not (spec.compressed_activations or spec.adapter):
+                raise WasiToolError(
+                    f"match_memory: method {spec.name} has no setting that sets its training "
+                    "memory (activation ranks: asi, wasi, bsr+wasi, asi-fixed, wasi-fixed; "
+                    "LoRA rank: lora, lora-fa); run it at its own memory"
+                )
         if self.calibrate is not None and int(self.calibrate) < 1:
             raise WasiToolError(f"calibrate takes a sample count >= 1, got {self.calibrate}")
         if self.eps_spectrum not in ("weight", "output"):  # transforms.compress.EPS_SPECTRA

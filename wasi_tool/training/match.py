@@ -27,16 +27,17 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.methods import Method
 from wasi_tool.nn.subspace import WASILinear
 from wasi_tool.training.accounting import model_accounting
-from wasi_tool.training.config import FinetuneConfig
+
+if TYPE_CHECKING:
+    from wasi_tool.training.config import FinetuneConfig
 
 Batch = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 MB = 1024 * 1024
@@ -254,16 +255,3 @@ def match_lora_rank(
     if rank == top and measure(rank) < 0.9 * target.bytes:
         why = f"the LoRA rank is at its largest ({top}, the smallest target's width)"
     return rank, _record(target, "lora_rank", rank, measure(rank), why)
-
-
-def check_method(method: Method) -> str:
-    """The setting ``method`` matches memory with, or a WasiToolError saying it has none."""
-    if method.compressed_activations:
-        return "act_ranks"
-    if method.adapter:
-        return "lora_rank"
-    raise WasiToolError(
-        f"match_memory: method {method.name} has no setting that sets its training memory "
-        "(activation ranks: asi, wasi, bsr+wasi, asi-fixed, wasi-fixed; LoRA rank: lora, "
-        "lora-fa); run it at its own memory"
-    )
