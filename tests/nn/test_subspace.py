@@ -217,3 +217,59 @@ def test_asi_bases_live_in_the_state_dict() -> None:
     asi = ASILinear.from_linear(nn.Linear(12, 10), (2, 3, 5))
     assert "_extra_state" in asi.state_dict()
     assert set(asi.to_plain().state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("kind", ["wasi", "asi", "wasi-fixed"])
+def test_probing_leaves_the_layers_as_they_were(kind: str) -> None:
+    """Steps inside ``probing`` (at other ranks, even one stopped before its update) leave
+    every subspace layer as before: the next real step equals the one without the probes."""
+    from wasi_tool.methods.fixed import FixedWASILinear
+    from wasi_tool.nn.subspace import probing
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        if kind == "asi":
+            layer: nn.Module = ASILinear.from_linear(nn.Linear(12, 10), (2, 3, 5), seed=3)
+        elif kind == "wasi":
+            layer = WASILinear.from_factored(FactoredLinear(12, 10, 4), (2, 3, 5), seed=3)
+        else:
+            layer = FixedWASILinear.from_factored(FactoredLinear(12, 10, 4), (2, 3, 5), seed=3)
+        return nn.Sequential(layer).train()
+
+    x1, x2, probe = torch.randn(4, 6, 12), torch.randn(4, 6, 12), torch.randn(3, 6, 12)
+    runs = []
+    for with_probe in (False, True):
+        model = build()
+        opt = SubspaceSGD(model, lr=0.1)
+        model(x1).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        layer = model[0]
+        before = copy.deepcopy(layer.get_extra_state())
+        calibrations = getattr(layer.act, "calibrations", None)
+        if with_probe:
+            with probing(model):
+                layer.set_act_ranks((3, 6, 12))  # other ranks: the bases start afresh
+                assert layer.act.ranks == (3, 6, 12) and layer.act.bases is None
+                model(probe).square().sum().backward()  # a gradient left pending
+            assert layer.act.ranks == (2, 3, 5)
+            after = layer.get_extra_state()
+            assert after["ranks"] == before["ranks"]
+            for a, b in zip(after["bases"], before["bases"], strict=True):
+                assert (a is None and b is None) or torch.equal(a, b)
+            assert torch.equal(after["generator"], before["generator"])
+            assert getattr(layer.act, "calibrations", None) == calibrations
+            if isinstance(layer, WASILinear):
+                assert layer.pending_grad is None
+            model.zero_grad()
+        model(x2).square().sum().backward()
+        opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_set_act_ranks_refuses_an_exact_layer() -> None:
+    layer = WASILinear.from_factored(FactoredLinear(12, 10, 4))
+    with pytest.raises(ValueError, match="no activation ranks"):
+        layer.set_act_ranks((2, 3, 5))

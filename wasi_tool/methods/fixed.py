@@ -80,6 +80,13 @@ class FixedActivationBases(ActivationBases):
         new.bases = other.bases if isinstance(other, FixedActivationBases) else None
         return new
 
+    def snapshot(self) -> dict[str, object]:
+        return {**super().snapshot(), "calibrations": self.calibrations}
+
+    def restore(self, state: dict[str, object]) -> None:
+        super().restore(state)
+        self.calibrations = int(state.get("calibrations", self.calibrations))  # type: ignore[call-overload]
+
     def _fits(self, x: torch.Tensor) -> bool:
         if self.bases is None or len(self.bases) != x.ndim:
             return False

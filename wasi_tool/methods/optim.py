@@ -72,7 +72,7 @@ class SubspaceSGD(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         for layer in self.layers:
-            layer.sink.clear()
+            layer.discard_pending()
 
     def _ordinary(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups if not g["subspace"] for p in g["params"]]

@@ -3,8 +3,10 @@ and ASILinear (dense weight, ASI activations)."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +145,27 @@ class ActivationBases:
         if self._residual_generator is not None and "residual_generator" in state:
             self._residual_generator.set_state(state["residual_generator"])  # type: ignore[arg-type]
 
+    def set_ranks(self, ranks: Sequence[int]) -> None:
+        """New per-mode ranks; bases of the old ranks are dropped (the next step starts from
+        a seeded basis, as a new layer's first step does). The same ranks keep everything."""
+        new = tuple(int(r) for r in ranks)
+        if len(new) != len(self.ranks) or min(new) < 1:
+            raise ValueError(f"activation ranks must be {len(self.ranks)} positive, got {new}")
+        if new != self.ranks:
+            self.ranks = new
+            self.bases = None
+
+    def snapshot(self) -> dict[str, object]:
+        """Everything a step changes (ranks, bases, generators), copied, for ``restore``."""
+        return copy.deepcopy(self.state_dict())
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Back to a ``snapshot``: its ranks, bases and generators; no pending recompute
+        record is kept (a probe that stopped between forward and backward leaves none)."""
+        self.ranks = tuple(int(r) for r in state["ranks"])  # type: ignore[attr-defined]
+        self.load_state_dict(state)
+        self._records.clear()
+
 
 class SubspaceLayer(nn.Module):
     """A training-time linear whose ASI bases (if any) are part of its ``state_dict``.
@@ -163,6 +186,32 @@ class SubspaceLayer(nn.Module):
     def set_extra_state(self, state: dict[str, object]) -> None:
         if self.act is not None and state:
             self.act.load_state_dict(state)
+
+    def set_act_ranks(self, ranks: Sequence[int]) -> None:
+        """Compress this layer's input at new per-mode ranks (``ActivationBases.set_ranks``)."""
+        if self.act is None:
+            raise ValueError("this layer keeps its input exact: it has no activation ranks")
+        self.act.set_ranks(ranks)
+
+    def discard_pending(self) -> None:
+        """Drop a weight gradient that backward left for a later update (none here)."""
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module) -> Iterator[None]:
+    """Steps run inside leave ``model``'s subspace layers as they were: on exit each layer's
+    activation ranks, bases and generators are restored and a pending WSI gradient is
+    dropped. For probe steps (memory planning, rank matching); the model's parameters,
+    ``.grad`` and the global random stream are the caller's to restore."""
+    layers = [m for m in model.modules() if isinstance(m, SubspaceLayer)]
+    states = [m.act.snapshot() if m.act is not None else None for m in layers]
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, states, strict=True):
+            layer.discard_pending()
+            if state is not None and layer.act is not None:
+                layer.act.restore(state)
 
 
 class WASILinear(SubspaceLayer):
@@ -276,6 +325,9 @@ class WASILinear(SubspaceLayer):
         )
         self.L.copy_(left)
         self.R.copy_(right)
+        self.sink.clear()
+
+    def discard_pending(self) -> None:
         self.sink.clear()
 
     def extra_repr(self) -> str:

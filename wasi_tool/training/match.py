@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.nn.subspace import WASILinear
 from wasi_tool.training.accounting import model_accounting
+from wasi_tool.training.memory import probe_steps
 
 if TYPE_CHECKING:
     from wasi_tool.training.config import FinetuneConfig
@@ -79,16 +79,6 @@ def read_target(run: str | Path) -> MatchTarget:
     return MatchTarget(str(run), training_memory_of(metrics), metrics.method, batch)
 
 
-def _restore(model: nn.Module, states: dict[str, Any], rng: torch.Tensor) -> None:
-    model.zero_grad(set_to_none=True)
-    for m in model.modules():
-        if isinstance(m, WASILinear):
-            m.sink.clear()
-    for name, state in states.items():
-        model.get_submodule(name).set_extra_state(state)
-    torch.random.set_rng_state(rng)
-
-
 def probe_memory(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: list[str]
 ) -> tuple[int, int]:
@@ -98,23 +88,18 @@ def probe_memory(
     the model and the random stream as they were."""
     from wasi_tool.measure import SavedBytesMeter
     from wasi_tool.training.loss import task_loss
-    from wasi_tool.training.plan import _layer_states
 
-    states = _layer_states(model)
-    rng = torch.random.get_rng_state()
-    was_training = model.training
-    model.train()
     meter = SavedBytesMeter(model, targets)
     try:
-        model.zero_grad(set_to_none=True)
-        with meter:
-            logits = model(x)
-        task_loss(logits, y).backward()
-        del logits
+        with probe_steps(model):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            with meter:
+                logits = model(x)
+            task_loss(logits, y).backward()
+            del logits
     finally:
         meter.remove()
-        _restore(model, states, rng)
-        model.train(was_training)
     counts = model_accounting(model)
     return meter.total + 4 * (counts["parameters"] + counts["gradient_elements"]), meter.targets
 
@@ -146,7 +131,7 @@ def match_act_ranks(
     to ``target`` as the rank candidates allow, at most it. Sets them on the model."""
     from wasi_tool.methods.calibrate import BUDGET_EPS, capture, ranks_under_budget
     from wasi_tool.training.loss import task_loss
-    from wasi_tool.training.plan import _layer_states, _set_act_ranks
+    from wasi_tool.training.plan import _set_act_ranks
 
     x, y = batch()
     names = [n for n in targets if getattr(model.get_submodule(n), "act", None) is not None]
@@ -161,12 +146,8 @@ def match_act_ranks(
             "(weights, gradients, the rest of the saved bytes): choose fewer targets, a memory "
             "mode, or another method"
         )
-    states = _layer_states(model)
-    rng = torch.random.get_rng_state()
-    try:
+    with probe_steps(model):
         captured = capture(model, names, x, y, task_loss)
-    finally:
-        _restore(model, states, rng)
     room = target.bytes - others
     budget = room
     best: tuple[dict[str, tuple[int, ...]], Any, int] | None = None

@@ -3,12 +3,17 @@ in one place for ``prepare`` and the memory planner."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models.family import family_of
 from wasi_tool.nn.lossy import lossy_modules, store_lossy_, undo_lossy_
 from wasi_tool.nn.recompute import recompute_, undo_recompute_
+from wasi_tool.nn.subspace import probing
 
 
 def apply_memory_mode_(
@@ -33,6 +38,23 @@ def apply_memory_mode_(
         names = lossy_modules(model, family.blocks(model))
         store_lossy_(model, names, lossy)
     return regions, names
+
+
+@contextlib.contextmanager
+def probe_steps(model: nn.Module) -> Iterator[None]:
+    """Steps run inside (a planner's or a rank matcher's probes) leave ``model`` as they found
+    it: its subspace layers (``nn.subspace.probing``: ranks, bases, generators, no pending
+    WSI gradient), no ``.grad``, its train/eval mode, and the global random stream (a probe's
+    dropout draws must not shift the run's)."""
+    rng = torch.random.get_rng_state()
+    was_training = model.training
+    try:
+        with probing(model):
+            yield
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        torch.random.set_rng_state(rng)
 
 
 def torch_transformer_layers(model: nn.Module) -> list[str]:

@@ -26,7 +26,6 @@ gradient (more of it is lost), which is why they come last, after every exact op
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from wasi_tool.models.family import family_of
 from wasi_tool.nn.recompute import recomputed
 from wasi_tool.nn.subspace import SubspaceLayer, WASILinear
 from wasi_tool.training.loss import task_loss
-from wasi_tool.training.memory import apply_memory_mode_
+from wasi_tool.training.memory import apply_memory_mode_, probe_steps
 
 MODES = ("off", "attn", "mlp", "block")  # least recompute first
 MARGIN = 0.05  # a plan fits when its predicted peak is within 95% of the budget
@@ -198,14 +197,6 @@ def _probe(
     return meter.total, live.peak, dict(meter.by_region), meter.targets
 
 
-def _layer_states(model: nn.Module) -> dict[str, Any]:
-    return {
-        n: copy.deepcopy(m.get_extra_state())
-        for n, m in model.named_modules()
-        if isinstance(m, SubspaceLayer)
-    }
-
-
 def plan_memory(
     model: nn.Module,
     x: torch.Tensor,
@@ -237,11 +228,7 @@ def plan_memory(
     weights = _tensor_bytes(t for t in model.state_dict().values() if isinstance(t, torch.Tensor))
     grads = _gradient_bytes(model)
     opt_state = grads if momentum else 0
-    states = _layer_states(model)
     calibrated = _act_ranks(model)
-    was_training = model.training
-    rng = torch.random.get_rng_state()  # the probes' dropout draws must not shift the run's
-    model.train()
     candidates: list[Prediction] = []
     options = [
         (mode, kind)
@@ -297,41 +284,34 @@ def plan_memory(
 
     chosen: Prediction | None = None
     try:
-        for mode, kind in options:
-            found = predict(mode, kind, None)
-            if found is not None:
-                candidates.append(found)
-        for c in candidates:
-            c.gradient_error = error_of(None)
-        chosen = next((c for c in candidates if c.peak <= limit), None)
-        if chosen is None and plan_ranks and calibrated:
-            for base in list(candidates):
-                room = int(limit - (base.step - base.saved_in_targets))
-                if base.load_peak > limit or base.saved_in_targets == 0 or room <= 0:
-                    continue
-                ranks = _ranks_within(model, family, blocks, targets, x, y, room)
-                if ranks is None:
-                    continue
-                _set_act_ranks(model, ranks)
-                found = predict(base.memory_mode, base.lossy, ranks)
-                _set_act_ranks(model, calibrated)
+        with probe_steps(model):  # layers, gradients, mode and random stream come back
+            model.train()
+            for mode, kind in options:
+                found = predict(mode, kind, None)
                 if found is not None:
-                    found.gradient_error = error_of(ranks)
                     candidates.append(found)
-                    if found.peak <= limit:
-                        chosen = found
-                        break
+            for c in candidates:
+                c.gradient_error = error_of(None)
+            chosen = next((c for c in candidates if c.peak <= limit), None)
+            if chosen is None and plan_ranks and calibrated:
+                for base in list(candidates):
+                    room = int(limit - (base.step - base.saved_in_targets))
+                    if base.load_peak > limit or base.saved_in_targets == 0 or room <= 0:
+                        continue
+                    ranks = _ranks_within(model, family, blocks, targets, x, y, room)
+                    if ranks is None:
+                        continue
+                    _set_act_ranks(model, ranks)
+                    found = predict(base.memory_mode, base.lossy, ranks)
+                    _set_act_ranks(model, calibrated)
+                    if found is not None:
+                        found.gradient_error = error_of(ranks)
+                        candidates.append(found)
+                        if found.peak <= limit:
+                            chosen = found
+                            break
     finally:
-        model.zero_grad(set_to_none=True)
-        for m in model.modules():
-            if isinstance(m, WASILinear):
-                m.sink.clear()
-        _set_act_ranks(model, calibrated)
-        for name, state in states.items():
-            model.get_submodule(name).set_extra_state(state)
         _apply(model, family, blocks, "off", "off")
-        model.train(was_training)
-        torch.random.set_rng_state(rng)
     if chosen is None:
         best = min(candidates, key=lambda c: c.peak)
         largest = sorted(best.parts().items(), key=lambda kv: -kv[1])[:3]
@@ -392,11 +372,9 @@ def _act_ranks(model: nn.Module) -> dict[str, list[int]]:
 def _set_act_ranks(model: nn.Module, ranks: dict[str, list[int]]) -> None:
     """Give layers new activation ranks; a basis of another shape starts afresh (seeded)."""
     for name, r in ranks.items():
-        layer: Any = model.get_submodule(name)
-        act = layer.act
-        if list(act.ranks) != list(r):
-            act.ranks = tuple(int(k) for k in r)
-            act.bases = None
+        layer = model.get_submodule(name)
+        assert isinstance(layer, SubspaceLayer)
+        layer.set_act_ranks(r)
 
 
 def _ranks_within(
@@ -419,8 +397,8 @@ def _ranks_within(
     captured = capture(model, names, x, y, task_loss)
     model.zero_grad(set_to_none=True)
     for m in model.modules():
-        if isinstance(m, WASILinear):
-            m.sink.clear()
+        if isinstance(m, SubspaceLayer):
+            m.discard_pending()
     try:
         choice = ranks_under_budget(captured, 0.9 * room / MB)
     except WasiToolError:

@@ -461,8 +461,7 @@ def calibrate_on_first_batch_(
         for name in targets:
             layer = model.get_submodule(name)
             if isinstance(layer, SubspaceLayer) and layer.act is not None:
-                old = layer.act
-                layer.act = type(old)(ranks[name], old.seed, old.order)  # fixed bases stay fixed
+                layer.set_act_ranks(ranks[name])  # bases start afresh; fixed ones stay fixed
         batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else None
         done(
             ranks,
