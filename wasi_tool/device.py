@@ -24,9 +24,47 @@ import struct
 import subprocess
 import sys
 from importlib import metadata
-from typing import Any
+from typing import Any, TypedDict
 
 SCHEMA = "wasi-tool-device/1"
+
+
+class CheckResult(TypedDict, total=False):
+    """One package check (``run_check``): ``ok``, the ``stage`` it reached, ``signal`` when a
+    signal killed it, ``returncode``, ``timeout`` (seconds, when it ran out), the last error
+    line and, when it passed, what the check printed (``info``)."""
+
+    ok: bool
+    stage: str | None
+    signal: str | None
+    returncode: int | None
+    timeout: float
+    error: str
+    info: dict[str, Any]
+
+
+class Probe(TypedDict, total=False):
+    """What ``probe`` reads off a machine (the JSON object this script prints)."""
+
+    schema: str
+    machine: str
+    cpuinfo: str
+    cpus_online: str | None
+    cpus_possible: str | None
+    cpu_count: int | None
+    cpu_affinity: int | None
+    memory: dict[str, int]
+    os: str | None
+    kernel: str
+    python: str
+    python_bits: int
+    executable: str
+    packages: dict[str, str | None]
+    checks: dict[str, CheckResult]
+    allocator_libraries: dict[str, str | None]
+    ld_preload: str | None
+
+
 PACKAGES = ("torch", "torchvision", "onnxruntime", "numpy")
 
 # Each check prints "stage <name>" before a step and one JSON line at the end, so the stage a
@@ -140,7 +178,7 @@ def _no_core_dump() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_check(name: str, timeout: float = 900.0, python: str | None = None) -> dict[str, Any]:
+def run_check(name: str, timeout: float = 900.0, python: str | None = None) -> CheckResult:
     """Import package ``name`` and run a tiny operation in a fresh process.
 
     Returns ``ok``, the ``stage`` it reached, ``signal`` (e.g. "SIGILL") when a signal killed
@@ -162,7 +200,7 @@ def run_check(name: str, timeout: float = 900.0, python: str | None = None) -> d
     except subprocess.TimeoutExpired:
         return {"ok": False, "stage": None, "signal": None, "returncode": None, "timeout": timeout}
     stages = [ln[6:] for ln in proc.stdout.splitlines() if ln.startswith("stage ")]
-    result: dict[str, Any] = {
+    result: CheckResult = {
         "ok": proc.returncode == 0,
         "stage": stages[-1] if stages else None,
         "returncode": proc.returncode,
@@ -189,7 +227,7 @@ def probe(
     timeout: float = 900.0,
     libraries: dict[str, list[str]] | None = None,
     packages: tuple[str, ...] = PACKAGES,
-) -> dict[str, Any]:
+) -> Probe:
     """Everything doctor judges, read off this machine.
 
     Args:

@@ -21,9 +21,10 @@ import shlex
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 from wasi_tool import allocator, device
+from wasi_tool.device import CheckResult, Probe
 from wasi_tool.errors import WasiToolError
 
 if TYPE_CHECKING:
@@ -228,13 +229,27 @@ class Finding:
     links: tuple[str, ...] = ()
 
 
+class Facts(Probe, total=False):
+    """What a report keeps of the probe (none of it when the CPU or the versions were given
+    instead), and the torch CPU allocator doctor inferred."""
+
+    torch_cpu_allocator: str | None
+
+
+# the probe's facts a report keeps (the package checks are kept apart, the CPU is parsed)
+KEPT_FACTS = (
+    "machine", "cpus_online", "cpus_possible", "cpu_count", "cpu_affinity", "memory", "os",
+    "kernel", "python", "python_bits", "executable", "allocator_libraries", "ld_preload",
+)  # fmt: skip
+
+
 @dataclass
 class DoctorReport:
     source: str  # where the facts come from
     cpu: CpuInfo
     versions: dict[str, str | None]
     versions_from: str  # "installed" | "--assume"
-    facts: dict[str, Any]
+    facts: Facts
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -245,11 +260,16 @@ class DoctorReport:
     def problems(self) -> list[Finding]:
         return [f for f in self.findings if f.level == "problem"]
 
-    def to_dict(self) -> dict[str, Any]:
+    def cpu_record(self) -> dict[str, Any]:
+        """The CPU as recorded: its parsed fields, the ISA and (aarch64) the ARM features."""
         cpu = asdict(self.cpu)
         cpu["isa"] = self.cpu.isa()
         if self.cpu.arch == "aarch64":
             cpu["arm_features"] = self.cpu.arm_features
+        return cpu
+
+    def to_dict(self) -> dict[str, object]:
+        cpu = self.cpu_record()
         return {
             "schema": SCHEMA,
             "ok": self.ok,
@@ -310,7 +330,7 @@ def _cpu_words(cpu: CpuInfo, missing: list[str]) -> str:
     return f"this CPU (no {', no '.join(words)})"
 
 
-def _is_cpu_build(version: str, check: dict[str, Any] | None) -> bool:
+def _is_cpu_build(version: str, check: CheckResult | None) -> bool:
     if "+cpu" in version:
         return True
     info = (check or {}).get("info") or {}
@@ -329,7 +349,7 @@ def _fix_for(package: str, version: str | None, arch: str) -> str | None:
 
 
 def diagnose(
-    probe: dict[str, Any],
+    probe: Probe,
     source: str,
     cpuinfo_text: str | None = None,
     assume: dict[str, str] | None = None,
@@ -345,15 +365,11 @@ def diagnose(
     versions: dict[str, str | None] = dict(probe.get("packages") or {})
     if assume:  # only what was named is judged
         versions = {name: assume[name] for name in device.PACKAGES if name in assume}
-    checks: dict[str, Any] = {} if (other_cpu or assume) else dict(probe.get("checks") or {})
-    facts: dict[str, Any] = {"checks": checks}
-    if not other_cpu:
-        for key in (
-            "machine", "cpus_online", "cpus_possible", "cpu_count", "cpu_affinity", "memory",
-            "os", "kernel", "python", "python_bits", "executable", "allocator_libraries",
-            "ld_preload",
-        ):  # fmt: skip
-            facts[key] = probe.get(key)
+    checks: dict[str, CheckResult] = (
+        {} if (other_cpu or assume) else dict(probe.get("checks") or {})
+    )
+    kept = {} if other_cpu else {key: probe.get(key) for key in KEPT_FACTS}
+    facts = cast(Facts, {"checks": checks, **kept})  # the keys are Probe's (KEPT_FACTS)
     report = DoctorReport(source, cpu, versions, "--assume" if assume else "installed", facts)
     add = report.findings.append
 
@@ -445,7 +461,7 @@ def diagnose(
         if check.get("ok"):
             add(Finding("ok", name, f"{name} {version} imports and runs here"))
         elif check.get("signal"):
-            sig = check["signal"]
+            sig = str(check["signal"])
             what = {
                 "SIGILL": "SIGILL (illegal instruction)",
                 "SIGSEGV": "SIGSEGV (segmentation fault)",
@@ -583,9 +599,7 @@ def run_doctor(
     return diagnose(facts, source, text, assume)
 
 
-def _remote_probe(
-    ssh: SSHTarget, checks: bool, timeout: float, packages: tuple[str, ...]
-) -> dict[str, Any]:
+def _remote_probe(ssh: SSHTarget, checks: bool, timeout: float, packages: tuple[str, ...]) -> Probe:
     made = ssh.ssh(["mktemp", "-d"], "mktemp")
     remote_dir = made.stdout.strip()
     if made.returncode != 0 or not remote_dir.startswith("/"):
@@ -605,27 +619,38 @@ def _remote_probe(
     finally:
         ssh.ssh(["rm", "-rf", "--", remote_dir], "clean-up")
     try:
-        facts: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        facts = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         raise WasiToolError(
             f"doctor failed on {ssh.destination} ({shlex.quote(ssh.python)}): "
             f"{lines[-1] if lines else 'no output'}"
         ) from None
-    if facts.get("schema") != device.SCHEMA:
+    if not isinstance(facts, dict) or facts.get("schema") != device.SCHEMA:
         raise WasiToolError(f"unexpected doctor output from {ssh.destination}")
-    return facts
+    return cast(Probe, facts)  # the device's own probe, by its schema
 
 
-def device_record(ssh: SSHTarget | None = None) -> dict[str, Any]:
+class DeviceRecord(TypedDict):
+    """What a benchmark record says about its machine (``device_record``)."""
+
+    source: str
+    cpu: dict[str, Any]
+    versions: dict[str, str | None]
+    torch_cpu_allocator: str | None
+    doctor_ok: bool
+    findings: list[str]
+    is_profile_device: NotRequired[bool]  # bench with --device: whether this is one
+
+
+def device_record(ssh: SSHTarget | None = None) -> DeviceRecord:
     """What a benchmark record says about the machine it ran on (here, or ``ssh``'s device):
     the CPU (model, part, flags, ISA), the package versions and doctor's findings (no import
     checks: the bench itself ran them)."""
     report = run_doctor(ssh=ssh, checks=False)
-    data = report.to_dict()
     return {
         "source": report.source,
-        "cpu": data["cpu"],
+        "cpu": report.cpu_record(),
         "versions": report.versions,
         "torch_cpu_allocator": report.facts.get("torch_cpu_allocator"),
         "doctor_ok": report.ok,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from torch import nn
 
@@ -19,13 +19,44 @@ LAYERS_NOTE = (
 )
 
 
+class _Flags(TypedDict):
+    factored: bool
+    compressed: bool
+    rank: int | None
+    act_ranks: tuple[int, ...] | None
+
+
+class LayerAccounting(TypedDict):
+    """One target layer's analytic figures (a row of metrics.json's ``analytic.layers``)."""
+
+    name: str
+    act_shape: list[int]
+    out_features: int
+    in_features: int
+    rank: int | None  # the weight's rank K (wsi/wasi) or the adapter rank (lora)
+    act_ranks: list[int] | None
+    memory_elements: dict[str, int]
+    memory_mib_fp32: dict[str, float]
+    flops_per_step: dict[str, int]
+    flops_per_step_reference_code: NotRequired[dict[str, int]]
+
+
+class ModelAccounting(TypedDict):
+    """Whole-model figures (metrics.json's ``analytic.model``, before the method's own)."""
+
+    parameters: int
+    trainable_parameters: int
+    gradient_elements: int
+    note: str
+
+
 def layer_accounting(
     model: nn.Module,
     targets: list[str],
     method: Method,
     act_shapes: Mapping[str, tuple[int, ...]],
     adapter_rank: int | None = None,
-) -> list[dict[str, Any]]:
+) -> list[LayerAccounting]:
     """Analytic memory and FLOPs per target layer, ours and the reference code's count."""
     rows = []
     adapter = adapter_rank if method.adapter else None
@@ -45,7 +76,7 @@ def layer_accounting(
         ranks = tuple(min(r, d) for r, d in zip(act.ranks, shape, strict=True)) if act else None
         if ranks and getattr(act, "whole_batch", False):  # asi-fixed: the batch mode is whole
             ranks = (shape[0], *ranks[1:])
-        flags: dict[str, Any] = {
+        flags: _Flags = {
             "factored": method.factored_weight,
             "compressed": method.compressed_activations,
             "rank": int(layer.rank) if method.factored_weight else None,
@@ -56,7 +87,7 @@ def layer_accounting(
             shape, o, i, **flags, adapter_rank=adapter, forward_only=forward_only,
             adapter_saves=saves,
         )  # fmt: skip
-        row: dict[str, Any] = {
+        row: LayerAccounting = {
             "name": name,
             "act_shape": list(shape),
             "out_features": o,
@@ -73,7 +104,7 @@ def layer_accounting(
                 adapter_rank=adapter,
                 forward_only=forward_only,
                 adapter_saves=saves,
-            ),
+            ),  # fmt: skip
         }
         if len(shape) == 3 and not method.adapter and not forward_only:
             row["flops_per_step_reference_code"] = accounting.reference_code_flops(
@@ -83,7 +114,7 @@ def layer_accounting(
     return rows
 
 
-def model_accounting(model: nn.Module) -> dict[str, Any]:
+def model_accounting(model: nn.Module) -> ModelAccounting:
     """Whole-model figures: parameters, and the parameters that train.
 
     Convention, as the BSR paper counts training memory: all weights, plus a gradient for

@@ -13,7 +13,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 
@@ -28,6 +28,39 @@ KEYS = (
     "epoch", "step", "partial", "model", "optimizer", "scheduler", "torch_rng", "history",
     "step_times", "saved_total", "saved_targets", "act_shapes",
 )  # fmt: skip
+
+
+class RunIdentity(TypedDict, total=False):
+    """What a checkpoint must match to be resumed by a run: its arch, its stage config (as
+    ``to_dict`` gives it) and its data source (none: a run that never resumes, e.g. a
+    federated participant's local epochs)."""
+
+    arch: str | None
+    config: dict[str, Any]
+    data: str
+
+
+class Fingerprint(RunIdentity):
+    """``RunIdentity`` and the name and shape of every state-dict entry (None: extra state)."""
+
+    state: dict[str, list[int] | None]
+
+
+class TrainingState(RunIdentity):
+    """What ``last.pt`` holds (``Trainer._state``; ``KEYS`` and the identity)."""
+
+    epoch: int
+    step: int
+    partial: list[float]  # that epoch's loss sum, correct count, samples seen, seconds so far
+    model: dict[str, object]
+    optimizer: dict[str, object]
+    scheduler: dict[str, object]
+    torch_rng: torch.Tensor
+    history: list[dict[str, Any]]  # EpochRecord fields
+    step_times: list[float]
+    saved_total: list[int]
+    saved_targets: list[int]
+    act_shapes: dict[str, list[int]]
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -56,14 +89,15 @@ def remove_checkpoint_dir(directory: Path) -> None:
     shutil.rmtree(directory)
 
 
-def fingerprint(model: torch.nn.Module, identity: Mapping[str, Any]) -> dict[str, Any]:
+def fingerprint(model: torch.nn.Module, identity: RunIdentity) -> Fingerprint:
     """What a checkpoint must match to be resumed by this run: ``identity`` (arch, config,
     data) and the name and shape of every state-dict entry (None: extra state)."""
     shapes = {
         name: list(value.shape) if isinstance(value, torch.Tensor) else None
         for name, value in model.state_dict().items()
     }
-    return {**json.loads(json.dumps(dict(identity), default=str)), "state": shapes}
+    plain = json.loads(json.dumps(dict(identity), default=str))  # as the sidecar reads back
+    return cast(Fingerprint, {**plain, "state": shapes})
 
 
 def _sha256(path: Path) -> str:
@@ -91,7 +125,7 @@ def _write(path: Path, write: Any) -> Path:
     return tmp
 
 
-def save(directory: Path, state: dict[str, Any], print_: Mapping[str, Any]) -> None:
+def save(directory: Path, state: TrainingState, print_: Fingerprint) -> None:
     """Write ``state`` to ``directory/last.pt`` and its hash and fingerprint ``print_`` to
     ``last.json``, both atomically. The sidecar goes first and accepts the previous file's
     hash too, so a crash between the two renames leaves a pair that still verifies."""
@@ -122,7 +156,7 @@ def _names(keys: list[str], limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _check_fingerprint(path: Path, saved: Any, expected: Mapping[str, Any]) -> None:
+def _check_fingerprint(path: Path, saved: object, expected: Fingerprint) -> None:
     if not isinstance(saved, dict):
         raise WasiToolError(f"checkpoint {path} has no fingerprint in {SIDECAR}")
     if saved.get("arch") != expected.get("arch"):
@@ -153,7 +187,7 @@ def _check_fingerprint(path: Path, saved: Any, expected: Mapping[str, Any]) -> N
         raise WasiToolError(f"checkpoint {path} does not fit this model: shape of {_names(shapes)}")
 
 
-def load(directory: Path, expected: Mapping[str, Any]) -> dict[str, Any]:
+def load(directory: Path, expected: Fingerprint) -> TrainingState:
     """The checkpoint in ``directory``, verified against ``expected`` (a ``fingerprint``):
     the sidecar's fingerprint, then the file's sha256, then (after a weights_only load) the
     state's structure."""
@@ -186,4 +220,4 @@ def load(directory: Path, expected: Mapping[str, Any]) -> dict[str, Any]:
         raise WasiToolError(f"checkpoint {path} is missing keys {_names(missing)}")
     if not isinstance(state["model"], dict) or set(state["model"]) != set(expected["state"]):
         raise WasiToolError(f"checkpoint {path}: its model state does not match its fingerprint")
-    return state
+    return cast(TrainingState, state)  # verified: its hash, keys and model entries

@@ -202,7 +202,7 @@ class Trainer:
     transform: Callable[[torch.Tensor], torch.Tensor]
     ckpt_dir: Path
     progress: Progress
-    identity: dict[str, Any]  # what a checkpoint must match to be resumed (arch, config, data)
+    identity: checkpoint.RunIdentity  # what a checkpoint must match to be resumed
     history: list[EpochRecord] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     saved_total: list[int] = field(default_factory=list)
@@ -228,7 +228,9 @@ class Trainer:
         return first_batch(self.train_set, self.config, self.transform)
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _state(self, epoch: int, step: int, partial: list[float] | None) -> dict[str, Any]:
+    def _state(
+        self, epoch: int, step: int, partial: list[float] | None
+    ) -> checkpoint.TrainingState:
         return {
             "epoch": epoch,
             "step": step,
