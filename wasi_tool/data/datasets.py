@@ -142,16 +142,6 @@ class BatchTransform:
             raise WasiToolError(f"cannot crop {self.size} px from images resized to {new}")
         return x[..., top : top + self.size, left : left + self.size]
 
-    def config(self) -> dict[str, Any]:
-        cfg: dict[str, Any] = {
-            "size": self.size,
-            "mean": self.mean.flatten().tolist(),
-            "std": self.std.flatten().tolist(),
-        }
-        if self.resize is not None:
-            cfg.update(resize=self.resize, interpolation=self.interpolation)
-        return cfg
-
 
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded (train, held-out) index split with ceil(fraction * n) held out."""
@@ -347,7 +337,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar_file(path: Path) -> dict[str, Any]:
+def _cifar_file(path: Path) -> dict[str, object]:
     try:
         raw = _ArrayOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except WasiToolError:
@@ -360,7 +350,7 @@ def _cifar_file(path: Path) -> dict[str, Any]:
 
 
 def _cifar(root: Path) -> DataSplits:
-    def images(batch: dict[str, Any], path: Path) -> np.ndarray:
+    def images(batch: dict[str, object], path: Path) -> np.ndarray:
         try:
             data = np.asarray(batch["data"])
             if data.dtype.kind not in "ui" or data.size % 3072:

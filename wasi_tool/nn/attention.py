@@ -108,7 +108,7 @@ class SelfAttention(nn.Module):
         return self._out(q, k, v), cls.mean(dim=1)[:, 0, 1:]
 
 
-def _to_mha_names(module: nn.Module, state: dict[str, Any], prefix: str, local: Any) -> None:
+def _to_mha_names(module: nn.Module, state: dict[str, object], prefix: str, local: Any) -> None:
     if type(module.get_submodule("in_proj")) is not nn.Linear:
         return
     names = {prefix + ours: prefix + theirs for ours, theirs in _MHA_NAMES}
@@ -119,7 +119,7 @@ def _to_mha_names(module: nn.Module, state: dict[str, Any], prefix: str, local: 
     state.update((names.get(k, k), v) for k, v in items)
 
 
-def _from_mha_names(state: dict[str, Any], prefix: str, *args: Any) -> None:
+def _from_mha_names(state: dict[str, object], prefix: str, *args: Any) -> None:
     for ours, theirs in _MHA_NAMES:
         if prefix + theirs in state:
             state[prefix + ours] = state.pop(prefix + theirs)

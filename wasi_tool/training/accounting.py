@@ -104,7 +104,7 @@ def layer_accounting(
                 adapter_rank=adapter,
                 forward_only=forward_only,
                 adapter_saves=saves,
-            ),  # fmt: skip
+            ),
         }
         if len(shape) == 3 and not method.adapter and not forward_only:
             row["flops_per_step_reference_code"] = accounting.reference_code_flops(

@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 import torch
 from torch import nn
@@ -182,6 +182,35 @@ class LayerReport:
         return out
 
 
+class RankBudget(TypedDict):
+    """What ``rank_budget`` allowed and spent (factor parameters, biases excluded)."""
+
+    fraction: float
+    dense_params: int
+    allowed_params: int
+    used_params: int
+    used_fraction: float
+    metric: str
+    note: str
+
+
+class CompressTotals(TypedDict):
+    """A compress call's totals over its targets and the whole model (``totals``)."""
+
+    layers: int
+    factored: int
+    target_params_before: int
+    target_params_after: int
+    target_flops_per_token_before: int
+    target_flops_per_token_after: int
+    model_params_before: int
+    model_params_after: int
+    target_compression: float
+    model_compression: float
+    median_heldout_plain: NotRequired[float]  # with held-out samples
+    median_heldout_calibrated: NotRequired[float]
+
+
 @dataclass
 class CompressReport:
     """Per-layer results and totals of one compress call."""
@@ -191,7 +220,7 @@ class CompressReport:
     model_params_before: int
     model_params_after: int
     seconds: float
-    budget: dict[str, Any] | None = None  # rank_budget: fraction, parameters allowed and used
+    budget: RankBudget | None = None  # rank_budget: fraction, parameters allowed and used
 
     @property
     def target_params_before(self) -> int:
@@ -209,8 +238,8 @@ class CompressReport:
     def flops_after(self) -> int:
         return sum(r.flops_after for r in self.layers)
 
-    def totals(self) -> dict[str, Any]:
-        return {
+    def totals(self) -> CompressTotals:
+        totals: CompressTotals = {
             "layers": len(self.layers),
             "factored": sum(r.status == "factored" for r in self.layers),
             "target_params_before": self.target_params_before,
@@ -221,8 +250,14 @@ class CompressReport:
             "model_params_after": self.model_params_after,
             "target_compression": self.target_params_before / max(1, self.target_params_after),
             "model_compression": self.model_params_before / max(1, self.model_params_after),
-            **_error_medians(self.layers),
         }
+        plain = _median(r.heldout_plain for r in self.layers)
+        calibrated = _median(r.heldout_calibrated for r in self.layers)
+        if plain is not None:
+            totals["median_heldout_plain"] = plain
+        if calibrated is not None:
+            totals["median_heldout_calibrated"] = calibrated
+        return totals
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -240,15 +275,13 @@ class CompressReport:
         }
 
 
-def _error_medians(layers: list[LayerReport]) -> dict[str, float]:
-    out = {}
-    for key in ("heldout_plain", "heldout_calibrated"):
-        values = sorted(v for r in layers if (v := getattr(r, key)) is not None)
-        if values:
-            mid = len(values) // 2
-            med = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-            out[f"median_{key}"] = med
-    return out
+def _median(found: Iterable[float | None]) -> float | None:
+    """The median of the values that are there (None: none is)."""
+    values = sorted(v for v in found if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def _count_params(model: nn.Module) -> int:
@@ -349,7 +382,7 @@ def _budget_ranks(
     names: list[str],
     config: CompressConfig,
     whitenings: Mapping[str, Whitening],
-) -> tuple[dict[str, int], dict[str, Any]]:
+) -> tuple[dict[str, int], RankBudget]:
     """Per-layer ranks under ``config.rank_budget`` (ops.allocate_ranks) and what it spent.
 
     The budget is rank_budget * sum O*I over the targets that can be factored (the dense
@@ -377,7 +410,7 @@ def _budget_ranks(
     except WasiToolError as exc:
         raise WasiToolError(f"rank_budget {config.rank_budget:g}: {exc}") from None
     used = sum(ranks[n] * costs[n] for n in ranks)
-    info = {
+    info: RankBudget = {
         "fraction": config.rank_budget,
         "dense_params": dense,
         "allowed_params": allowed,
