@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
+from wasi_tool.artifact import COMPRESS, FEDERATE, StageRecord
 from wasi_tool.errors import WasiToolError
 from wasi_tool.federated.config import FederateConfig
 from wasi_tool.federated.local import Participant, build, evaluate_global
@@ -29,7 +30,7 @@ from wasi_tool.stages.common import layer_records, write_stage_artifact
 
 log = logging.getLogger("wasi_tool.federated")
 
-HISTORY = "federated.json"
+HISTORY = artifact.FEDERATED
 PLOT = "federated.png"
 STATE_FILE = "state.safetensors"
 SCHEMA = "wasi-tool-federated/1"
@@ -76,7 +77,7 @@ def save_state(directory: Path, state: State, meta: dict[str, Any]) -> None:
     """Global tensors and the history in one safetensors file, replaced atomically."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{STATE_FILE}.tmp"
-    artifacts.save_weights(tmp, state, {"fedstate": meta})
+    artifact.save_weights(tmp, state, {"fedstate": meta})
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, directory / STATE_FILE)
@@ -116,7 +117,7 @@ def load_state(
 ) -> tuple[State, dict[str, Any]]:
     """The saved global tensors and the validated record (identity, history) of a run."""
     where = str(directory / STATE_FILE)
-    tensors, meta = artifacts.load_weights(directory / STATE_FILE)
+    tensors, meta = artifact.load_weights(directory / STATE_FILE)
     saved = loads_json(meta.get("fedstate", "{}"), f"{where} fedstate")
     if not isinstance(saved, dict):
         kind = type(saved).__name__
@@ -310,7 +311,7 @@ def serve(
     if resume and overwrite:
         raise WasiToolError("--resume continues a run; --overwrite starts it again: pick one")
     if not resume:
-        artifacts.check_output_dir(out, overwrite)
+        artifact.check_output_dir(out, overwrite)
         if (sdir / STATE_FILE).exists() and not overwrite:
             raise WasiToolError(
                 f"an interrupted run left {sdir}; pass --resume to continue it or --overwrite"
@@ -415,13 +416,13 @@ def write_federated_artifact(
         "test": server.description,
         "history": history,
     }
-    stages = [{"stage": "federate", "config": config.to_dict(), "data": str(data)}]
+    stages = [StageRecord(FEDERATE, config.to_dict(), data=str(data))]
     if prepared.compress_report is not None:
-        stages.insert(0, {"stage": "compress", "config": prepared.compress_report["config"]})
+        stages.insert(0, StageRecord(COMPRESS, prepared.compress_report["config"]))
     final = {k: history[-1][k] for k in ("test_loss", "test_accuracy")} if history else {}
 
     def extra(staging: Path) -> None:
-        artifacts.write_json(staging / HISTORY, summary)
+        artifact.write_json(staging / HISTORY, summary)
         try:
             from wasi_tool.federated.report import plot_history
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wasi_tool import artifacts
+from wasi_tool import artifact as artifacts
 from wasi_tool.errors import WasiToolError
 
 HF_ARCH = "hf"

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.errors import WasiToolError
 from wasi_tool.pipeline.kinds import KINDS
 from wasi_tool.pipeline.spec import Pipeline
 from wasi_tool.safe_read import read_json
 
-PIPELINE_FILE = "pipeline.json"
+PIPELINE_FILE = artifact.PIPELINE
 
 
 @dataclass
@@ -45,9 +45,9 @@ def _source_payload(source: dict[str, Any]) -> dict[str, Any]:
     if ckpt:
         p = Path(ckpt)
         if p.is_file():
-            payload["sha256"] = artifacts.sha256_file(p)
-        elif artifacts.is_artifact_dir(p):
-            payload["manifest"] = (p / artifacts.MANIFEST).read_text()
+            payload["sha256"] = artifact.sha256_file(p)
+        elif artifact.is_artifact_dir(p):
+            payload["manifest"] = (p / artifact.MANIFEST).read_text()
     return payload
 
 
@@ -149,10 +149,10 @@ def _write_state(
         "pipeline": pipeline.name,
         "description": pipeline.description,
         "recipe": str(pipeline.path),
-        "updated": artifacts.now_iso(),
-        "versions": artifacts.versions(),
+        "updated": artifact.now_iso(),
+        "versions": artifact.versions(),
         "stages": [dataclasses.asdict(r) for r in records] + later,
     }
     tmp = run_dir / f".{PIPELINE_FILE}.tmp"
-    tmp.write_text(artifacts.dumps_json(payload))
+    tmp.write_text(artifact.dumps_json(payload))
     tmp.replace(run_dir / PIPELINE_FILE)

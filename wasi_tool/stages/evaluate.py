@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
+from wasi_tool.artifact import FINETUNE, StageRecord
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
@@ -54,10 +55,10 @@ class EvalResult:
         }
 
 
-def _finetune_settings(stages: list[dict[str, Any]]) -> dict[str, Any]:
+def _finetune_settings(stages: list[StageRecord]) -> dict[str, Any]:
     for stage in reversed(stages):
-        if stage.get("stage") == "finetune" and isinstance(stage.get("config"), dict):
-            return dict(stage["config"])
+        if stage.kind == FINETUNE and stage.config is not None:
+            return dict(stage.config)
     return {}
 
 
@@ -65,7 +66,7 @@ def _write_predictions(path: Path, result: EvalResult, inputs: tuple[Any, ...]) 
     """One CSV row per example, through the output-path rule (never onto an input, a device
     or a FIFO) and an atomic write."""
     names = result.classes
-    with artifacts.atomic_file(path, inputs, newline="") as f:
+    with artifact.atomic_file(path, inputs, newline="") as f:
         out = csv.writer(f)
         out.writerow(["index", "label", "prediction", "label_name", "prediction_name"])
         for i, (y, p) in enumerate(zip(result.labels, result.predictions, strict=True)):
@@ -92,7 +93,7 @@ def run_eval(
         raise WasiToolError(f"batch size must be >= 1, got {batch_size}")
     inputs = (source.checkpoint, data)
     if predictions is not None:  # refused before any work when it would overwrite an input
-        artifacts.check_output_file(predictions, inputs)
+        artifact.check_output_file(predictions, inputs)
     loaded = load_model(source)
     model = loaded.model
     tuned = _finetune_settings(loaded.stages)
