@@ -77,8 +77,17 @@ def test_a_stage_record_keeps_what_it_does_not_know_and_may_name_no_kind() -> No
         Manifest.from_dict({**OLD, "stages": ["compress"]})
 
 
+def test_source_and_federated_entries_are_checked() -> None:
+    with pytest.raises(WasiToolError, match="source must be an object with a kind, path"):
+        Manifest.from_dict({**OLD, "source": {"kind": 3}})
+    with pytest.raises(WasiToolError, match="federated must be an object with a list of round"):
+        Manifest.from_dict({**OLD, "federated": {"history": "all of them"}})
+    foreign = Manifest.from_dict({**OLD, "source": {"who": "a test"}})  # open: kept as read
+    assert foreign.source == {"who": "a test"}
+
+
 def test_a_layer_record_is_checked() -> None:
-    assert LayerRecord.from_dict(OLD["layers"][1]).to_dict() == OLD["layers"][1]  # type: ignore[index]
+    assert LayerRecord.from_dict(OLD["layers"][1]).to_dict() == OLD["layers"][1]
     with pytest.raises(WasiToolError, match="a layer record needs a name and integer sizes"):
         LayerRecord.from_dict({"name": "x", "out_features": -1, "in_features": 1})
 
@@ -129,7 +138,8 @@ def test_the_report_reads_the_recorded_kind_and_reports_federate(tmp_path: Path)
     run.mkdir()
     fed = _federate_artifact(run / "fed")
     assert stage_kind(fed) == "federate"
-    assert artifact.load_manifest(fed).federated["rounds"] == 2  # type: ignore[index]
+    federated = artifact.load_manifest(fed).federated
+    assert federated is not None and federated["rounds"] == 2
     # no file of the stage names its kind (no metrics.json, no model.onnx): the record does
     (fed / artifact.ONNX).write_bytes(b"not an export")  # a stray file does not mislead it
     out = tmp_path / "report"

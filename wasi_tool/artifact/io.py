@@ -30,6 +30,7 @@ from wasi_tool.artifact.records import (
     LayerDict,
     Manifest,
     ModelDict,
+    SourceDict,
     WeightsMetadata,
     validate_manifest,
 )
@@ -110,9 +111,9 @@ class ArtifactInfo(TypedDict):
     kind: str
     created: str
     versions: dict[str, str]
-    source: dict[str, Any]
+    source: SourceDict
     model: ModelDict
-    stages: list[dict[str, Any]]
+    stages: list[dict[str, object]]
     layers: list[LayerDict]
     outputs: dict[str, str] | None
     files: dict[str, FileStatus]

@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple, NotRequired, TypedDict
+from typing import Any, NamedTuple, NotRequired, TypedDict, cast
 
 from wasi_tool._version import __version__
 from wasi_tool.artifact.names import ARTIFACT_FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS_FORMAT
@@ -170,6 +170,27 @@ class LayerRecord:
 # -- stages ------------------------------------------------------------------------------------
 
 
+class HeldOutRecord(TypedDict):
+    samples: int
+    split: str
+    rows: int
+
+
+class CalibrationRecord(TypedDict):
+    """How a compress stage calibrated: N samples of a split of the data, their input rows,
+    the damping, and the held-out samples its errors were measured on."""
+
+    data: str
+    description: str
+    samples: int
+    split: str
+    seed: int
+    damp: float
+    rows: int
+    held_out: HeldOutRecord | None
+    inputs: str
+
+
 @dataclass(frozen=True)
 class StageRecord:
     """One step of an artifact's history: the kind of stage that made it (``STAGE_KINDS``;
@@ -178,14 +199,15 @@ class StageRecord:
     know are kept in ``extra`` and written back unchanged."""
 
     kind: str | None  # None only in a record that names no stage (not written since v0.1)
-    config: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None  # the stage's StageConfig.to_dict()
     data: str | None = None
-    calibration: dict[str, Any] | None = None
-    budget: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    calibration: CalibrationRecord | None = None
+    budget: dict[str, Any] | None = None  # CompressReport.budget
+    extra: dict[str, object] = field(default_factory=dict)  # unknown keys, kept as read
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def to_dict(self) -> dict[str, object]:
+        """The record as JSON (keys in the order every version wrote them)."""
+        out: dict[str, object] = {}
         if self.kind is not None:
             out["stage"] = self.kind
         for key in ("config", "data", "calibration", "budget"):
@@ -227,6 +249,36 @@ def last_kind(stages: Sequence[StageRecord], default: str = "artifact") -> str:
 
 
 # -- the manifest ------------------------------------------------------------------------------
+
+
+class ParentDict(TypedDict):
+    """The artifact a model was loaded from, and the sha256 of its weights."""
+
+    path: str
+    sha256: str
+
+
+class SourceDict(TypedDict, total=False):
+    """Where a model came from (the manifest's "source"): its kind (random-init, state-dict,
+    safetensors, pickled-module, hf-dir, gguf, wasi-tool-weights, python), file and sha256,
+    and what that kind adds. A manifest's source is an open object: keys it does not know
+    are kept as they are."""
+
+    kind: str
+    path: str | None
+    sha256: str | None
+    seed: int
+    directory: str  # hf-dir
+    model_class: str  # python (api.save_artifact)
+    parent: ParentDict  # loaded from an artifact
+
+
+def _check_source(raw: object, where: Path | str) -> SourceDict:
+    if not isinstance(raw, dict) or not all(
+        raw.get(k) is None or isinstance(raw[k], str) for k in ("kind", "path", "sha256")
+    ):
+        raise WasiToolError(f"{where}: source must be an object with a kind, path and sha256")
+    return cast(SourceDict, raw)
 
 
 class ModelDict(TypedDict):
@@ -276,11 +328,85 @@ def validate_manifest(manifest: object, where: Path | str = MANIFEST) -> None:
         LayerRecord.from_dict(layer, where)
     for stage in manifest["stages"]:
         StageRecord.from_dict(stage, where)
+    _check_source(manifest["source"], where)
+    if "federated" in manifest:
+        _check_federated(manifest["federated"], where)
     outputs = manifest.get("outputs")
     if outputs is not None and not (
         isinstance(outputs, dict) and all(isinstance(v, str) for v in outputs.values())
     ):
         raise WasiToolError(f"{where}: outputs must map file names to their roles")
+
+
+# -- a federated run (the manifest's "federated" entry, federated.json) ----------------------
+
+
+class ClientRow(TypedDict, total=False):
+    """One client in one round: what the server sent and got back, and the local figures the
+    client reported (when its update was usable)."""
+
+    node: int
+    bytes_down: int
+    bytes_up: int
+    status: str  # ok | dropped | missing
+    reason: str
+    samples: float
+    partition_id: float
+    train_loss: float
+    train_accuracy: float
+    steps: float
+    seconds: float
+    peak_rss_bytes: float
+    peak_rss_reset: float
+
+
+CLIENT_METRICS = (
+    "samples", "partition_id", "train_loss", "train_accuracy", "steps", "seconds",
+    "peak_rss_bytes", "peak_rss_reset",
+)  # fmt: skip
+
+
+class RoundRecord(TypedDict):
+    """One completed round: its clients, how many updates were accepted, and the global
+    model's figures on the server's test split."""
+
+    round: int
+    clients: list[ClientRow]
+    accepted: int
+    test_loss: float | None
+    test_accuracy: float | None
+    seconds: float | None
+
+
+class FederatedSummary(TypedDict):
+    """A federated run as its artifact records it."""
+
+    schema: str
+    clients: int
+    partition: str
+    rounds: int
+    local_epochs: int
+    method: str
+    data: str
+    test: str
+    history: list[RoundRecord]
+
+
+MAX_ROUNDS = 100_000
+
+
+def _check_federated(raw: object, where: Path | str) -> FederatedSummary:
+    """The shape a reader relies on (an object whose history is a bounded list of objects);
+    the round records themselves are checked where a run resumes from them."""
+    history = raw.get("history") if isinstance(raw, dict) else None
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(history, list)
+        or len(history) > MAX_ROUNDS
+        or not all(isinstance(r, dict) for r in history)
+    ):
+        raise WasiToolError(f"{where}: federated must be an object with a list of round records")
+    return cast(FederatedSummary, raw)
 
 
 @dataclass(frozen=True)
@@ -289,13 +415,13 @@ class Manifest:
     stage is about to write; ``write_artifact`` completes it (creation time, versions, the
     sha256 and size of every file) and validates it before it is written."""
 
-    source: dict[str, Any]  # where the model came from (kind, path, sha256, ...; open)
+    source: SourceDict
     model: ModelRecord
     stages: list[StageRecord]
     layers: list[LayerRecord]
     files: dict[str, FileEntry] = field(default_factory=dict)
     outputs: dict[str, str] | None = None  # export: the role of each file
-    federated: dict[str, Any] | None = None  # federate: the run's summary and round history
+    federated: FederatedSummary | None = None  # federate: the run's summary and round history
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -303,24 +429,24 @@ class Manifest:
     @classmethod
     def build(
         cls,
-        source: Mapping[str, Any],
+        source: SourceDict,
         arch: str | None,
         kwargs: Mapping[str, Any] | None,
         stages: Sequence[StageRecord],
         layers: Sequence[LayerRecord],
         *,
         outputs: Mapping[str, str] | None = None,
-        federated: Mapping[str, Any] | None = None,
+        federated: FederatedSummary | None = None,
     ) -> Manifest:
         """The manifest of a model with this source, architecture and arguments, whole stage
         history and per-layer records (files, time and versions come when it is written)."""
         return cls(
-            dict(source),
+            source,
             ModelRecord(arch, dict(kwargs) if kwargs is not None else None),
             list(stages),
             list(layers),
             outputs=dict(outputs) if outputs is not None else None,
-            federated=dict(federated) if federated is not None else None,
+            federated=federated,
         )
 
     def completed(
@@ -333,8 +459,9 @@ class Manifest:
         """What the artifact is: the kind of its last stage ("artifact" when none is named)."""
         return last_kind(self.stages)
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def to_dict(self) -> dict[str, object]:
+        """``manifest.json``'s JSON (keys in the order every version wrote them)."""
+        out: dict[str, object] = {
             "format": ARTIFACT_FORMAT,
             "format_version": self.format_version,
             "created": self.created,
@@ -359,13 +486,13 @@ class Manifest:
         model = raw["model"]
         arch = model.get("arch")
         return cls(
-            source=raw["source"],
+            source=_check_source(raw["source"], where),
             model=ModelRecord(arch if isinstance(arch, str) else None, model.get("kwargs")),
             stages=[StageRecord.from_dict(s, where) for s in raw["stages"]],
             layers=[LayerRecord.from_dict(x, where) for x in raw["layers"]],
             files={n: _check_file(n, e, where) for n, e in raw["files"].items()},
             outputs=raw.get("outputs"),
-            federated=raw["federated"] if isinstance(raw.get("federated"), dict) else None,
+            federated=_check_federated(raw["federated"], where) if "federated" in raw else None,
             created=raw["created"],
             versions=raw["versions"],
             format_version=raw["format_version"],

@@ -80,7 +80,9 @@ def render_info(found: ArtifactInfo) -> None:
     for col in ("#", "stage", "settings", "data"):
         history.add_column(col)
     for i, stage in enumerate(found["stages"], 1):
-        history.add_row(str(i), str(stage.get("stage")), _settings(stage), stage.get("data", ""))
+        history.add_row(
+            str(i), str(stage.get("stage")), _settings(stage), str(stage.get("data", ""))
+        )
     console.print(history)
 
     if found["layers"]:

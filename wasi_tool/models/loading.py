@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from wasi_tool import artifact
-from wasi_tool.artifact import FactoredShape, StageRecord, WeightsMetadata
+from wasi_tool.artifact import FactoredShape, SourceDict, StageRecord, WeightsMetadata
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import custom, hf, tv
 from wasi_tool.models.registry import (
@@ -60,7 +60,7 @@ class LoadedModel:
     model: nn.Module
     arch: str | None
     model_kwargs: dict[str, Any]
-    source: dict[str, Any]
+    source: SourceDict
     stages: list[StageRecord] = field(default_factory=list)
     tokenizer_dir: Path | None = None  # Hugging Face models: where the tokenizer files are
 
@@ -203,7 +203,7 @@ def weights_metadata(loaded: LoadedModel) -> WeightsMetadata:
     )
 
 
-def _source(path: Path, kind: str) -> dict[str, Any]:
+def _source(path: Path, kind: str) -> SourceDict:
     return {"kind": kind, "path": str(path), "sha256": artifact.sha256_file(path)}
 
 
@@ -221,7 +221,7 @@ def _from_gguf(path: Path, src: ModelSource) -> LoadedModel:
 def _from_hf_dir(directory: Path, src: ModelSource) -> LoadedModel:
     model = hf.load_dir(directory, src.num_classes, src.seed, src.task)
     weights = next(directory / f for f in hf.WEIGHT_FILES if (directory / f).is_file())
-    source = {**_source(weights, "hf-dir"), "directory": str(directory)}
+    source: SourceDict = {**_source(weights, "hf-dir"), "directory": str(directory)}
     return LoadedModel(model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=directory)
 
 
@@ -230,7 +230,7 @@ def _hf_random_init(directory: Path, src: ModelSource) -> LoadedModel:
     hf.check_task(src.task)
     model = hf.random_dir(directory, src.task, src.seed)
     path = str(directory / hf.CONFIG)
-    source: dict[str, Any] = {"kind": "random-init", "path": path, "sha256": None}
+    source: SourceDict = {"kind": "random-init", "path": path, "sha256": None}
     source["seed"] = src.seed
     tokenizer_dir = directory if hf.tokenizer_files(directory) else None
     return LoadedModel(
@@ -249,7 +249,7 @@ def _random_init(src: ModelSource) -> LoadedModel:
     model = build_model(
         src.arch, num_classes=src.num_classes, img_size=src.img_size, **(src.model_kwargs or {})
     )
-    source = {"kind": "random-init", "path": None, "sha256": None, "seed": src.seed}
+    source: SourceDict = {"kind": "random-init", "path": None, "sha256": None, "seed": src.seed}
     return LoadedModel(model, src.arch, _kwargs_of(model, src), source)
 
 
@@ -364,7 +364,7 @@ def _from_module(model: nn.Module, path: Path, src: ModelSource) -> LoadedModel:
 
 
 def _from_state_dict(
-    state: dict[str, Any], arch: str | None, src: ModelSource, source: dict[str, Any]
+    state: dict[str, Any], arch: str | None, src: ModelSource, source: SourceDict
 ) -> LoadedModel:
     if arch is None:
         raise WasiToolError(f"{source['path']} does not name its architecture; pass --arch")

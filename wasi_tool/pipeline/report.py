@@ -6,7 +6,6 @@ import dataclasses
 import os
 import shutil
 import statistics
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -300,14 +299,12 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> RunS
 def _federate_section(name: str, manifest: artifact.Manifest, summary: RunSummary) -> list[str]:
     """A federate stage: its setting (clients, partition, method) and the global model's
     held-out figures after each round."""
-    fed: Mapping[str, Any] = manifest.federated or {}
-    history = [r for r in fed.get("history") or [] if isinstance(r, dict)]
-    last = history[-1] if history else {}
-    stage = manifest.stages[-1]
-    config = stage.config or {}
-    method = fed.get("method", config.get("method"))
-    clients = fed.get("clients", config.get("clients"))
-    partition = fed.get("partition", config.get("partition"))
+    fed = manifest.federated
+    history = fed.get("history", []) if fed is not None else []
+    config = manifest.stages[-1].config or {}  # the stage's settings, when no summary says
+    method = fed.get("method") if fed is not None else config.get("method")
+    clients = fed.get("clients") if fed is not None else config.get("clients")
+    partition = fed.get("partition") if fed is not None else config.get("partition")
     lines = [
         f"## Federated training ({name}: {method}, {clients} clients, partition {partition}, "
         f"{len(history)} rounds)",
@@ -332,8 +329,8 @@ def _federate_section(name: str, manifest: artifact.Manifest, summary: RunSummar
         "clients": clients,
         "partition": partition,
         "rounds": len(history),
-        "test_loss": last.get("test_loss"),
-        "test_accuracy": last.get("test_accuracy"),
+        "test_loss": history[-1].get("test_loss") if history else None,
+        "test_accuracy": history[-1].get("test_accuracy") if history else None,
     }
     return lines
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from wasi_tool import artifact
 from wasi_tool.artifact import FileEntry, LayerRecord, Manifest, StageRecord
+from wasi_tool.artifact.records import FederatedSummary
 from wasi_tool.models import hf
 from wasi_tool.models.loading import LoadedModel, weights_metadata
 from wasi_tool.nn.factored import FactoredLinear
@@ -52,7 +53,7 @@ def write_stage_artifact(
     extra: Callable[[Path], None] | None = None,
     overwrite: bool = False,
     outputs: Mapping[str, str] | None = None,
-    federated: Mapping[str, Any] | None = None,
+    federated: FederatedSummary | None = None,
 ) -> dict[str, FileEntry]:
     """Append ``stages`` to the model's history and write ``loaded.model`` to ``out``.
 

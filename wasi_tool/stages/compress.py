@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from wasi_tool import artifact
 from wasi_tool.artifact import COMPRESS, FileEntry, StageRecord
+from wasi_tool.artifact.records import CalibrationRecord
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
@@ -53,7 +54,7 @@ class Calibration:
 
     grams: dict[str, InputGram]
     held_out: dict[str, InputGram]
-    record: dict[str, Any]
+    record: CalibrationRecord
 
 
 @dataclass
@@ -64,7 +65,7 @@ class CompressResult:
     report: CompressReport
     out: Path
     files: dict[str, FileEntry]
-    calibration: dict[str, Any] | None = None
+    calibration: CalibrationRecord | None = None
 
 
 def _batches(
@@ -106,7 +107,7 @@ def calibration_grams(
     held_out = calibrate_grams(
         loaded.model, names, _batches(loaded, splits.test, test_idx, transform)
     )
-    record = {
+    record: CalibrationRecord = {
         "data": data,
         "description": splits.description,
         "samples": count,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
@@ -29,6 +29,31 @@ __all__ = ["EvalResult", "run_eval"]
 SPLITS = ("test", "train")
 
 
+class EvalSettings(TypedDict):
+    """The split an evaluation read: its settings, and whether they came from the model's
+    finetune stage."""
+
+    val_fraction: float
+    seed: int
+    classes: list[int] | None
+    seq_len: int | None
+    from_finetune_stage: bool
+
+
+class EvalDict(TypedDict):
+    """``wasi-tool eval --json``."""
+
+    arch: str | None
+    data: str
+    split: str
+    examples: int
+    loss: float
+    accuracy: float
+    classes: list[str]
+    settings: EvalSettings
+    predictions_file: NotRequired[str]
+
+
 @dataclass
 class EvalResult:
     loaded: LoadedModel
@@ -38,11 +63,11 @@ class EvalResult:
     loss: float
     accuracy: float
     classes: list[str]
-    settings: dict[str, Any]
+    settings: EvalSettings
     predictions: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> EvalDict:
         return {
             "arch": self.loaded.arch,
             "data": self.data,
@@ -97,7 +122,7 @@ def run_eval(
     loaded = load_model(source)
     model = loaded.model
     tuned = _finetune_settings(loaded.stages)
-    settings: dict[str, Any] = {
+    settings: EvalSettings = {
         "val_fraction": tuned.get("val_fraction", 0.1) if val_fraction is None else val_fraction,
         "seed": tuned.get("seed", 0) if seed is None else seed,
         "classes": tuned.get("classes") if classes is None else classes,

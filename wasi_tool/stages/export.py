@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -84,6 +84,14 @@ class CheckRow:
     logits_scale: float
     top1_agreement: float
     passed: bool
+
+
+class ExportReport(TypedDict):
+    """An export's ``report.json``: the role of each file and every check (``CheckRow``)."""
+
+    stage: str
+    outputs: dict[str, str]
+    checks: list[dict[str, object]]
 
 
 @dataclass
@@ -206,8 +214,8 @@ def run_export(
                     f"{low[0].inputs} is below --min-agreement {config.min_agreement}"
                 )
 
-    def report() -> dict[str, Any]:
-        return {"stage": "export", "outputs": roles, "checks": [r.__dict__ for r in checks]}
+    def report() -> ExportReport:
+        return {"stage": EXPORT, "outputs": roles, "checks": [dict(vars(r)) for r in checks]}
 
     files = write_stage_artifact(
         loaded,
