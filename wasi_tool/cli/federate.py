@@ -123,4 +123,6 @@ def federate(
             f"wrote {result.out}/ (model.safetensors, federated.json, federated.png, "
             f"manifest.json): global accuracy {result.final.get('test_accuracy', float('nan')):.4f}"
         )
-        common.write_report_json(json_path, result.out, "federated.json")
+        from wasi_tool.artifact.names import FEDERATED
+
+        common.write_report_json(json_path, result.out, FEDERATED)

@@ -459,7 +459,7 @@ def write_federated_artifact(
         out,
         stages,
         layer_records(model, prepared.targets, prepared.act_ranks),
-        {"stage": "federate", "final": final},
+        {"stage": FEDERATE, "final": final},
         extra=extra,
         overwrite=overwrite,
         federated=summary,

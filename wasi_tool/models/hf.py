@@ -76,7 +76,7 @@ def _transformers() -> Any:
 
 def is_hf_dir(path: Path) -> bool:
     """A directory holding a transformers ``config.json`` (and not a wasi-tool artifact)."""
-    return path.is_dir() and (path / CONFIG).is_file() and not (path / "manifest.json").exists()
+    return path.is_dir() and (path / CONFIG).is_file() and not (path / artifacts.MANIFEST).exists()
 
 
 def is_hf(model: nn.Module) -> bool:

@@ -66,7 +66,7 @@ class RunSummary(TypedDict, total=False):
     """The run's ``report.json``: each reported stage's figures, by kind then stage name."""
 
     finetune: dict[str, FinetuneSummary]
-    train_bench: dict[str, dict[str, Any]]
+    train_bench: dict[str, dict[str, float]]  # bench.train.Ratios
     inference: dict[str, dict[str, Any]]
     export: dict[str, ExportSummary]
     memory: list[MemoryRow]

@@ -227,7 +227,7 @@ def _write_artifact(
         artifact.write_json(staging / METRICS, metrics.to_dict())
 
     as_dict = metrics.to_dict()
-    report = {"stage": "finetune", "final": as_dict["final"], "measured": as_dict["measured"]}
+    report = {"stage": FINETUNE, "final": as_dict["final"], "measured": as_dict["measured"]}
     if metrics.lm is not None:
         report["lm"] = metrics.lm
     return write_stage_artifact(
