@@ -158,3 +158,25 @@ def test_the_report_reads_the_recorded_kind_and_reports_federate(tmp_path: Path)
     assert "## Federated training (fed: wasi, 2 clients, partition iid, 2 rounds)" in text
     assert "| 2 | 2 / 2 | 0.5000 | 0.7000 | 1.5 |" in text
     assert json.loads((out / artifact.REPORT).read_text())["federate"]["fed"]["rounds"] == 2
+
+
+def test_the_manifest_names_the_outputs_an_extra_step_wrote(tmp_path: Path) -> None:
+    """An export's file roles are filled while its ONNX files are written (``extra``): the
+    manifest is built after that step, so it lists them."""
+    from wasi_tool.models.loading import LoadedModel
+    from wasi_tool.stages.common import write_stage_artifact
+
+    loaded = LoadedModel(torch.nn.Linear(2, 2), "toy", {}, {"kind": "python", "path": None})
+    roles = {artifact.WEIGHTS: "weights"}
+
+    def extra(staging: Path) -> None:
+        (staging / artifact.ONNX).write_bytes(b"onnx")
+        roles[artifact.ONNX] = "fp32 ONNX"
+
+    out = tmp_path / "e"
+    write_stage_artifact(
+        loaded, out, [StageRecord(artifact.EXPORT, {})], [], {}, extra=extra, outputs=roles
+    )
+    manifest = artifact.load_manifest(out)
+    assert manifest.outputs == {"model.safetensors": "weights", "model.onnx": "fp32 ONNX"}
+    assert manifest.kind == "export" and artifact.ONNX in manifest.files

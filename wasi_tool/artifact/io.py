@@ -263,7 +263,7 @@ def write_artifact(
     out: Path,
     tensors: Mapping[str, torch.Tensor],
     weights_meta: WeightsMetadata | Mapping[str, Any],
-    manifest: Manifest,
+    manifest: Manifest | Callable[[], Manifest],
     report: Any,
     extra: Callable[[Path], None] | None = None,
     overwrite: bool = False,
@@ -272,15 +272,16 @@ def write_artifact(
 
     ``manifest`` is completed with the creation time, the versions and the file hashes, and
     validated before it is written. ``extra(staging_dir)`` may add files (plots, ONNX) before
-    the hashes are taken; ``report`` (the JSON of report.json) may be a callable, called after
-    ``extra``, for figures that ``extra`` produces.
+    the hashes are taken; ``manifest`` and ``report`` (the JSON of report.json) may be
+    callables, called after ``extra``, for what ``extra`` produces (an export's file roles).
     """
     with atomic_directory(out, overwrite) as staging:
         save_weights(staging / WEIGHTS, tensors, weights_meta)
         if extra is not None:
             extra(staging)
         write_json(staging / REPORT, report() if callable(report) else report)
-        full = manifest.completed(file_entries(staging), now_iso(), versions()).to_dict()
+        made = manifest() if callable(manifest) else manifest
+        full = made.completed(file_entries(staging), now_iso(), versions()).to_dict()
         validate_manifest(full)
         write_json(staging / MANIFEST, full)
     return out

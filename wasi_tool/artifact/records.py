@@ -198,10 +198,10 @@ class StageRecord:
     trained on, a compress stage's calibration and memory budget. Keys this version does not
     know are kept in ``extra`` and written back unchanged."""
 
-    kind: str | None  # None only in a record that names no stage (not written since v0.1)
+    kind: str | None  # None when a record names no stage (wasi-tool always names it)
     config: dict[str, Any] | None = None  # the stage's StageConfig.to_dict()
     data: str | None = None
-    calibration: CalibrationRecord | None = None
+    calibration: CalibrationRecord | None = None  # read back as written (an object)
     budget: dict[str, Any] | None = None  # CompressReport.budget
     extra: dict[str, object] = field(default_factory=dict)  # unknown keys, kept as read
 
@@ -244,8 +244,8 @@ class StageRecord:
 
 
 def last_kind(stages: Sequence[StageRecord], default: str = "artifact") -> str:
-    """What an artifact is: the kind of its last stage (``default`` when none is recorded)."""
-    return next((s.kind for s in reversed(stages) if s.kind), default) if stages else default
+    """What an artifact is: the kind of its last stage (``default`` when it names none)."""
+    return (stages[-1].kind if stages else None) or default
 
 
 # -- the manifest ------------------------------------------------------------------------------

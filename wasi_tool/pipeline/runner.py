@@ -104,9 +104,9 @@ def _run_stages(
         key = _hash(payload)
         keys[spec.name] = key
         out = run_dir / spec.name
-        old = previous.get(spec.name, {})
+        old = previous.get(spec.name)
         start = time.perf_counter()
-        reused = not force and old.get("key") == key and out.exists()
+        reused = not force and old is not None and old.key == key and out.exists()
         if not reused:
             if progress is not None:  # said before a stage that may run for minutes
                 progress.note(f"{spec.name} ({spec.kind}): running...")
@@ -116,7 +116,7 @@ def _run_stages(
             spec.kind,
             key,
             reused,
-            round(old.get("seconds", 0.0) if reused else time.perf_counter() - start, 3),
+            round(old.seconds if old is not None and reused else time.perf_counter() - start, 3),
             str(out),
             spec.settings(),
         )
@@ -127,23 +127,38 @@ def _run_stages(
     return records
 
 
-def _read_state(run_dir: Path) -> dict[str, dict[str, Any]]:
+def _read_state(run_dir: Path) -> dict[str, StageRecord]:
+    """The stage records of the last run in ``run_dir`` (pipeline.json), by name."""
     path = run_dir / PIPELINE_FILE
     if not path.is_file():
         return {}
     try:
-        data = read_json(path)
-        return {s["name"]: s for s in data["stages"]}
+        found = {}
+        for raw in read_json(path)["stages"]:
+            record = StageRecord(**raw)
+            if not (
+                isinstance(record.name, str)
+                and isinstance(record.key, str)
+                and isinstance(record.seconds, int | float)
+            ):
+                raise TypeError("not a stage record")
+            found[record.name] = record
+        return found
     except (WasiToolError, ValueError, KeyError, TypeError):
         return {}  # an unreadable record only means nothing is reused
 
 
 def _write_state(
-    run_dir: Path, pipeline: Pipeline, records: list[StageRecord], previous: dict[str, Any]
+    run_dir: Path,
+    pipeline: Pipeline,
+    records: list[StageRecord],
+    previous: dict[str, StageRecord],
 ) -> None:
     done = {r.name for r in records}
     later = [
-        v for k, v in previous.items() if k not in done and k in {s.name for s in pipeline.stages}
+        dataclasses.asdict(v)
+        for k, v in previous.items()
+        if k not in done and k in {s.name for s in pipeline.stages}
     ]
     payload = {
         "pipeline": pipeline.name,

@@ -63,15 +63,19 @@ def write_stage_artifact(
     (sha256 and size of each file).
     """
     loaded.stages = [*loaded.stages, *stages]
-    manifest = Manifest.build(
-        loaded.source,
-        loaded.arch,
-        loaded.model_kwargs,
-        loaded.stages,
-        layers,
-        outputs=outputs,
-        federated=federated,
-    )
+    history = loaded.stages
+
+    def manifest() -> Manifest:  # after ``extra``: an export's outputs name the files it wrote
+        return Manifest.build(
+            loaded.source,
+            loaded.arch,
+            loaded.model_kwargs,
+            history,
+            layers,
+            outputs=outputs,
+            federated=federated,
+        )
+
     meta = weights_metadata(loaded)  # with the same history
 
     def add_files(staging: Path) -> None:
