@@ -1,5 +1,6 @@
 """Print wasi_tool's module import graph (module-level and deferred imports) and check the
-layering rules: no stage imports another stage, models/ imports nothing from methods/, no cycle.
+layering rules: no stage imports another stage, models/ imports nothing from methods/, artifact/
+imports nothing above the ground floor, no cycle.
 
     python scripts/import_graph.py            # the rules, and the cycles if any
     python scripts/import_graph.py --edges    # every edge, package to package
@@ -46,7 +47,7 @@ def imports(path: Path, name: str) -> set[str]:
             if not mod.startswith("wasi_tool"):
                 continue
             subs = [f"{mod}.{a.name}" for a in node.names if _is_module(f"{mod}.{a.name}")]
-            # "from wasi_tool import artifacts" imports the module artifacts, not the package's
+            # "from wasi_tool import artifact" imports the module artifact, not the package's
             # __init__ names; only names that are not modules make it an import of ``mod``
             found |= set(subs)
             if len(subs) < len(node.names):
@@ -98,6 +99,15 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+# What artifact/ (a ground-floor package) may import: itself and these modules.
+GROUND_FLOOR = (
+    "wasi_tool.errors",
+    "wasi_tool.safe_read",
+    "wasi_tool._version",
+    "wasi_tool.measure",
+)
+
+
 def package_of(mod: str) -> str:
     parts = mod.split(".")
     return ".".join(parts[:2])
@@ -118,6 +128,12 @@ def violations(g: dict[str, set[str]]) -> list[str]:
                 bad.append(f"stage imports stage: {src} -> {dst}")
             if src.startswith("wasi_tool.models") and dst.startswith("wasi_tool.methods"):
                 bad.append(f"models imports methods: {src} -> {dst}")
+            if (
+                package_of(src) == "wasi_tool.artifact"
+                and package_of(dst) != "wasi_tool.artifact"
+                and dst not in GROUND_FLOOR
+            ):
+                bad.append(f"artifact imports a higher floor: {src} -> {dst}")
     bad += [f"import cycle: {' <-> '.join(c)}" for c in cycles(g)]
     return bad
 

@@ -1,5 +1,6 @@
 """The package's layering holds: no stage imports another stage, models/ imports nothing
-from methods/, and there is no import cycle (scripts/import_graph.py checks the source)."""
+from methods/, artifact/ imports nothing above the ground floor, and there is no import cycle
+(scripts/import_graph.py checks the source)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,6 @@ def test_no_layering_violation() -> None:
     found = graph_mod.violations(planted)
     assert any(v.startswith("models imports methods") for v in found)
     assert any(v.startswith("import cycle") for v in found)
+    # and an artifact module that reaches up a floor
+    up = {**graph, "wasi_tool.artifact.io": {"wasi_tool.models.loading"}}
+    assert any(v.startswith("artifact imports a higher floor") for v in graph_mod.violations(up))

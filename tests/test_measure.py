@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.measure import file_backed_bytes, library_floor, rss_bytes
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
@@ -24,7 +24,7 @@ def test_floor_pages_in_memory_mapped_weights(tmp_path: Path) -> None:
     size = 64 * 2**20  # 64 MiB of weights
     path = tmp_path / "w.safetensors"
     save_file({"weight": torch.randn(size // 4 // 1024, 1024)}, str(path))
-    tensors, _ = artifacts.load_weights(path)
+    tensors, _ = artifact.load_weights(path)
     model = nn.Linear(1024, size // 4 // 1024, bias=False, device="meta")
     model.load_state_dict(tensors, assign=True)
     before = file_backed_bytes()
@@ -46,7 +46,7 @@ def test_json_the_tool_writes_is_strict(tmp_path: Path) -> None:
     import json
 
     path = tmp_path / "m.json"
-    artifacts.write_json(path, {"loss": float("nan"), "x": [1.0, float("inf")], "n": 3})
+    artifact.write_json(path, {"loss": float("nan"), "x": [1.0, float("inf")], "n": 3})
 
     def refuse(token: str) -> None:
         raise ValueError(token)

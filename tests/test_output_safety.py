@@ -1,4 +1,4 @@
-"""Output safety at the artifact writer (wasi_tool/artifacts.py): concurrent writers to one
+"""Output safety at the artifact writer (wasi_tool/artifact/): concurrent writers to one
 --out, --overwrite of what wasi-tool did not write, byte-reproducible artifacts, symbolic
 links in an artifact, and I/O errors (full disk, read-only, no permission) while writing."""
 
@@ -20,7 +20,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wasi_tool import artifacts
+from wasi_tool import artifact as artifacts  # `artifact` is a fixture here
+from wasi_tool.artifact import io as artifact_io
+from wasi_tool.artifact import publish as pub
 from wasi_tool.cli.app import app
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import ModelSource, hf, load_model
@@ -41,7 +43,9 @@ def _write(out: Path, who: str = "a", overwrite: bool = False, extra: Any = None
         out,
         _tensors(),
         {"format": artifacts.WEIGHTS_FORMAT, "who": who},
-        {"source": {"who": who}, "model": {}, "stages": [], "layers": []},
+        artifacts.Manifest(
+            source={"who": who}, model=artifacts.ModelRecord(), stages=[], layers=[]
+        ),
         {"who": who},
         extra=extra,
         overwrite=overwrite,
@@ -58,7 +62,7 @@ def publish(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Run a test with the kernel's renameat2 and with the portable fallback (mkdir claim,
     set-aside) that a file system without RENAME_NOREPLACE/RENAME_EXCHANGE gets."""
     if request.param == "fallback":
-        monkeypatch.setattr(artifacts, "_renameat2", lambda *args: False)
+        monkeypatch.setattr(pub, "_renameat2", lambda *args: False)
     elif not sys.platform.startswith("linux"):
         pytest.skip("renameat2 is Linux only")
     yield request.param
@@ -137,7 +141,7 @@ def test_a_fallback_claim_taken_over_meanwhile_is_already_exists(
 ) -> None:
     """Without renameat2 the claim is an empty directory; an --overwrite writer may replace
     it before our rename: that is "already exists", and their output stays."""
-    monkeypatch.setattr(artifacts, "_renameat2", lambda *args: False)
+    monkeypatch.setattr(pub, "_renameat2", lambda *args: False)
     staging, out = tmp_path / "staging", tmp_path / "out"
     staging.mkdir()
 
@@ -147,7 +151,7 @@ def test_a_fallback_claim_taken_over_meanwhile_is_already_exists(
 
     monkeypatch.setattr(os, "rename", taken)
     with pytest.raises(FileExistsError):
-        artifacts._publish_new(staging, out)
+        pub._publish_new(staging, out)
     assert (out / "theirs").read_text() == "y"
 
 
@@ -182,7 +186,7 @@ def test_a_writer_killed_mid_write_leaves_staging_that_the_next_write_sweeps(
             "-c",
             "import sys, time\n"
             "from pathlib import Path\n"
-            "from wasi_tool import artifacts\n"
+            "from wasi_tool import artifact as artifacts\n"
             "with artifacts.atomic_directory(Path(sys.argv[1])) as d:\n"
             "    (d / 'model.safetensors').write_bytes(b'half')\n"
             "    print('ready', flush=True)\n"
@@ -197,10 +201,10 @@ def test_a_writer_killed_mid_write_leaves_staging_that_the_next_write_sweeps(
     child.kill()
     child.wait()
     left = _leftovers(tmp_path, out)
-    assert len(left) == 1 and left[0].startswith(f".out.tmp-{artifacts._host_tag()}-{child.pid}-")
-    live = tmp_path / f"{artifacts._temp_prefix(out, 'tmp')}live"  # this process: alive
+    assert len(left) == 1 and left[0].startswith(f".out.tmp-{pub._host_tag()}-{child.pid}-")
+    live = tmp_path / f"{pub._temp_prefix(out, 'tmp')}live"  # this process: alive
     live.mkdir()
-    old_kept = tmp_path / f".out.old-{artifacts._host_tag()}-{child.pid}-x"
+    old_kept = tmp_path / f".out.old-{pub._host_tag()}-{child.pid}-x"
     old_kept.mkdir()
     (old_kept / "out").mkdir()  # the previous output, set aside when the writer died
 
@@ -328,7 +332,7 @@ def test_a_header_of_another_length_is_rewritten_with_its_data_intact(tmp_path: 
     spaced = json.dumps(json.loads(blob[8 : 8 + length]), indent=4).encode()
     spaced += b" " * (-len(spaced) % 8)
     path.write_bytes(struct.pack("<Q", len(spaced)) + spaced + blob[8 + length :])
-    artifacts._canonical_header(path)
+    artifact_io._canonical_header(path)
     assert path.read_bytes() == blob
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spaced.safetensors"]
 
@@ -490,13 +494,13 @@ def test_io_errors_leave_nothing_and_keep_the_old_output(
     before = _snapshot(out)
     extra = None
     if where == "weights":
-        monkeypatch.setattr(artifacts, "save_weights", _raiser(code))
+        monkeypatch.setattr(artifact_io, "save_weights", _raiser(code))
     elif where == "extra":
         extra = _raiser(code)
     else:  # the last step: the rename that publishes (or swaps)
-        monkeypatch.setattr(artifacts, "_publish_new", _raiser(code))
+        monkeypatch.setattr(pub, "_publish_new", _raiser(code))
         if publish == "renameat2":
-            monkeypatch.setattr(artifacts, "_renameat2", _raiser(code))
+            monkeypatch.setattr(pub, "_renameat2", _raiser(code))
     for overwrite, target in ((True, out), (False, tmp_path / "deep" / "new")):
         with pytest.raises(WasiToolError) as info:
             _write(target, "new", overwrite=overwrite, extra=extra)

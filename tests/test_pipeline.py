@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.cli.app import app
 from wasi_tool.errors import WasiToolError
 from wasi_tool.pipeline import load_pipeline, parse_value, run_pipeline
@@ -67,9 +67,9 @@ def test_tiny_recipe_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert [r.name for r in records] == ["compress", "tune", "export", "bench", "report"]
     assert not any(r.reused for r in records)
     for name in ("compress", "tune", "export"):
-        manifest = artifacts.read_manifest(run_dir / name)
+        manifest = artifact.read_manifest(run_dir / name)
         assert manifest["stages"][-1]["stage"] == ("finetune" if name == "tune" else name)
-    assert [s["stage"] for s in artifacts.read_manifest(run_dir / "export")["stages"]] == [
+    assert [s["stage"] for s in artifact.read_manifest(run_dir / "export")["stages"]] == [
         "compress", "finetune", "export",
     ]  # fmt: skip
     assert json.loads((run_dir / "tune" / "metrics.json").read_text())["classes"] == ["0", "1", "2"]

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.cli.app import app
 from wasi_tool.models import ModelSource
 from wasi_tool.stages import CompressConfig, FinetuneConfig, run_compress, run_finetune
@@ -43,7 +43,7 @@ CLI_TRAIN = [
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return artifacts.load_weights(out / "model.safetensors")[0]
+    return artifact.load_weights(out / "model.safetensors")[0]
 
 
 def _same(a: Path, b: Path) -> None:
@@ -661,7 +661,7 @@ def test_full_disk_and_read_only_output(tmp_path: Path, monkeypatch: pytest.Monk
         raise PermissionError(errno.EROFS, "Read-only file system")
 
     for patch, message in (
-        ((artifacts, "save_weights", no_space), "No space left on device"),
+        ((artifact.io, "save_weights", no_space), "No space left on device"),
         ((tempfile, "mkdtemp", read_only), "Read-only file system"),
     ):
         with monkeypatch.context() as m:

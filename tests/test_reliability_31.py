@@ -29,7 +29,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from tests.models.llm_fixtures import save_llama_lm
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.cli.app import app
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import ModelSource
@@ -160,18 +160,18 @@ def test_the_atomic_file_writer_replaces_a_regular_file_and_leaves_nothing_on_fa
     tmp_path: Path,
 ) -> None:
     target = tmp_path / "out" / "deep" / "r.json"
-    artifacts.write_file(target, "one")
-    artifacts.write_file(target, b"two")
+    artifact.write_file(target, "one")
+    artifact.write_file(target, b"two")
     assert target.read_bytes() == b"two"
     assert sorted(p.name for p in target.parent.iterdir()) == ["r.json"]
     fresh = tmp_path / "new" / "sub" / "x.csv"
-    with pytest.raises(RuntimeError), artifacts.atomic_file(fresh) as fh:
+    with pytest.raises(RuntimeError), artifact.atomic_file(fresh) as fh:
         fh.write("half")
         raise RuntimeError("the writer failed")
     assert not (tmp_path / "new").exists()  # not the temporary, not the parents it made
     with pytest.raises(WasiToolError, match="is a symbolic link"):
         (tmp_path / "link").symlink_to(target)
-        artifacts.write_file(tmp_path / "link", "x")
+        artifact.write_file(tmp_path / "link", "x")
     assert target.read_bytes() == b"two"
 
 
@@ -183,9 +183,9 @@ def test_the_rule_holds_in_the_library_too(art: Path, tmp_path: Path) -> None:
     before = _digest(art)
     with pytest.raises(WasiToolError, match="inside the input artifact"):
         run_eval(ModelSource(checkpoint=art), "digits", predictions=art / "p.csv")
-    with artifacts.command_inputs(), pytest.raises(WasiToolError, match="inside the input"):
-        artifacts.read_manifest(art)
-        with artifacts.atomic_directory(art / "sub"):
+    with artifact.command_inputs(), pytest.raises(WasiToolError, match="inside the input"):
+        artifact.read_manifest(art)
+        with artifact.atomic_directory(art / "sub"):
             pass
     assert _digest(art) == before
 
@@ -330,21 +330,21 @@ def test_size_is_checked_before_the_hash(art: Path, tmp_path: Path, monkeypatch:
         (copy / p.name).write_bytes(p.read_bytes())
     os.truncate(copy / "model.safetensors", 1 << 40)  # sparse: no data on disk
 
-    real = artifacts.sha256_file
+    real = artifact.sha256_file
 
     def never(path: Path, chunk: int = 1 << 20) -> str:
         assert Path(path).name != "model.safetensors", f"hashed {path}"
         return real(path, chunk)
 
-    monkeypatch.setattr(artifacts, "sha256_file", never)
-    manifest = artifacts.read_manifest(copy)
+    monkeypatch.setattr(artifact.io, "sha256_file", never)
+    manifest = artifact.read_manifest(copy)
     with pytest.raises(WasiToolError, match="is 1099511627776 bytes, its manifest records"):
-        artifacts.verify_files(copy, manifest, [artifacts.WEIGHTS])
-    assert artifacts.describe(copy)["files"]["model.safetensors"]["status"] == "mismatch"
+        artifact.verify_files(copy, manifest, [artifact.WEIGHTS])
+    assert artifact.describe(copy)["files"]["model.safetensors"]["status"] == "mismatch"
 
 
 def test_manifest_bound_work_is_capped(art: Path) -> None:
-    manifest = artifacts.read_manifest(art)
+    manifest = artifact.read_manifest(art)
     layer = {"name": "x", "out_features": 1, "in_features": 1, "rank": None}
     for key, value, message in (
         ("layers", [layer] * 300_000, "300000 layers records, more than the 20000 allowed"),
@@ -353,7 +353,7 @@ def test_manifest_bound_work_is_capped(art: Path) -> None:
         ("layers", [{**layer, "act_ranks": list(range(100))}], "a layer record needs"),
     ):
         with pytest.raises(WasiToolError, match=message):
-            artifacts.validate_manifest({**manifest, key: value})
+            artifact.validate_manifest({**manifest, key: value})
 
 
 def test_info_at_the_layer_cap_shows_a_bounded_table(art: Path, tmp_path: Path) -> None:
@@ -363,12 +363,12 @@ def test_info_at_the_layer_cap_shows_a_bounded_table(art: Path, tmp_path: Path) 
         (copy / p.name).write_bytes(p.read_bytes())
     manifest = json.loads((art / "manifest.json").read_text())
     layer = {"name": "blocks.0.mlp.fc1", "out_features": 8, "in_features": 8, "rank": 2}
-    manifest["layers"] = [layer] * artifacts.MAX_LAYERS
+    manifest["layers"] = [layer] * artifact.MAX_LAYERS
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(app, ["info", str(copy), "--json", str(tmp_path / "i.json")])
     assert result.exit_code == 0, result.output
-    assert f"and {artifacts.MAX_LAYERS - 500} more layers (all of them in --json)" in result.output
-    assert len(json.loads((tmp_path / "i.json").read_text())["layers"]) == artifacts.MAX_LAYERS
+    assert f"and {artifact.MAX_LAYERS - 500} more layers (all of them in --json)" in result.output
+    assert len(json.loads((tmp_path / "i.json").read_text())["layers"]) == artifact.MAX_LAYERS
 
 
 # -- 3. federated inputs -----------------------------------------------------------------------

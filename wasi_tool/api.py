@@ -253,6 +253,7 @@ def save_artifact(
     (``--model-class``; code is never run from an artifact otherwise). The class is rebuilt
     here once (on the meta device) to check that the weights fit it.
     """
+    from wasi_tool.artifact import SAVE_ARTIFACT, StageRecord
     from wasi_tool.models.loading import LoadedModel, _check_fit
     from wasi_tool.stages.common import write_stage_artifact
 
@@ -289,7 +290,7 @@ def save_artifact(
         kwargs,
         {"kind": "python", "path": None, "sha256": None, "model_class": path},
     )
-    stage = {"stage": "save_artifact", "config": {"prepare": _report_dict(report)}}
+    stage = StageRecord(SAVE_ARTIFACT, {"prepare": _report_dict(report)})
     write_stage_artifact(
         loaded, Path(out), [stage], [], {"notes": fast_paths_given_up(plain)}, overwrite=overwrite
     )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import wasi_tool
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.cli.app import app
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models.loading import ModelSource, load_model
@@ -61,12 +61,12 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor,
 
 def test_artifact_records_class_config_and_input(saved: tuple[Path, ...]) -> None:
     out = saved[0]
-    manifest = artifacts.read_manifest(out)  # type: ignore[arg-type]
+    manifest = artifact.read_manifest(out)  # type: ignore[arg-type]
     kwargs = manifest["model"]["kwargs"]
     assert manifest["model"]["arch"] == "custom"
     assert kwargs["model_class"] == CLASS and kwargs["config"] == CONFIG
     assert kwargs["input_shape"] == [1, 3, 16, 16]
-    _, meta = artifacts.load_weights(out / artifacts.WEIGHTS)  # type: ignore[operator]
+    _, meta = artifact.load_weights(out / artifact.WEIGHTS)  # type: ignore[operator]
     assert json.loads(meta["model_kwargs"])["model_class"] == CLASS
     assert manifest["stages"][-1]["stage"] == "save_artifact"
 

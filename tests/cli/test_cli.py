@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.cli.app import app
 
 runner = CliRunner()
@@ -35,7 +35,7 @@ def test_compress_success_prints_table_and_writes_artifact(tmp_path: Path, tiny_
     assert result.exit_code == 0, result.stderr
     assert "blocks.11.mlp.fc2" in result.stdout and "targets total" in result.stdout
     assert "compression: targets" in result.stdout
-    assert artifacts.is_artifact_dir(out) and (out / "energy.png").stat().st_size > 1000
+    assert artifact.is_artifact_dir(out) and (out / "energy.png").stat().st_size > 1000
 
 
 def test_flags_reach_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,7 +135,7 @@ def test_compress_accepts_an_artifact(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.stderr
     assert "48/48 factored" in result.stdout
-    stages = artifacts.read_manifest(tmp_path / "b")["stages"]
+    stages = artifact.read_manifest(tmp_path / "b")["stages"]
     assert [s["config"]["targets"] for s in stages] == ["mlp", "all"]
 
 

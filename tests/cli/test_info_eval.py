@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.cli.app import app
 
 runner = CliRunner()
@@ -39,7 +39,7 @@ def test_info_text_says_what_and_how(tuned: Path) -> None:
     assert "a finetune artifact" in out and "how it was made" in out
     assert "compress" in out and "method=wasi" in out and "classes=5,6,7,8,9" in out
     assert "blocks.11.mlp.fc2" in out and "768 x 192" in out
-    digest = artifacts.read_manifest(tuned)["files"]["model.safetensors"]["sha256"]
+    digest = artifact.read_manifest(tuned)["files"]["model.safetensors"]["sha256"]
     assert digest in out and "mismatch" not in out
 
 

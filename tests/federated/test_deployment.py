@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from wasi_tool.artifacts import read_manifest
+from wasi_tool.artifact import read_manifest
 from wasi_tool.cli.app import app
 from wasi_tool.models.loading import ModelSource
 from wasi_tool.stages.compress import CompressConfig, run_compress

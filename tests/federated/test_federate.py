@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from wasi_tool.artifacts import load_weights, read_manifest
+from wasi_tool.artifact import load_weights, read_manifest
 from wasi_tool.errors import WasiToolError
 from wasi_tool.federated import FederateConfig, run_federate
 from wasi_tool.federated.server import STATE_FILE, state_dir

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import bsr
 from wasi_tool.models import ModelSource, load_model
@@ -169,7 +169,7 @@ def test_bsr_artifact_keeps_dropping_and_exports_it_to_onnx(
 ) -> None:
     metrics = _finetune(src, tmp_path, "bsr", method="bsr")
     assert metrics["bsr"]["trained_blocks"] == [3, 7, 11]
-    meta = artifacts.load_weights(tmp_path / "bsr" / "model.safetensors")[1]
+    meta = artifact.load_weights(tmp_path / "bsr" / "model.safetensors")[1]
     assert "blocks.3" in meta["token_drop"]
     loaded = load_model(ModelSource(checkpoint=tmp_path / "bsr"))
     assert isinstance(loaded.model.get_submodule("blocks.6"), token_drop.TokenDropBlock)

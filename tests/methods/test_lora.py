@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.lora import apply_lora_, lora_layers, merge_lora_
 from wasi_tool.models import ModelSource, load_model
@@ -66,7 +66,7 @@ def test_lora_finetune_writes_a_plain_merged_model(
     layer = metrics["analytic"]["layers"][0]
     assert layer["memory_elements"]["weight"] == 768 * 192 + 4 * (768 + 192)
     assert metrics["analytic"]["model"]["trainable_parameters"] == 24 * 4 * (768 + 192) + 1930
-    weights = artifacts.load_weights(tmp_path / "lora" / "model.safetensors")[0]
+    weights = artifact.load_weights(tmp_path / "lora" / "model.safetensors")[0]
     assert not any("lora" in k or "base_layer" in k for k in weights)
     init = load_model(src).model.state_dict()
     # frozen weights stay as they were; the targets moved by the merged adapters

@@ -131,7 +131,7 @@ def test_lora_fa_refuses_recompute() -> None:
 
 @pytest.mark.parametrize(("method", "recompute"), [("lora-fa", False), ("lora", True)])
 def test_finetune_and_bench(method: str, recompute: bool, tmp_path: Path) -> None:
-    from wasi_tool import artifacts
+    from wasi_tool import artifact
     from wasi_tool.bench.train import TrainBenchConfig, measure
     from wasi_tool.models.loading import ModelSource
     from wasi_tool.stages.finetune import FinetuneConfig, run_finetune
@@ -147,7 +147,7 @@ def test_finetune_and_bench(method: str, recompute: bool, tmp_path: Path) -> Non
     tokens = 8 * 5
     expected = tokens * 4 if method == "lora-fa" else tokens * 192
     assert row["memory_elements"]["activation"] == expected
-    weights = artifacts.load_weights(tmp_path / "ft" / "model.safetensors")[0]
+    weights = artifact.load_weights(tmp_path / "ft" / "model.safetensors")[0]
     assert not any("lora" in k for k in weights)  # merged on save
     bench = TrainBenchConfig(
         arch="vit_tiny_patch16_224", img_size=32, random_init=True, method=method,

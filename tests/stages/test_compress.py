@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import ModelSource, build_model, load_model
 from wasi_tool.nn import FactoredLinear, set_submodule
@@ -93,18 +93,18 @@ def test_artifact_round_trip_gives_identical_logits(
         "model.safetensors",
         "report.json",
     ]
-    manifest = artifacts.read_manifest(out)
-    assert manifest["source"]["sha256"] == artifacts.sha256_file(tiny_pth)
+    manifest = artifact.read_manifest(out)
+    assert manifest["source"]["sha256"] == artifact.sha256_file(tiny_pth)
     assert manifest["model"] == {
         "arch": tiny_spec["arch"],
         "kwargs": {"num_classes": 10, "img_size": 32},
     }
     assert [s["stage"] for s in manifest["stages"]] == ["compress"]
     assert len(manifest["layers"]) == 48
-    assert manifest["files"]["model.safetensors"]["sha256"] == artifacts.sha256_file(
+    assert manifest["files"]["model.safetensors"]["sha256"] == artifact.sha256_file(
         out / "model.safetensors"
     )
-    _, meta = artifacts.load_weights(out / "model.safetensors")
+    _, meta = artifact.load_weights(out / "model.safetensors")
     assert json.loads(meta["stages"])[0]["config"]["eps"] == 0.6
     report = json.loads((out / "report.json").read_text())
     assert report["totals"]["layers"] == 48
@@ -133,7 +133,7 @@ def test_compressing_an_artifact_truncates_from_factors(
         ModelSource(checkpoint=first.out), CompressConfig(rank_ratio=0.25), tmp_path / "b"
     )
     assert {r.rank for r in second.report.layers} == {48}
-    manifest = artifacts.read_manifest(second.out)
+    manifest = artifact.read_manifest(second.out)
     assert [s["config"]["rank_ratio"] for s in manifest["stages"]] == [0.5, 0.25]
     assert manifest["source"]["kind"] == "state-dict"
     assert manifest["source"]["parent"]["path"] == str(first.out)
@@ -176,7 +176,7 @@ def test_failed_write_leaves_no_directory(
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(artifacts, "save_weights", boom)
+    monkeypatch.setattr(artifact.io, "save_weights", boom)
     out = tmp_path / "deep" / "er" / "out"
     src = ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32)
     with pytest.raises(WasiToolError, match="No space left on device"):
@@ -190,7 +190,7 @@ def test_existing_output_needs_overwrite(tmp_path: Path, tiny_spec: Mapping[str,
     with pytest.raises(WasiToolError, match="already exists"):
         run_compress(src, CompressConfig(rank_ratio=0.25), out)
     run_compress(src, CompressConfig(rank_ratio=0.25), out, overwrite=True)
-    assert artifacts.read_manifest(out)["stages"][0]["config"]["rank_ratio"] == 0.25
+    assert artifact.read_manifest(out)["stages"][0]["config"]["rank_ratio"] == 0.25
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging left over
 
 

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import torch
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.data import batch_transform
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import ModelSource, load_model
@@ -41,7 +41,7 @@ class Interrupt:
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return artifacts.load_weights(out / "model.safetensors")[0]
+    return artifact.load_weights(out / "model.safetensors")[0]
 
 
 @pytest.mark.slow
@@ -72,7 +72,7 @@ def test_artifact_and_metrics(tmp_path: Path, src: ModelSource) -> None:
         "report.json",
     ]
     assert not (tmp_path / "run.ckpt").exists()
-    manifest = artifacts.read_manifest(out)
+    manifest = artifact.read_manifest(out)
     assert [s["stage"] for s in manifest["stages"]] == ["compress", "finetune"]
     assert manifest["model"]["kwargs"]["num_classes"] == 10
     metrics = json.loads((out / "metrics.json").read_text())

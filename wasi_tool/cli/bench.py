@@ -124,7 +124,7 @@ def bench(
     ] = None,
 ) -> None:
     """Time an ONNX model on a device profile (locally or over SSH), or training steps."""
-    from wasi_tool import artifacts
+    from wasi_tool import artifact as artifacts
     from wasi_tool.bench import InferenceBenchConfig, SSHTarget, get_profile, run_inference_bench
 
     result: dict[str, Any] | TrainBenchResult

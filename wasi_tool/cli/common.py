@@ -88,7 +88,7 @@ def _command_io() -> tuple[list[Any], dict[str, Any]]:
 def _check_outputs(outputs: dict[str, Any]) -> None:
     if not outputs:
         return
-    from wasi_tool import artifacts
+    from wasi_tool import artifact as artifacts
 
     for name, path in outputs.items():
         if name == "out_folder":  # written into: each output inside it is checked as written
@@ -114,7 +114,7 @@ def user_errors() -> Iterator[None]:
     # artifacts loads torch: not for --help, usage errors, --version or the root's options
     # (os.path.lexists: a text parameter such as a 1 MB prompt is no path and no error)
     if outputs or any(os.path.lexists(str(item)) for item in inputs):
-        from wasi_tool import artifacts
+        from wasi_tool import artifact as artifacts
 
         scope = artifacts.command_inputs(inputs)
     try:
@@ -187,7 +187,7 @@ def is_stdout(path: Path | None) -> bool:
 
 def write_json(path: Path | None, payload: Any) -> None:
     """``--json PATH``: the payload to PATH, or to stdout for ``-``; nothing for None."""
-    from wasi_tool.artifacts import dumps_json
+    from wasi_tool.artifact import dumps_json
 
     if path is None:
         return
@@ -195,7 +195,7 @@ def write_json(path: Path | None, payload: Any) -> None:
     if is_stdout(path):
         sys.stdout.write(text)
         return
-    from wasi_tool import artifacts
+    from wasi_tool import artifact as artifacts
 
     artifacts.write_file(path, text)  # the output-path rule, an atomic write
 

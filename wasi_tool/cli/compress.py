@@ -110,7 +110,9 @@ def compress(
         what = "calibrating and compressing..." if calibrate else "compressing..."
         with common.status(what):
             result = run_compress(source, config, out, overwrite=overwrite, plot=plot)
-        common.write_report_json(json_path, result.out, "report.json")
+        from wasi_tool.artifact.names import REPORT
+
+        common.write_report_json(json_path, result.out, REPORT)
     if not common.is_stdout(json_path):
         render(result)
 

@@ -93,7 +93,9 @@ def export(
         )
         with common.status("exporting and checking..."):
             result = run_export(source, config, out, overwrite=overwrite)
-        common.write_report_json(json_path, result.out, "report.json")
+        from wasi_tool.artifact.names import REPORT
+
+        common.write_report_json(json_path, result.out, REPORT)
     if not common.is_stdout(json_path):
         render(result, config)
 

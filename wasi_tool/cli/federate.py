@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -12,8 +12,11 @@ from wasi_tool.cli import common
 from wasi_tool.cli.common import console, human_bytes, user_errors
 from wasi_tool.errors import WasiToolError
 
+if TYPE_CHECKING:
+    from wasi_tool.artifact.records import RoundRecord
 
-def round_table(row: dict[str, Any]) -> Table:
+
+def round_table(row: RoundRecord) -> Table:
     table = Table(
         title=f"round {row['round']}: global accuracy {row['test_accuracy']:.4f} "
         f"(loss {row['test_loss']:.4f}), {row['accepted']}/{len(row['clients'])} updates, "
@@ -120,4 +123,6 @@ def federate(
             f"wrote {result.out}/ (model.safetensors, federated.json, federated.png, "
             f"manifest.json): global accuracy {result.final.get('test_accuracy', float('nan')):.4f}"
         )
-        common.write_report_json(json_path, result.out, "federated.json")
+        from wasi_tool.artifact.names import FEDERATED
+
+        common.write_report_json(json_path, result.out, FEDERATED)

@@ -257,7 +257,9 @@ def finetune(
             saved = str(stop) if isinstance(stop, Interrupted) else "before training: nothing saved"
             common.err_console.print(f"interrupted: {saved}", markup=False, highlight=False)
             raise typer.Exit(130) from None
-        common.write_report_json(json_path, result.out, "metrics.json")
+        from wasi_tool.artifact.names import METRICS
+
+        common.write_report_json(json_path, result.out, METRICS)
     if not common.is_stdout(json_path):
         render(result)
 

@@ -3,6 +3,7 @@ and loss of a model on a dataset)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -14,6 +15,7 @@ from wasi_tool.cli.common import console, human_bytes
 from wasi_tool.errors import WasiToolError
 
 if TYPE_CHECKING:  # the library (torch) loads when the command runs, not to parse its flags
+    from wasi_tool.artifact import ArtifactInfo
     from wasi_tool.stages.evaluate import EvalResult
 
 # The settings `info` shows of each stage (all of them are in --json).
@@ -34,10 +36,10 @@ def info(
 ) -> None:
     """What an artifact is: its kind, how it was made (stage history), its layers and ranks,
     its files with sizes and sha256 (checked against the manifest)."""
-    from wasi_tool import artifacts
+    from wasi_tool.artifact import describe
 
     with common.user_errors():
-        found = artifacts.describe(artifact)
+        found = describe(artifact)
         common.write_json(json_path, found)
         if not common.is_stdout(json_path):
             render_info(found)
@@ -53,7 +55,7 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _settings(stage: dict[str, Any]) -> str:
+def _settings(stage: Mapping[str, object]) -> str:
     config = stage.get("config")
     if not isinstance(config, dict):
         return ""
@@ -63,7 +65,7 @@ def _settings(stage: dict[str, Any]) -> str:
     return " ".join(shown)
 
 
-def render_info(found: dict[str, Any]) -> None:
+def render_info(found: ArtifactInfo) -> None:
     model, source = found["model"], found["source"]
     kwargs = " ".join(f"{k}={v}" for k, v in (model.get("kwargs") or {}).items())
     console.print(f"[bold]{found['path']}[/]: a {found['kind']} artifact, made {found['created']}")
@@ -78,7 +80,9 @@ def render_info(found: dict[str, Any]) -> None:
     for col in ("#", "stage", "settings", "data"):
         history.add_column(col)
     for i, stage in enumerate(found["stages"], 1):
-        history.add_row(str(i), str(stage.get("stage")), _settings(stage), stage.get("data", ""))
+        history.add_row(
+            str(i), str(stage.get("stage")), _settings(stage), str(stage.get("data", ""))
+        )
     console.print(history)
 
     if found["layers"]:

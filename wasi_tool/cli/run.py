@@ -62,8 +62,10 @@ def run(
     console.print(table)
     from rich.markdown import Markdown  # markdown-it and pygments, for the report only
 
+    from wasi_tool.artifact.names import REPORT_MD
+
     for r in records:
-        report = Path(r.output) / "report.md"
+        report = Path(r.output) / REPORT_MD
         if r.kind == "report" and report.is_file():
             console.print(Markdown(report.read_text()))
             console.print(f"report: {report}")

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from wasi_tool.artifact.records import RoundRecord
 from wasi_tool.federated.config import FederateConfig, read_settings, settings_config
 from wasi_tool.federated.local import Participant, build, train_round
 from wasi_tool.federated.payload import to_arrays
@@ -90,7 +91,7 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(cfg["out"]))
     resume = bool(cfg.get("resume", False))
 
-    def report(row: dict[str, Any]) -> None:
+    def report(row: RoundRecord) -> None:
         log.warning(
             "round %d: %d/%d updates, global accuracy %.4f",
             row["round"],

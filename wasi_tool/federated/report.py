@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
+from wasi_tool.artifact.records import RoundRecord
 
 
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+def plot_history(history: list[RoundRecord], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from wasi_tool.artifact.records import RoundRecord
 from wasi_tool.federated.config import FederateConfig
 from wasi_tool.federated.server import FederatedRun
 
@@ -20,7 +21,7 @@ def run_federate(
     overwrite: bool = False,
     resume: bool = False,
     test_data: str | Path | None = None,
-    on_round: Callable[[dict[str, Any]], None] = lambda row: None,
+    on_round: Callable[[RoundRecord], None] = lambda row: None,
     note: Callable[[str], None] = lambda m: None,
     hook: Any = None,
 ) -> FederatedRun:

@@ -13,11 +13,20 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import numpy as np
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
+from wasi_tool.artifact.records import (
+    CLIENT_METRICS,
+    COMPRESS,
+    FEDERATE,
+    ClientRow,
+    FederatedSummary,
+    RoundRecord,
+    StageRecord,
+)
 from wasi_tool.errors import WasiToolError
 from wasi_tool.federated.config import FederateConfig
 from wasi_tool.federated.local import Participant, build, evaluate_global
@@ -29,7 +38,7 @@ from wasi_tool.stages.common import layer_records, write_stage_artifact
 
 log = logging.getLogger("wasi_tool.federated")
 
-HISTORY = "federated.json"
+HISTORY = artifact.FEDERATED
 PLOT = "federated.png"
 STATE_FILE = "state.safetensors"
 SCHEMA = "wasi-tool-federated/1"
@@ -60,11 +69,25 @@ class Task:
         return cls(raw["model"], raw["data"], raw["config"])
 
 
+class Identity(TypedDict):
+    """What makes a run the same run: its task (as sent to the clients) and test data."""
+
+    task: object  # the task's JSON (Task.to_json, parsed)
+    test_data: str
+
+
+class SavedState(TypedDict):
+    """The server state saved after each completed round (beside the global tensors)."""
+
+    identity: Identity
+    history: list[RoundRecord]
+
+
 @dataclass
 class FederatedRun:
     out: Path
-    history: list[dict[str, Any]] = field(default_factory=list)
-    final: dict[str, float] = field(default_factory=dict)
+    history: list[RoundRecord] = field(default_factory=list)
+    final: dict[str, float | None] = field(default_factory=dict)
 
 
 def state_dir(out: Path) -> Path:
@@ -72,11 +95,11 @@ def state_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.fedstate"
 
 
-def save_state(directory: Path, state: State, meta: dict[str, Any]) -> None:
+def save_state(directory: Path, state: State, meta: SavedState) -> None:
     """Global tensors and the history in one safetensors file, replaced atomically."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{STATE_FILE}.tmp"
-    artifacts.save_weights(tmp, state, {"fedstate": meta})
+    artifact.save_weights(tmp, state, {"fedstate": meta})
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, directory / STATE_FILE)
@@ -86,7 +109,7 @@ def _number(value: Any) -> bool:
     return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
-def check_history(history: Any, where: str, rounds: int) -> list[dict[str, Any]]:
+def check_history(history: object, where: str, rounds: int) -> list[RoundRecord]:
     """A saved round history, typed and bounded: a list of at most ``rounds`` records, record
     k (1-based) for round k with its clients (objects), accepted count and test figures."""
     if not isinstance(history, list):
@@ -108,26 +131,24 @@ def check_history(history: Any, where: str, rounds: int) -> list[dict[str, Any]]
                 f"{where}: history record {k} is not a round record (round {k}, clients, "
                 "accepted, test_loss, test_accuracy)"
             )
-    return history
+    return cast(list[RoundRecord], history)
 
 
-def load_state(
-    directory: Path, identity: dict[str, Any], rounds: int
-) -> tuple[State, dict[str, Any]]:
+def load_state(directory: Path, identity: Identity, rounds: int) -> tuple[State, SavedState]:
     """The saved global tensors and the validated record (identity, history) of a run."""
     where = str(directory / STATE_FILE)
-    tensors, meta = artifacts.load_weights(directory / STATE_FILE)
+    tensors, meta = artifact.load_weights(directory / STATE_FILE)
     saved = loads_json(meta.get("fedstate", "{}"), f"{where} fedstate")
     if not isinstance(saved, dict):
         kind = type(saved).__name__
         raise WasiToolError(f"{where}: the saved state must be an object, got {kind}")
-    saved["history"] = check_history(saved.get("history"), where, rounds)
+    history = check_history(saved.get("history"), where, rounds)
     if saved.get("identity") != identity:
         raise WasiToolError(
             f"{directory} was made with other settings or data; resume with the same command, "
             "or start again with --overwrite"
         )
-    return tensors, saved
+    return tensors, {"identity": identity, "history": history}
 
 
 def _arrays_record(arrays: dict[str, np.ndarray]) -> Any:
@@ -236,7 +257,7 @@ def check_partitions(
 
 def run_round(
     grid: Any, rnd: int, task: Task, state: State, config: FederateConfig, wait: float
-) -> tuple[State | None, list[dict[str, Any]]]:
+) -> tuple[State | None, list[ClientRow]]:
     """Send the global state to the clients, collect, check and aggregate their updates.
     Returns the new state (None when fewer than min_clients updates were usable) and one
     record per client: status, reason, bytes down/up, local figures."""
@@ -244,7 +265,8 @@ def run_round(
 
     nodes = _wait_for_nodes(grid, config.clients, wait)
     arrays = to_arrays(state)
-    messages, rows = [], {}
+    messages: list[Any] = []
+    rows: dict[int, ClientRow] = {}
     for node in nodes:
         record = _arrays_record(arrays)
         content = RecordDict(
@@ -265,17 +287,20 @@ def run_round(
         try:
             update, metrics = _read_reply(reply, state)
         except WasiToolError as exc:
-            row.update(status="dropped", reason=str(exc))
+            row["status"], row["reason"] = "dropped", str(exc)
             log.warning("round %d: dropped the update of node %s: %s", rnd + 1, node, exc)
             continue
-        row.update(status="ok", **metrics)
+        row["status"] = "ok"
+        for key in CLIENT_METRICS:  # what a client reports; anything else is not recorded
+            if key in metrics:
+                row[key] = metrics[key]  # type: ignore[literal-required]
         updates.append(update)
         weights.append(metrics["samples"])
     for row in rows.values():
         if row["status"] == "missing":
             row["reason"] = "no reply"
             log.warning("round %d: no reply from node %s", rnd + 1, row["node"])
-    records = sorted(rows.values(), key=lambda r: (r.get("partition_id", 1e9), r["node"]))
+    records = sorted(rows.values(), key=lambda r: (r.get("partition_id", 1e9), r.get("node", 0)))
     if len(updates) < config.min_clients:
         return None, records
     return aggregate(updates, weights, state, config.server_lr), records
@@ -292,7 +317,7 @@ def serve(
     overwrite: bool = False,
     test_data: str | Path | None = None,
     node_wait: float = 300.0,
-    on_round: Callable[[dict[str, Any]], None] = lambda row: None,
+    on_round: Callable[[RoundRecord], None] = lambda row: None,
     note: Callable[[str], None] = lambda m: None,
     check_data: bool = False,
 ) -> FederatedRun:
@@ -310,7 +335,7 @@ def serve(
     if resume and overwrite:
         raise WasiToolError("--resume continues a run; --overwrite starts it again: pick one")
     if not resume:
-        artifacts.check_output_dir(out, overwrite)
+        artifact.check_output_dir(out, overwrite)
         if (sdir / STATE_FILE).exists() and not overwrite:
             raise WasiToolError(
                 f"an interrupted run left {sdir}; pass --resume to continue it or --overwrite"
@@ -318,12 +343,12 @@ def serve(
     elif out.exists():
         raise WasiToolError(f"output {out} already exists: that run has finished")
     task = Task(str(source), str(data), config.to_dict())
-    identity = {"task": json.loads(task.to_json()), "test_data": str(test_data)}
+    identity: Identity = {"task": json.loads(task.to_json()), "test_data": str(test_data)}
     server = build(ModelSource(checkpoint=Path(source)), data, config, None, note, test_data)
     if check_data:
         check_partitions(server, data, config, test_data)
     state = trainable_state(server.model)
-    history: list[dict[str, Any]] = []
+    history: list[RoundRecord] = []
     if resume and (sdir / STATE_FILE).exists():
         state, saved = load_state(sdir, identity, config.rounds)
         history = list(saved["history"])
@@ -353,11 +378,11 @@ def _rounds(
     server: Participant,
     state: State,
     config: FederateConfig,
-    history: list[dict[str, Any]],
+    history: list[RoundRecord],
     sdir: Path,
-    identity: dict[str, Any],
+    identity: Identity,
     node_wait: float,
-    on_round: Callable[[dict[str, Any]], None],
+    on_round: Callable[[RoundRecord], None],
 ) -> None:
     """The rounds after ``history``: each one's state and record saved when it completes."""
     for rnd in range(len(history), config.rounds):
@@ -379,7 +404,7 @@ def _rounds(
 
         load_state_(server.model, state)
         test = evaluate_global(server, config.batch_size)
-        row = {
+        row: RoundRecord = {
             "round": rnd + 1,
             "clients": clients,
             "accepted": sum(c["status"] == "ok" for c in clients),
@@ -397,14 +422,14 @@ def write_federated_artifact(
     config: FederateConfig,
     data: str | Path,
     out: Path,
-    history: list[dict[str, Any]],
+    history: list[RoundRecord],
     overwrite: bool,
 ) -> FederatedRun:
     model = server.model
     prepared = server.prepared
     finalize_(model, config.method)
     model.eval()
-    summary = {
+    summary: FederatedSummary = {
         "schema": SCHEMA,
         "clients": config.clients,
         "partition": config.partition,
@@ -415,13 +440,13 @@ def write_federated_artifact(
         "test": server.description,
         "history": history,
     }
-    stages = [{"stage": "federate", "config": config.to_dict(), "data": str(data)}]
+    stages = [StageRecord(FEDERATE, config.to_dict(), data=str(data))]
     if prepared.compress_report is not None:
-        stages.insert(0, {"stage": "compress", "config": prepared.compress_report["config"]})
+        stages.insert(0, StageRecord(COMPRESS, prepared.compress_report["config"]))
     final = {k: history[-1][k] for k in ("test_loss", "test_accuracy")} if history else {}
 
     def extra(staging: Path) -> None:
-        artifacts.write_json(staging / HISTORY, summary)
+        artifact.write_json(staging / HISTORY, summary)
         try:
             from wasi_tool.federated.report import plot_history
 
@@ -434,7 +459,7 @@ def write_federated_artifact(
         out,
         stages,
         layer_records(model, prepared.targets, prepared.act_ranks),
-        {"stage": "federate", "final": final},
+        {"stage": FEDERATE, "final": final},
         extra=extra,
         overwrite=overwrite,
         federated=summary,
@@ -442,5 +467,5 @@ def write_federated_artifact(
     return FederatedRun(out, history, final)
 
 
-def round_nodes(history: Iterable[dict[str, Any]]) -> int:
+def round_nodes(history: Iterable[RoundRecord]) -> int:
     return max((len(r["clients"]) for r in history), default=0)

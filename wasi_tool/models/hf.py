@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wasi_tool import artifacts
+from wasi_tool import artifact as artifacts
 from wasi_tool.errors import WasiToolError
 
 HF_ARCH = "hf"
@@ -76,7 +76,7 @@ def _transformers() -> Any:
 
 def is_hf_dir(path: Path) -> bool:
     """A directory holding a transformers ``config.json`` (and not a wasi-tool artifact)."""
-    return path.is_dir() and (path / CONFIG).is_file() and not (path / "manifest.json").exists()
+    return path.is_dir() and (path / CONFIG).is_file() and not (path / artifacts.MANIFEST).exists()
 
 
 def is_hf(model: nn.Module) -> bool:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
+from wasi_tool.artifact import FactoredShape, SourceDict, StageRecord, WeightsMetadata
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import custom, hf, tv
 from wasi_tool.models.registry import (
@@ -30,7 +31,6 @@ from wasi_tool.models.registry import (
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
 from wasi_tool.nn.token_drop import enable_token_drop_, token_drop_spec
-from wasi_tool.safe_read import loads_json
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -60,8 +60,8 @@ class LoadedModel:
     model: nn.Module
     arch: str | None
     model_kwargs: dict[str, Any]
-    source: dict[str, Any]
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    source: SourceDict
+    stages: list[StageRecord] = field(default_factory=list)
     tokenizer_dir: Path | None = None  # Hugging Face models: where the tokenizer files are
 
 
@@ -135,15 +135,15 @@ def _load_model(src: ModelSource) -> LoadedModel:
     if path.is_file() and hf.is_gguf(path):
         return _from_gguf(path, src)
     if path.is_dir():
-        if not artifacts.is_artifact_dir(path):
+        if not artifact.is_artifact_dir(path):
             raise WasiToolError(
                 f"{path} is a directory but not a wasi-tool artifact (no manifest.json) nor a "
                 "Hugging Face model (no config.json)"
             )
         return load_artifact(path, expect_arch=src.arch, model_class=src.model_class)
     if path.suffix == ".safetensors":
-        tensors, meta = artifacts.load_weights(path)
-        if meta.get("format") == artifacts.WEIGHTS_FORMAT:
+        tensors, meta = artifact.load_weights(path)
+        if WeightsMetadata.is_wasi(meta):
             return _from_wasi_weights(path, tensors, meta, src.arch, src.model_class)
         arch = src.arch or meta.get("arch")
         return _from_state_dict(tensors, arch, src, _source(path, "safetensors"))
@@ -161,53 +161,50 @@ def load_artifact(
 ) -> LoadedModel:
     """Rebuild the model of a wasi-tool artifact directory (its weights are hash-checked);
     a custom model only when ``model_class`` names the class it records."""
-    manifest = artifacts.read_manifest(directory)
-    for name in manifest["files"]:  # every file it lists is there (the weights also hashed)
-        if not artifacts.safe_member(directory, name).is_file():
+    manifest = artifact.load_manifest(directory)
+    for name in manifest.files:  # every file it lists is there (the weights also hashed)
+        if not artifact.safe_member(directory, name).is_file():
             raise WasiToolError(f"artifact {directory} is missing {name}, which its manifest lists")
-    artifacts.verify_files(directory, manifest, [artifacts.WEIGHTS])
-    weights = directory / artifacts.WEIGHTS
-    tensors, meta = artifacts.load_weights(weights)
+    artifact.verify_files(directory, manifest, [artifact.WEIGHTS])
+    weights = directory / artifact.WEIGHTS
+    tensors, meta = artifact.load_weights(weights)
     loaded = _from_wasi_weights(weights, tensors, meta, expect_arch, model_class)
     loaded.source = {
-        **manifest["source"],
+        **manifest.source,
         "parent": {
             "path": str(directory),
-            "sha256": manifest["files"][artifacts.WEIGHTS]["sha256"],
+            "sha256": manifest.files[artifact.WEIGHTS]["sha256"],
         },
     }
-    loaded.stages = list(manifest["stages"])
+    loaded.stages = list(manifest.stages)
     if hf.tokenizer_files(directory):
         loaded.tokenizer_dir = directory
     return loaded
 
 
-def weights_metadata(loaded: LoadedModel) -> dict[str, Any]:
-    """The safetensors ``__metadata__`` that lets ``load_model`` rebuild ``loaded.model``."""
+def weights_metadata(loaded: LoadedModel) -> WeightsMetadata:
+    """The safetensors ``__metadata__`` that lets ``load_model`` rebuild ``loaded.model``
+    (with ``loaded.stages``, its history)."""
     if loaded.arch is None:
         raise WasiToolError(
             "cannot write an artifact: the model has no timm architecture name (pass --arch)"
         )
     factored = {
-        name: [m.out_features, m.in_features, m.rank, m.bias is not None]
+        name: FactoredShape(m.out_features, m.in_features, m.rank, m.bias is not None)
         for name, m in loaded.model.named_modules()
         if isinstance(m, FactoredLinear)
     }
-    meta: dict[str, Any] = {
-        "format": artifacts.WEIGHTS_FORMAT,
-        "format_version": str(artifacts.FORMAT_VERSION),
-        "arch": loaded.arch,
-        "model_kwargs": loaded.model_kwargs,
-        "factored": factored,
+    token_drop = {  # part of the model: BSR's blocks that drop tokens
+        name: (float(spec[0]), bool(spec[1]))
+        for name, spec in token_drop_spec(loaded.model).items()
     }
-    token_drop = token_drop_spec(loaded.model)
-    if token_drop:  # part of the model: BSR's blocks that drop tokens
-        meta["token_drop"] = token_drop
-    return meta
+    return WeightsMetadata(
+        loaded.arch, loaded.model_kwargs, factored, token_drop, list(loaded.stages)
+    )
 
 
-def _source(path: Path, kind: str) -> dict[str, Any]:
-    return {"kind": kind, "path": str(path), "sha256": artifacts.sha256_file(path)}
+def _source(path: Path, kind: str) -> SourceDict:
+    return {"kind": kind, "path": str(path), "sha256": artifact.sha256_file(path)}
 
 
 def _from_gguf(path: Path, src: ModelSource) -> LoadedModel:
@@ -224,7 +221,7 @@ def _from_gguf(path: Path, src: ModelSource) -> LoadedModel:
 def _from_hf_dir(directory: Path, src: ModelSource) -> LoadedModel:
     model = hf.load_dir(directory, src.num_classes, src.seed, src.task)
     weights = next(directory / f for f in hf.WEIGHT_FILES if (directory / f).is_file())
-    source = {**_source(weights, "hf-dir"), "directory": str(directory)}
+    source: SourceDict = {**_source(weights, "hf-dir"), "directory": str(directory)}
     return LoadedModel(model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=directory)
 
 
@@ -233,7 +230,7 @@ def _hf_random_init(directory: Path, src: ModelSource) -> LoadedModel:
     hf.check_task(src.task)
     model = hf.random_dir(directory, src.task, src.seed)
     path = str(directory / hf.CONFIG)
-    source: dict[str, Any] = {"kind": "random-init", "path": path, "sha256": None}
+    source: SourceDict = {"kind": "random-init", "path": path, "sha256": None}
     source["seed"] = src.seed
     tokenizer_dir = directory if hf.tokenizer_files(directory) else None
     return LoadedModel(
@@ -252,7 +249,7 @@ def _random_init(src: ModelSource) -> LoadedModel:
     model = build_model(
         src.arch, num_classes=src.num_classes, img_size=src.img_size, **(src.model_kwargs or {})
     )
-    source = {"kind": "random-init", "path": None, "sha256": None, "seed": src.seed}
+    source: SourceDict = {"kind": "random-init", "path": None, "sha256": None, "seed": src.seed}
     return LoadedModel(model, src.arch, _kwargs_of(model, src), source)
 
 
@@ -274,27 +271,13 @@ def _from_wasi_weights(
     expect_arch: str | None,
     model_class: str | None = None,
 ) -> LoadedModel:
-    try:
-        version = int(meta.get("format_version", "-1"))
-        arch = meta["arch"]
-        kwargs = loads_json(meta["model_kwargs"], f"{path} metadata model_kwargs")
-        factored = loads_json(meta["factored"], f"{path} metadata factored")
-        if not isinstance(kwargs, dict) or not isinstance(factored, dict):
-            raise ValueError("model_kwargs and factored must be JSON objects")
-        shapes = {
-            name: (int(spec[0]), int(spec[1]), int(spec[2]), bool(spec[3]))
-            for name, spec in factored.items()
-        }
-        token_drop = {
-            name: (float(spec[0]), bool(spec[1]))
-            for name, spec in loads_json(
-                meta.get("token_drop", "{}"), f"{path} metadata token_drop"
-            ).items()
-        }
-    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
-        raise WasiToolError(f"{path}: malformed wasi-tool metadata ({exc})") from None
-    if version != artifacts.FORMAT_VERSION:
-        raise WasiToolError(f"{path}: weights format_version {version} is not supported")
+    found = WeightsMetadata.from_dict(meta, path)
+    arch, kwargs, shapes, token_drop = (
+        found.arch,
+        found.model_kwargs,
+        found.factored,
+        found.token_drop,
+    )
     if expect_arch is not None and expect_arch != arch:
         raise WasiToolError(f"{path} holds a {arch} model, not {expect_arch}")
     if arch == custom.CUSTOM_ARCH:
@@ -381,7 +364,7 @@ def _from_module(model: nn.Module, path: Path, src: ModelSource) -> LoadedModel:
 
 
 def _from_state_dict(
-    state: dict[str, Any], arch: str | None, src: ModelSource, source: dict[str, Any]
+    state: dict[str, Any], arch: str | None, src: ModelSource, source: SourceDict
 ) -> LoadedModel:
     if arch is None:
         raise WasiToolError(f"{source['path']} does not name its architecture; pass --arch")

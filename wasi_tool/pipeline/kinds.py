@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.bench import (
     InferenceBenchConfig,
     TrainBenchConfig,
@@ -179,8 +179,8 @@ def _bench(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
         vs = opts.get("vs")
         defaults = InferenceBenchConfig()
         result = run_inference_bench(
-            run_dir / str(spec.input) / "model.onnx",
-            run_dir / vs / "model.onnx" if vs else None,
+            run_dir / str(spec.input) / artifact.ONNX,
+            run_dir / vs / artifact.ONNX if vs else None,
             get_profile(str(opts.get("device", "host"))),
             InferenceBenchConfig(
                 batch_size=int(opts.get("batch_size", defaults.batch_size)),
@@ -190,8 +190,8 @@ def _bench(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
         )
         result["kind"] = "inference"
         result["stages"] = [spec.input, *([vs] if vs else [])]
-    with artifacts.atomic_directory(out, overwrite=True, replaceable=_stage_output) as staging:
-        artifacts.write_json(staging / BENCH_FILE, result)
+    with artifact.atomic_directory(out, overwrite=True, replaceable=_stage_output) as staging:
+        artifact.write_json(staging / BENCH_FILE, result)
 
 
 def _report_inputs(spec: StageSpec) -> list[str]:
@@ -209,14 +209,14 @@ def _check_report(pipeline: Pipeline, spec: StageSpec) -> None:
 def _report(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
     names = list(spec.options.get("stages") or [])
     title = str(spec.options.get("title", "wasi-tool report"))
-    with artifacts.atomic_directory(out, overwrite=True, replaceable=_stage_output) as staging:
+    with artifact.atomic_directory(out, overwrite=True, replaceable=_stage_output) as staging:
         write_report(run_dir, names, staging, title)
 
 
 def _stage_output(path: Path) -> bool:
     """What a stage of a run wrote (an artifact, a bench or a report directory): the only
     directories a re-run may replace."""
-    return artifacts.is_wasi_artifact(path) or any(
+    return artifact.is_wasi_artifact(path) or any(
         (path / name).is_file() for name in (BENCH_FILE, REPORT_MD)
     )
 

@@ -7,19 +7,83 @@ import os
 import shutil
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
+from wasi_tool.artifact import BENCH as BENCH_FILE
+from wasi_tool.artifact import COMPRESS, EXPORT, FEDERATE, FINETUNE, ONNX
+from wasi_tool.artifact import METRICS as METRICS_FILE
+from wasi_tool.artifact import REPORT_MD as REPORT_MD
 from wasi_tool.bench.train import TrainBenchResult, settings_text
 from wasi_tool.measure import pace
 from wasi_tool.safe_read import read_json
-from wasi_tool.training.results import METRICS as METRICS_FILE
 from wasi_tool.training.results import FinetuneMetrics
 from wasi_tool.wording import ratio as words
 from wasi_tool.wording import spread, wide
 
-BENCH_FILE = "bench.json"
-REPORT_MD = "report.md"
+__all__ = ["BENCH_FILE", "REPORT_MD", "RunSummary", "stage_kind", "write_report"]
+
+
+class FinetuneSummary(TypedDict):
+    method: str
+    test_accuracy: float
+    total: float | None  # SavedBytes: bytes saved for backward per step, all and in targets
+    targets: float | None
+    note: str
+
+
+class ExportSummary(TypedDict):
+    onnx_bytes: int
+
+
+class CompressSummary(TypedDict):
+    layers: int
+    median_heldout_plain: float
+    median_calibrated_over_plain: float | None
+
+
+class FederateSummary(TypedDict):
+    method: str | None
+    clients: int | None
+    partition: str | None
+    rounds: int
+    test_loss: float | None
+    test_accuracy: float | None
+
+
+class MemoryRow(TypedDict):
+    stage: str
+    method: str
+    memory_mode: str
+    memory_plan: dict[str, Any] | None
+    peak_rss_bytes: float
+    above_floor_bytes: float | None
+    test_accuracy: float | None
+    allocator: str | None
+
+
+class RunSummary(TypedDict, total=False):
+    """The run's ``report.json``: each reported stage's figures, by kind then stage name."""
+
+    finetune: dict[str, FinetuneSummary]
+    train_bench: dict[str, dict[str, float]]  # bench.train.Ratios
+    inference: dict[str, dict[str, Any]]
+    export: dict[str, ExportSummary]
+    memory: list[MemoryRow]
+    compress: dict[str, CompressSummary]
+    federate: dict[str, FederateSummary]
+
+
+def stage_kind(directory: Path) -> str | None:
+    """The kind of what a stage of the run wrote, as it recorded it: an artifact's last stage
+    record (compress, finetune, export, federate, ...), a bench's ``kind`` (``train`` or
+    ``inference`` bench); None for anything else."""
+    if artifact.is_artifact_dir(directory):
+        return artifact.load_manifest(directory).kind
+    if (directory / BENCH_FILE).is_file():
+        kind = read_json(directory / BENCH_FILE).get("kind")
+        return "train-bench" if kind == "train" else "inference-bench"
+    return None
 
 
 def _row(*cells: object) -> str:
@@ -58,36 +122,39 @@ def _step_cell(median: float, low: float | None, high: float | None) -> str:
     return f"{spread(median, low, high)}{flag}"
 
 
-def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict[str, Any]:
-    """Compare the named stages' outputs: report.md, report.json and PNG plots in ``out``."""
+def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> RunSummary:
+    """Compare the named stages' outputs: report.md, report.json and PNG plots in ``out``.
+    Each stage is reported by the kind it recorded (``stage_kind``)."""
     finetunes: list[tuple[str, FinetuneMetrics]] = []
     compresses: list[tuple[str, dict[str, Any], Path]] = []
     trains: list[tuple[str, TrainBenchResult]] = []
     inferences: list[tuple[str, dict[str, Any]]] = []
     exports: list[tuple[str, Path]] = []
+    federates: list[tuple[str, artifact.Manifest]] = []
     for name in names:
         d = run_dir / name
-        if (d / METRICS_FILE).is_file():
+        kind = stage_kind(d)
+        if kind == FINETUNE and (d / METRICS_FILE).is_file():
             metrics = read_json(d / METRICS_FILE)
             finetunes.append((name, FinetuneMetrics.from_dict(metrics)))
-        elif (d / BENCH_FILE).is_file():
-            b = read_json(d / BENCH_FILE)
-            if b.get("kind") == "train":
-                trains.append((name, TrainBenchResult.from_dict(b)))
-            else:
-                inferences.append((name, b))
-        elif (d / "model.onnx").is_file():
+        elif kind == "train-bench":
+            trains.append((name, TrainBenchResult.from_dict(read_json(d / BENCH_FILE))))
+        elif kind == "inference-bench":
+            inferences.append((name, read_json(d / BENCH_FILE)))
+        elif kind == EXPORT and (d / ONNX).is_file():
             exports.append((name, d))
-        elif (d / artifacts.REPORT).is_file():
-            rep = read_json(d / artifacts.REPORT)
-            if rep.get("stage") == "compress":
-                compresses.append((name, rep, d))
+        elif kind == COMPRESS and (d / artifact.REPORT).is_file():
+            compresses.append((name, read_json(d / artifact.REPORT), d))
+        elif kind == FEDERATE:
+            federates.append((name, artifact.load_manifest(d)))
     lines = [f"# {title}", ""]
-    summary: dict[str, Any] = {"finetune": {}, "train_bench": {}, "inference": {}, "export": {}}
+    summary: RunSummary = {"finetune": {}, "train_bench": {}, "inference": {}, "export": {}}
     if trains:
         lines += _memory_lead(trains, finetunes, summary)
     for name, rep, _ in compresses:
         lines += _compress_section(name, rep, summary)
+    for name, manifest in federates:
+        lines += _federate_section(name, manifest, summary)
     base = next((m for _, m in finetunes if m.method == "vanilla"), None)
     if finetunes:
         lines += [
@@ -138,7 +205,9 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             summary["finetune"][name] = {
                 "method": m.method,
                 "test_accuracy": acc,
-                **dataclasses.asdict(saved),
+                "total": saved.total,
+                "targets": saved.targets,
+                "note": saved.note,
             }
         lines.append("")
     for name, b in trains:
@@ -195,39 +264,78 @@ def write_report(run_dir: Path, names: list[str], out: Path, title: str) -> dict
             )
         summary["train_bench"][name] = dataclasses.asdict(ratios) if ratios else {}
         lines.append("")
-    for name, b in inferences:
+    for name, bench in inferences:
         lines += [
-            f"## Inference, onnxruntime ({name}: {b['ran_on']['note']}, batch {b['batch']}, "
-            f"{b['threads']} threads)",
+            f"## Inference, onnxruntime ({name}: {bench['ran_on']['note']}, batch "
+            f"{bench['batch']}, {bench['threads']} threads)",
             "",
             _row("model", "file", "p50 (p10-p90)"),
             _row(*["---"] * 3),
         ]
-        for key, stage in zip(("a", "b"), b.get("stages", []), strict=False):
-            m = b["models"][key]
+        for key, stage in zip(("a", "b"), bench.get("stages", []), strict=False):
+            m = bench["models"][key]
             p50 = (
                 _step_cell(m["p50_ms"] / 1e3, m["p10_ms"] / 1e3, m["p90_ms"] / 1e3)
                 if "p10_ms" in m
                 else f"{m['p50_ms']:.2f} ms"
             )
             lines.append(_row(stage, _mb(m["file_bytes"]), p50))
-        if "ratios" in b:
-            r = b["ratios"]
+        if "ratios" in bench:
+            r = bench["ratios"]
             size = words(r["file_size_ratio_vs"], "size")
             lines.append(_row("ratio", size, pace(r["p50_speedup_vs"])))
-        summary["inference"][name] = b.get("ratios", {})
+        summary["inference"][name] = bench.get("ratios", {})
         lines.append("")
     for name, d in exports:
-        summary["export"][name] = {"onnx_bytes": (d / "model.onnx").stat().st_size}
+        summary["export"][name] = {"onnx_bytes": (d / ONNX).stat().st_size}
     plots = _plots(finetunes, compresses, out, trains)
     if plots:
         lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
     (out / REPORT_MD).write_text("\n".join(lines))
-    artifacts.write_json(out / "report.json", summary)
+    artifact.write_json(out / artifact.REPORT, summary)
     return summary
 
 
-def _compress_section(name: str, rep: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+def _federate_section(name: str, manifest: artifact.Manifest, summary: RunSummary) -> list[str]:
+    """A federate stage: its setting (clients, partition, method) and the global model's
+    held-out figures after each round."""
+    fed = manifest.federated
+    history = fed.get("history", []) if fed is not None else []
+    config = manifest.stages[-1].config or {}  # the stage's settings, when no summary says
+    method = fed.get("method") if fed is not None else config.get("method")
+    clients = fed.get("clients") if fed is not None else config.get("clients")
+    partition = fed.get("partition") if fed is not None else config.get("partition")
+    lines = [
+        f"## Federated training ({name}: {method}, {clients} clients, partition {partition}, "
+        f"{len(history)} rounds)",
+        "",
+        _row("round", "updates accepted", "test loss", "test acc", "seconds"),
+        _row(*["---"] * 5),
+    ]
+    for r in history:
+        loss, acc = r.get("test_loss"), r.get("test_accuracy")
+        lines.append(
+            _row(
+                r.get("round"),
+                f"{r.get('accepted')} / {len(r.get('clients') or [])}",
+                "" if loss is None else f"{loss:.4f}",
+                "" if acc is None else f"{acc:.4f}",
+                r.get("seconds", ""),
+            )
+        )
+    lines.append("")
+    summary.setdefault("federate", {})[name] = {
+        "method": method,
+        "clients": clients,
+        "partition": partition,
+        "rounds": len(history),
+        "test_loss": history[-1].get("test_loss") if history else None,
+        "test_accuracy": history[-1].get("test_accuracy") if history else None,
+    }
+    return lines
+
+
+def _compress_section(name: str, rep: dict[str, Any], summary: RunSummary) -> list[str]:
     """A compress stage's layers: rank, and the relative output error on held-out inputs of
     plain SVD and of the calibrated truncation at that rank (when it was calibrated)."""
     layers = [x for x in rep.get("layers", []) if x.get("status") == "factored"]
@@ -274,7 +382,7 @@ def _compress_section(name: str, rep: dict[str, Any], summary: dict[str, Any]) -
 def _memory_lead(
     trains: list[tuple[str, TrainBenchResult]],
     finetunes: list[tuple[str, FinetuneMetrics]],
-    summary: dict[str, Any],
+    summary: RunSummary,
 ) -> list[str]:
     """What a device user asks first: each method's whole-process peak memory (its own fresh
     process, from the training benches), the memory mode or budget plan, accuracy beside it."""
@@ -384,8 +492,8 @@ def _plots(
 
     made = []
     for name, _, d in compresses:
-        if os.path.lexists(d / "energy.png"):
-            energy = artifacts.safe_member(d, "energy.png")  # never a link out of the stage
+        if os.path.lexists(d / artifact.ENERGY_PLOT):
+            energy = artifact.safe_member(d, artifact.ENERGY_PLOT)  # never a link out of it
             shutil.copyfile(energy, out / f"energy-{name}.png")
             made.append(f"energy-{name}.png")
     for name, rep, _ in compresses:

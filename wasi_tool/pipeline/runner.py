@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.errors import WasiToolError
 from wasi_tool.pipeline.kinds import KINDS
 from wasi_tool.pipeline.spec import Pipeline
 from wasi_tool.safe_read import read_json
 
-PIPELINE_FILE = "pipeline.json"
+PIPELINE_FILE = artifact.PIPELINE
 
 
 @dataclass
@@ -45,9 +45,9 @@ def _source_payload(source: dict[str, Any]) -> dict[str, Any]:
     if ckpt:
         p = Path(ckpt)
         if p.is_file():
-            payload["sha256"] = artifacts.sha256_file(p)
-        elif artifacts.is_artifact_dir(p):
-            payload["manifest"] = (p / artifacts.MANIFEST).read_text()
+            payload["sha256"] = artifact.sha256_file(p)
+        elif artifact.is_artifact_dir(p):
+            payload["manifest"] = (p / artifact.MANIFEST).read_text()
     return payload
 
 
@@ -104,9 +104,9 @@ def _run_stages(
         key = _hash(payload)
         keys[spec.name] = key
         out = run_dir / spec.name
-        old = previous.get(spec.name, {})
+        old = previous.get(spec.name)
         start = time.perf_counter()
-        reused = not force and old.get("key") == key and out.exists()
+        reused = not force and old is not None and old.key == key and out.exists()
         if not reused:
             if progress is not None:  # said before a stage that may run for minutes
                 progress.note(f"{spec.name} ({spec.kind}): running...")
@@ -116,7 +116,7 @@ def _run_stages(
             spec.kind,
             key,
             reused,
-            round(old.get("seconds", 0.0) if reused else time.perf_counter() - start, 3),
+            round(old.seconds if old is not None and reused else time.perf_counter() - start, 3),
             str(out),
             spec.settings(),
         )
@@ -127,32 +127,47 @@ def _run_stages(
     return records
 
 
-def _read_state(run_dir: Path) -> dict[str, dict[str, Any]]:
+def _read_state(run_dir: Path) -> dict[str, StageRecord]:
+    """The stage records of the last run in ``run_dir`` (pipeline.json), by name."""
     path = run_dir / PIPELINE_FILE
     if not path.is_file():
         return {}
     try:
-        data = read_json(path)
-        return {s["name"]: s for s in data["stages"]}
+        found = {}
+        for raw in read_json(path)["stages"]:
+            record = StageRecord(**raw)
+            if not (
+                isinstance(record.name, str)
+                and isinstance(record.key, str)
+                and isinstance(record.seconds, int | float)
+            ):
+                raise TypeError("not a stage record")
+            found[record.name] = record
+        return found
     except (WasiToolError, ValueError, KeyError, TypeError):
         return {}  # an unreadable record only means nothing is reused
 
 
 def _write_state(
-    run_dir: Path, pipeline: Pipeline, records: list[StageRecord], previous: dict[str, Any]
+    run_dir: Path,
+    pipeline: Pipeline,
+    records: list[StageRecord],
+    previous: dict[str, StageRecord],
 ) -> None:
     done = {r.name for r in records}
     later = [
-        v for k, v in previous.items() if k not in done and k in {s.name for s in pipeline.stages}
+        dataclasses.asdict(v)
+        for k, v in previous.items()
+        if k not in done and k in {s.name for s in pipeline.stages}
     ]
     payload = {
         "pipeline": pipeline.name,
         "description": pipeline.description,
         "recipe": str(pipeline.path),
-        "updated": artifacts.now_iso(),
-        "versions": artifacts.versions(),
+        "updated": artifact.now_iso(),
+        "versions": artifact.versions(),
         "stages": [dataclasses.asdict(r) for r in records] + later,
     }
     tmp = run_dir / f".{PIPELINE_FILE}.tmp"
-    tmp.write_text(artifacts.dumps_json(payload))
+    tmp.write_text(artifact.dumps_json(payload))
     tmp.replace(run_dir / PIPELINE_FILE)

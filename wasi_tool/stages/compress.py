@@ -8,6 +8,7 @@ metric and reports the held-out output error of plain and calibrated truncation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
+from wasi_tool.artifact import COMPRESS, FileEntry, StageRecord
+from wasi_tool.artifact.records import CalibrationRecord
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
@@ -51,7 +54,7 @@ class Calibration:
 
     grams: dict[str, InputGram]
     held_out: dict[str, InputGram]
-    record: dict[str, Any]
+    record: CalibrationRecord
 
 
 @dataclass
@@ -61,8 +64,8 @@ class CompressResult:
     loaded: LoadedModel
     report: CompressReport
     out: Path
-    files: dict[str, Any]
-    calibration: dict[str, Any] | None = None
+    files: dict[str, FileEntry]
+    calibration: CalibrationRecord | None = None
 
 
 def _batches(
@@ -104,7 +107,7 @@ def calibration_grams(
     held_out = calibrate_grams(
         loaded.model, names, _batches(loaded, splits.test, test_idx, transform)
     )
-    record = {
+    record: CalibrationRecord = {
         "data": data,
         "description": splits.description,
         "samples": count,
@@ -130,7 +133,7 @@ def run_compress(
 ) -> CompressResult:
     """Load a model, compress it, and write an artifact directory at ``out`` (atomically)."""
     out = Path(out)
-    artifacts.check_output_dir(out, overwrite)
+    artifact.check_output_dir(out, overwrite)
     loaded = load_model(source)
     calibration = None
     if config.calibrate is not None:
@@ -141,7 +144,7 @@ def run_compress(
         report = compress_(loaded.model, config)
 
     # a re-compress: the energy is of the input artifact's already factored weights
-    earlier = any(s.get("stage") == "compress" for s in loaded.stages)
+    earlier = any(s.kind == COMPRESS for s in loaded.stages)
     relative = "already compressed by an earlier stage" if earlier else None
 
     def add_plot(staging: Path) -> None:
@@ -149,17 +152,25 @@ def run_compress(
             from wasi_tool.plots import plot_energy
 
             eps = config.eps if config.rank_ratio is None else None
-            plot_energy(report.layers, eps, staging / "energy.png", relative_to=relative)
+            plot_energy(report.layers, eps, staging / artifact.ENERGY_PLOT, relative_to=relative)
 
-    stage: dict[str, Any] = {"stage": "compress", "config": config.to_dict()}
-    if calibration is not None:
-        stage["calibration"] = calibration.record
-    if report.budget is not None:
-        stage["budget"] = report.budget
-    layers = layer_records(loaded.model, [r.name for r in report.layers])
-    for row, r in zip(layers, report.layers, strict=True):
-        if r.heldout_plain is not None:
-            row["heldout_error"] = {"plain": r.heldout_plain, "calibrated": r.heldout_calibrated}
+    stage = StageRecord(
+        COMPRESS,
+        config.to_dict(),
+        calibration=calibration.record if calibration is not None else None,
+        budget=report.budget,
+    )
+    layers = [
+        dataclasses.replace(
+            row,
+            heldout_error={"plain": r.heldout_plain, "calibrated": r.heldout_calibrated},
+        )
+        if r.heldout_plain is not None
+        else row
+        for row, r in zip(
+            layer_records(loaded.model, [r.name for r in report.layers]), report.layers, strict=True
+        )
+    ]
     files = write_stage_artifact(
         loaded,
         out,

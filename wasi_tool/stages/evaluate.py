@@ -11,11 +11,12 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
+from wasi_tool.artifact import FINETUNE, StageRecord
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
@@ -28,6 +29,31 @@ __all__ = ["EvalResult", "run_eval"]
 SPLITS = ("test", "train")
 
 
+class EvalSettings(TypedDict):
+    """The split an evaluation read: its settings, and whether they came from the model's
+    finetune stage."""
+
+    val_fraction: float
+    seed: int
+    classes: list[int] | None
+    seq_len: int | None
+    from_finetune_stage: bool
+
+
+class EvalDict(TypedDict):
+    """``wasi-tool eval --json``."""
+
+    arch: str | None
+    data: str
+    split: str
+    examples: int
+    loss: float
+    accuracy: float
+    classes: list[str]
+    settings: EvalSettings
+    predictions_file: NotRequired[str]
+
+
 @dataclass
 class EvalResult:
     loaded: LoadedModel
@@ -37,11 +63,11 @@ class EvalResult:
     loss: float
     accuracy: float
     classes: list[str]
-    settings: dict[str, Any]
+    settings: EvalSettings
     predictions: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> EvalDict:
         return {
             "arch": self.loaded.arch,
             "data": self.data,
@@ -54,10 +80,10 @@ class EvalResult:
         }
 
 
-def _finetune_settings(stages: list[dict[str, Any]]) -> dict[str, Any]:
+def _finetune_settings(stages: list[StageRecord]) -> dict[str, Any]:
     for stage in reversed(stages):
-        if stage.get("stage") == "finetune" and isinstance(stage.get("config"), dict):
-            return dict(stage["config"])
+        if stage.kind == FINETUNE and stage.config is not None:
+            return dict(stage.config)
     return {}
 
 
@@ -65,7 +91,7 @@ def _write_predictions(path: Path, result: EvalResult, inputs: tuple[Any, ...]) 
     """One CSV row per example, through the output-path rule (never onto an input, a device
     or a FIFO) and an atomic write."""
     names = result.classes
-    with artifacts.atomic_file(path, inputs, newline="") as f:
+    with artifact.atomic_file(path, inputs, newline="") as f:
         out = csv.writer(f)
         out.writerow(["index", "label", "prediction", "label_name", "prediction_name"])
         for i, (y, p) in enumerate(zip(result.labels, result.predictions, strict=True)):
@@ -92,11 +118,11 @@ def run_eval(
         raise WasiToolError(f"batch size must be >= 1, got {batch_size}")
     inputs = (source.checkpoint, data)
     if predictions is not None:  # refused before any work when it would overwrite an input
-        artifacts.check_output_file(predictions, inputs)
+        artifact.check_output_file(predictions, inputs)
     loaded = load_model(source)
     model = loaded.model
     tuned = _finetune_settings(loaded.stages)
-    settings: dict[str, Any] = {
+    settings: EvalSettings = {
         "val_fraction": tuned.get("val_fraction", 0.1) if val_fraction is None else val_fraction,
         "seed": tuned.get("seed", 0) if seed is None else seed,
         "classes": tuned.get("classes") if classes is None else classes,

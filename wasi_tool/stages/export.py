@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, TypedDict
 
 import numpy as np
 import torch
 from torch import nn
 
-from wasi_tool import artifacts, onnxio
+from wasi_tool import artifact, onnxio
+from wasi_tool.artifact import EXPORT, FileEntry, StageRecord
 from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models.family import family_of
@@ -18,8 +19,8 @@ from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.stages.common import layer_records, write_stage_artifact
 from wasi_tool.transforms.merge import merge_
 
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
+ONNX_FILE = artifact.ONNX
+INT8_FILE = artifact.INT8_ONNX
 
 
 @register_config
@@ -85,12 +86,20 @@ class CheckRow:
     passed: bool
 
 
+class ExportReport(TypedDict):
+    """An export's ``report.json``: the role of each file and every check (``CheckRow``)."""
+
+    stage: str
+    outputs: dict[str, str]
+    checks: list[dict[str, object]]
+
+
 @dataclass
 class ExportResult:
     loaded: LoadedModel
     out: Path
     checks: list[CheckRow]
-    files: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, FileEntry] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
 
 
@@ -142,14 +151,14 @@ def run_export(
     the ONNX files; the manifest's ``outputs`` says which file is which.
     """
     out = Path(out)
-    artifacts.check_output_dir(out, overwrite)
+    artifact.check_output_dir(out, overwrite)
     loaded = load_model(source)
     model = loaded.model.eval()
     merged = merge_(model) if config.merge else 0
     inputs = _check_inputs(loaded, config) if config.onnx else []
     checks: list[CheckRow] = []
     roles = {
-        artifacts.WEIGHTS: (
+        artifact.WEIGHTS: (
             f"dense weights under timm names ({merged} factored layers merged)"
             if config.merge
             else "weights; factored layers as <name>.L, <name>.R, <name>.bias"
@@ -205,13 +214,13 @@ def run_export(
                     f"{low[0].inputs} is below --min-agreement {config.min_agreement}"
                 )
 
-    def report() -> dict[str, Any]:
-        return {"stage": "export", "outputs": roles, "checks": [r.__dict__ for r in checks]}
+    def report() -> ExportReport:
+        return {"stage": EXPORT, "outputs": roles, "checks": [dict(vars(r)) for r in checks]}
 
     files = write_stage_artifact(
         loaded,
         out,
-        [{"stage": "export", "config": config.to_dict()}],
+        [StageRecord(EXPORT, config.to_dict())],
         layer_records(model),
         report,
         extra=write_onnx,

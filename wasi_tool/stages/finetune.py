@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from wasi_tool import artifacts
+from wasi_tool import artifact
 from wasi_tool.allocator import follow_live_memory, in_use
+from wasi_tool.artifact import COMPRESS, FINETUNE, METRICS, FileEntry, StageRecord
 from wasi_tool.data.datasets import DataSplits
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import reset_peak_rss
@@ -32,7 +33,7 @@ from wasi_tool.training.lm import evaluate_lm
 from wasi_tool.training.loop import Trainer
 from wasi_tool.training.match import training_memory_of
 from wasi_tool.training.progress import Progress, Silent
-from wasi_tool.training.results import METRICS, FinetuneMetrics
+from wasi_tool.training.results import FinetuneMetrics
 from wasi_tool.training.session import Session, build_session
 
 __all__ = ["METRICS", "FinetuneConfig", "FinetuneResult", "run_finetune"]
@@ -43,7 +44,7 @@ class FinetuneResult:
     loaded: LoadedModel
     out: Path
     metrics: FinetuneMetrics
-    files: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, FileEntry] = field(default_factory=dict)
 
 
 def _check_outputs(out: Path, ckpt_dir: Path, overwrite: bool, resume: bool) -> None:
@@ -60,7 +61,7 @@ def _check_outputs(out: Path, ckpt_dir: Path, overwrite: bool, resume: bool) -> 
                 "or a file); refusing to resume from it"
             )
         return
-    artifacts.check_output_dir(out, overwrite)
+    artifact.check_output_dir(out, overwrite)
     if ckpt_dir.exists() or ckpt_dir.is_symlink():
         if not overwrite:
             raise WasiToolError(
@@ -213,20 +214,20 @@ def _metrics(session: Session, trainer: Trainer, allocator: str | None) -> Finet
 
 def _write_artifact(
     session: Session, metrics: FinetuneMetrics, out: Path, overwrite: bool
-) -> dict[str, Any]:
+) -> dict[str, FileEntry]:
     """The fine-tuned model (plain modules), its stage records, report and metrics.json."""
     loaded, splits, prepared = session.loaded, session.splits, session.prepared
     assert loaded is not None and splits is not None
     config = session.config
-    stages = [{"stage": "finetune", "config": config.to_dict(), "data": splits.description}]
+    stages = [StageRecord(FINETUNE, config.to_dict(), data=splits.description)]
     if prepared.compress_report is not None:
-        stages.insert(0, {"stage": "compress", "config": prepared.compress_report["config"]})
+        stages.insert(0, StageRecord(COMPRESS, prepared.compress_report["config"]))
 
     def add_metrics(staging: Path) -> None:
-        artifacts.write_json(staging / METRICS, metrics.to_dict())
+        artifact.write_json(staging / METRICS, metrics.to_dict())
 
     as_dict = metrics.to_dict()
-    report = {"stage": "finetune", "final": as_dict["final"], "measured": as_dict["measured"]}
+    report = {"stage": FINETUNE, "final": as_dict["final"], "measured": as_dict["measured"]}
     if metrics.lm is not None:
         report["lm"] = metrics.lm
     return write_stage_artifact(

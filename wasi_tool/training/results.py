@@ -11,10 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from wasi_tool.artifact.names import METRICS as METRICS  # a finetune artifact's FinetuneMetrics
 from wasi_tool.errors import WasiToolError
 
 FINETUNE_SCHEMA = "wasi-tool-finetune-metrics/2"
-METRICS = "metrics.json"  # a finetune artifact's FinetuneMetrics
 SAVED_NOTE = (
     "storages autograd saved for backward in one step, each once, parameters excluded "
     "(saved_tensors_hooks)"

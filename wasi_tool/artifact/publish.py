@@ -1,8 +1,8 @@
-"""Artifact directories: weights (safetensors), manifest.json, report.json, written atomically.
-
-An artifact directory holds ``model.safetensors`` whose ``__metadata__`` (strings only) carries
-what is needed to rebuild the module tree, and ``manifest.json`` that says how it was made.
-This module does file I/O only; rebuilding models lives in ``wasi_tool.models``.
+"""Publishing artifacts and output files atomically: the output-path rule (no output of a
+command overwrites what it reads), safe member names inside an artifact, atomic files and
+directories (a temporary beside the output, renamed onto it), and the sweep of temporaries a
+killed writer left. File names and formats: ``names``; what an artifact holds: ``records``
+and ``io``.
 """
 
 from __future__ import annotations
@@ -11,202 +11,20 @@ import contextlib
 import contextvars
 import ctypes
 import errno
-import hashlib
 import json
-import math
 import os
 import platform
 import re
 import shutil
 import stat
-import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
-from wasi_tool._version import __version__
+from wasi_tool.artifact.names import ARTIFACT_FORMAT, MANIFEST
 from wasi_tool.errors import WasiToolError
-from wasi_tool.safe_read import read_json
-
-ARTIFACT_FORMAT = "wasi-tool-artifact"
-WEIGHTS_FORMAT = "wasi-tool-weights"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-WEIGHTS = "model.safetensors"
-REPORT = "report.json"
-# Manifest-bound work is capped: a manifest is read before its model is built, so its lists
-# must not make `info` or a load run for minutes. Far above what any model has (a 70B Llama
-# has 560 linear layers; a recipe a handful of stages).
-MAX_LAYERS = 20_000
-MAX_STAGES = 1_000
-MAX_FILES = 1_000
-
-# Keys a manifest of FORMAT_VERSION must have, with the type each must be.
-_MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
-    "format": str,
-    "format_version": int,
-    "created": str,
-    "versions": dict,
-    "source": dict,
-    "model": dict,
-    "stages": list,
-    "layers": list,
-    "files": dict,
-}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def versions() -> dict[str, str]:
-    """Versions of the software that made an artifact."""
-    import timm
-
-    return {
-        "wasi_tool": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def is_artifact_dir(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file()
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """Read and validate ``manifest.json`` of an artifact directory."""
-    path = directory / MANIFEST
-    if path.is_symlink():
-        raise WasiToolError(f"{path} is a symbolic link; an artifact holds its own files")
-    if not path.is_file():
-        raise WasiToolError(f"{directory} is not a wasi-tool artifact (no {MANIFEST})")
-    try:  # bounded: size before reading, nesting depth before parsing
-        manifest = read_json(path, str(path))
-    except (FileNotFoundError, NotADirectoryError):
-        raise WasiToolError(f"{directory} is not a wasi-tool artifact (no {MANIFEST})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WasiToolError(f"cannot read {path}: {exc}") from None
-    validate_manifest(manifest, path)
-    note_input(directory)
-    return manifest
-
-
-def validate_manifest(manifest: Any, where: Path | str = MANIFEST) -> None:
-    """Raise WasiToolError unless ``manifest`` is a manifest this version can read."""
-    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
-        raise WasiToolError(f"{where}: not a wasi-tool manifest (format != {ARTIFACT_FORMAT!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise WasiToolError(f"{where}: format_version must be an integer, got {version!r}")
-    if version != FORMAT_VERSION:
-        raise WasiToolError(
-            f"{where}: format_version {version} is not supported by wasi-tool {__version__} "
-            f"(reads version {FORMAT_VERSION})"
-        )
-    for key, kind in _MANIFEST_KEYS.items():
-        if key not in manifest:
-            raise WasiToolError(f"{where}: missing key {key!r}")
-        if not isinstance(manifest[key], kind):
-            raise WasiToolError(f"{where}: key {key!r} has the wrong type")
-    for key, limit in (("layers", MAX_LAYERS), ("stages", MAX_STAGES), ("files", MAX_FILES)):
-        if len(manifest[key]) > limit:
-            raise WasiToolError(
-                f"{where}: {len(manifest[key])} {key} records, more than the {limit} allowed"
-            )
-    kwargs = manifest["model"].get("kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise WasiToolError(f"{where}: model kwargs must be an object, got {type(kwargs).__name__}")
-    for name, entry in manifest["files"].items():
-        if name in ("", ".", "..") or any(c in name for c in "/\\\0") or os.path.isabs(name):
-            raise WasiToolError(f"{where}: files lists {name!r}, not a plain file name")
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("sha256"), str)
-            or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
-            or not _count(entry.get("bytes"), 1 << 50)
-        ):
-            raise WasiToolError(f"{where}: files entry {name!r} needs a sha256 and a byte count")
-    for layer in manifest["layers"]:
-        sizes = (
-            [layer.get(k) for k in ("out_features", "in_features", "rank")]
-            if isinstance(layer, dict)
-            else [None]
-        )
-        act = layer.get("act_ranks") if isinstance(layer, dict) else None
-        if (
-            not isinstance(layer, dict)
-            or not isinstance(layer.get("name"), str)
-            or len(layer["name"]) > 1000
-            or not all(v is None or _count(v, 1 << 31) for v in sizes)
-            or not (act is None or (isinstance(act, list) and len(act) <= 8))
-        ):
-            raise WasiToolError(
-                f"{where}: a layer record needs a name and integer sizes, got {str(layer)[:80]}"
-            )
-
-
-def _count(value: Any, limit: int) -> bool:
-    """An integer (not a bool) in 0..limit."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
-
-
-def describe(directory: Path) -> dict[str, Any]:
-    """What an artifact is and how it was made, for ``wasi-tool info``: its kind (the last
-    stage), source, model, stage history, layers, and every file with its size, its recorded
-    sha256 and whether the file on disk still matches it."""
-    directory = Path(directory)
-    if not directory.exists():
-        raise WasiToolError(f"no such file or directory: {directory}")
-    manifest = read_manifest(directory)
-    stages = [s for s in manifest["stages"] if isinstance(s, dict)]
-    files: dict[str, dict[str, Any]] = {}
-    for name, entry in sorted(manifest["files"].items()):
-        entry = entry if isinstance(entry, dict) else {}
-        path = safe_member(directory, name)
-        present = path.is_file()
-        size = path.stat().st_size if present else entry.get("bytes")
-        files[name] = {
-            "bytes": size,
-            "sha256": entry.get("sha256"),
-            "status": (
-                "missing"
-                if not present
-                else "mismatch"  # size before hash: a file of another size is never read
-                if size != entry.get("bytes") or sha256_file(path) != entry.get("sha256")
-                else "ok"
-            ),
-        }
-    manifest_bytes = (directory / MANIFEST).stat().st_size
-    files[MANIFEST] = {"bytes": manifest_bytes, "sha256": None, "status": "this record"}
-    return {
-        "path": str(directory),
-        "kind": str(stages[-1].get("stage", "artifact")) if stages else "artifact",
-        "created": manifest["created"],
-        "versions": manifest["versions"],
-        "source": manifest["source"],
-        "model": manifest["model"],
-        "stages": stages,
-        "layers": manifest["layers"],
-        "outputs": manifest.get("outputs"),
-        "files": files,
-        "total_bytes": sum(int(f["bytes"] or 0) for f in files.values()),
-    }
 
 
 def _fsync_path(path: Path) -> None:
@@ -571,13 +389,6 @@ def io_error_message(what: str, exc: BaseException) -> str | None:
     return None
 
 
-def _as_os_error(exc: Exception) -> OSError | None:
-    """The OSError behind a safetensors error ("I/O error: No space left on device (os error
-    28)"), or None when it is not an I/O error."""
-    match = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(exc))
-    return OSError(int(match[2]), match[1]) if match else None
-
-
 def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", platform.node())[:16] or "host"
 
@@ -685,148 +496,3 @@ def atomic_directory(
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def save_weights(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    """Write tensors to safetensors; each metadata value is stored as a string (JSON if needed)."""
-    from safetensors.torch import save_file
-
-    metadata = {
-        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()
-    }
-    plain: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for k, v in tensors.items():
-        t = v.detach().contiguous()
-        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
-        # safetensors refuses shared storage (tied embeddings): the second name gets a copy
-        plain[k] = t.clone() if key in seen and t.numel() else t
-        seen.add(key)
-    try:
-        save_file(plain, str(path), metadata=metadata)
-    except Exception as exc:  # safetensors reports I/O errors as its own type
-        os_error = _as_os_error(exc)
-        if os_error is None:
-            raise
-        raise os_error from None
-    _canonical_header(path)
-
-
-def _canonical_header(path: Path) -> None:
-    """Rewrite a safetensors header with sorted keys, so that the same tensors and metadata
-    always give the same bytes (safetensors writes its metadata map in hash order, which
-    changes from process to process). The data is not touched: the header is rewritten in
-    place when its padded length is unchanged, else the file is copied behind a new one."""
-    with open(path, "r+b") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        blob = text.encode("utf-8")
-        blob += b" " * (-len(blob) % 8)  # safetensors pads its header to 8 bytes
-        if len(blob) == length:
-            fh.seek(8)
-            fh.write(blob)
-            return
-    tmp = path.with_name(f".{path.name}.canonical")
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
-        src.seek(8 + length)
-        dst.write(struct.pack("<Q", len(blob)) + blob)
-        shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(tmp, path)
-
-
-def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors file: (tensors, metadata). Corrupt files raise WasiToolError."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
-    except FileNotFoundError:
-        raise WasiToolError(f"no such file: {path}") from None
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers/data
-        raise WasiToolError(f"cannot read safetensors file {path}: {exc}") from None
-    return tensors, metadata
-
-
-def finite_json(payload: Any) -> Any:
-    """``payload`` with every non-finite float (NaN, inf) as None: JSON has no NaN, and strict
-    readers refuse the bare ``NaN`` Python writes by default."""
-    if isinstance(payload, float):
-        return payload if math.isfinite(payload) else None
-    if isinstance(payload, dict):
-        return {k: finite_json(v) for k, v in payload.items()}
-    if isinstance(payload, list | tuple):
-        return [finite_json(v) for v in payload]
-    return payload
-
-
-def dumps_json(payload: Any) -> str:
-    """Strict JSON text of ``payload`` (non-finite floats as null), indented, newline-ended."""
-    return json.dumps(finite_json(payload), indent=2, allow_nan=False) + "\n"
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.write_text(dumps_json(payload), encoding="utf-8")
-
-
-def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file in ``directory`` (manifest.json itself excluded)."""
-    return {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in (safe_member(directory, q.name) for q in sorted(directory.iterdir()))
-        if p.is_file() and p.name != MANIFEST
-    }
-
-
-def write_artifact(
-    out: Path,
-    tensors: Mapping[str, torch.Tensor],
-    weights_meta: Mapping[str, Any],
-    manifest: dict[str, Any],
-    report: Any,
-    extra: Callable[[Path], None] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a complete artifact directory atomically and return its path.
-
-    ``manifest`` is completed with format, version, creation time and file hashes.
-    ``extra(staging_dir)`` may add files (plots, ONNX) before the hashes are taken; ``report``
-    may be a callable, called after ``extra``, for figures that ``extra`` produces.
-    """
-    with atomic_directory(out, overwrite) as staging:
-        save_weights(staging / WEIGHTS, tensors, weights_meta)
-        if extra is not None:
-            extra(staging)
-        write_json(staging / REPORT, report() if callable(report) else report)
-        full = {
-            "format": ARTIFACT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": now_iso(),
-            "versions": versions(),
-            **manifest,
-            "files": file_entries(staging),
-        }
-        validate_manifest(full)
-        write_json(staging / MANIFEST, full)
-    return out
-
-
-def verify_files(directory: Path, manifest: Mapping[str, Any], names: list[str]) -> None:
-    """Check the named files against the sha256 the manifest recorded."""
-    for name in names:
-        entry = manifest["files"].get(name)
-        if not isinstance(entry, dict) or "sha256" not in entry:
-            raise WasiToolError(f"{directory / MANIFEST}: no sha256 recorded for {name}")
-        path = safe_member(directory, name)
-        if not path.is_file():
-            raise WasiToolError(f"artifact {directory} is missing {name}")
-        size = path.stat().st_size
-        if size != entry.get("bytes"):  # before hashing: a sparse 1 TiB file is never read
-            raise WasiToolError(
-                f"{path} is {size} bytes, its manifest records {entry.get('bytes')} (corrupt or "
-                "replaced?)"
-            )
-        if sha256_file(path) != entry["sha256"]:
-            raise WasiToolError(f"{path} does not match its sha256 in the manifest (corrupt?)")
