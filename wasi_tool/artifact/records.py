@@ -202,7 +202,7 @@ class StageRecord:
     config: dict[str, Any] | None = None  # the stage's StageConfig.to_dict()
     data: str | None = None
     calibration: CalibrationRecord | None = None  # read back as written (an object)
-    budget: dict[str, Any] | None = None  # CompressReport.budget
+    budget: Mapping[str, object] | None = None  # CompressReport.budget (a RankBudget)
     extra: dict[str, object] = field(default_factory=dict)  # unknown keys, kept as read
 
     def to_dict(self) -> dict[str, object]:
