@@ -289,14 +289,14 @@ def _synthetic_batch(loaded: Any, config: TrainBenchConfig) -> tuple[Any, Any]:
     LM the next tokens (the input shifted by one)."""
     import torch
 
-    from wasi_tool.models.family import CAUSAL_LM, family_of
+    from wasi_tool.models.families import family_of
     from wasi_tool.training.loss import IGNORE
 
     model = loaded.model
     family = family_of(model)
     spec = family.input_spec(model, loaded.model_kwargs)
     x = family.example_input(model, spec, config.batch_size, config.seq_len)
-    if family.task(model) == CAUSAL_LM:
+    if family.task(model).next_token:
         return x, torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)
     classes = int(getattr(model, "num_classes", 1000) or 1000)
     return x, torch.randint(0, classes, (config.batch_size,))
