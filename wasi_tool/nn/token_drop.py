@@ -5,7 +5,9 @@ tokens are ranked by the CLS token's attention averaged over heads; the top
 (their attention-weighted average) or discarded.
 
 ``TokenDropBlock`` is part of the model: it applies in training, at inference and in the
-exported ONNX graph (TopK + GatherElements); artifacts record it (``token_drop_spec``).
+exported ONNX graph (TopK + GatherElements); artifacts record it (``token_drop_spec``). Which
+blocks can drop tokens, and with which class, is the model family's answer
+(``ModelFamily.token_drop_block``; ``wasi_tool.models.families.enable_token_drop_``).
 """
 
 from __future__ import annotations
