@@ -233,13 +233,14 @@ def _from_owned_path(family: ModelFamily, path: Path, src: ModelSource) -> Loade
         seed=src.seed,
         random_init=src.random_init,
     )
-    source: dict[str, Any]
-    if got.weights is None:
-        source = {"kind": got.kind, "path": str(got.config), "sha256": None, "seed": src.seed}
-    else:
-        source = _source(got.weights, got.kind)
-        if got.directory is not None:
-            source["directory"] = str(got.directory)
+    if got.weights is None:  # a random init: the config it was drawn from
+        random = {"kind": got.kind, "path": str(got.config), "sha256": None, "seed": src.seed}
+        return LoadedModel(
+            got.model, got.arch, got.model_kwargs, random, tokenizer_dir=got.tokenizer_dir
+        )
+    source = _source(got.weights, got.kind)
+    if got.directory is not None:
+        source["directory"] = str(got.directory)
     return LoadedModel(
         got.model, got.arch, got.model_kwargs, source, tokenizer_dir=got.tokenizer_dir
     )
@@ -377,11 +378,12 @@ def _from_module(model: nn.Module, path: Path, src: ModelSource) -> LoadedModel:
 
 
 def _from_state_dict(
-    state: dict[str, Any], arch: str | None, src: ModelSource, source: dict[str, Any]
+    entries: Mapping[str, object], arch: str | None, src: ModelSource, source: dict[str, Any]
 ) -> LoadedModel:
     if arch is None:
         raise WasiToolError(f"{source['path']} does not name its architecture; pass --arch")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    state = {k: v for k, v in entries.items() if isinstance(v, torch.Tensor)}
+    bad = [k for k in entries if k not in state]
     if bad:
         raise WasiToolError(f"checkpoint entry {bad[0]!r} is not a tensor; expected a state dict")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel

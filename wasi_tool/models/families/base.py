@@ -85,7 +85,7 @@ class PathModel:
 
     model: nn.Module
     arch: str
-    model_kwargs: dict[str, Any]
+    model_kwargs: dict[str, object]
     kind: str
     weights: Path | None = None
     config: Path | None = None

@@ -63,13 +63,13 @@ class CustomFamily(PlainFamily):
         custom.check_named(str(kwargs.get("model_class")), model_class, where)
 
     def rebuild(self, arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
-        return custom.build_custom(dict(kwargs))
+        return custom.build_custom(custom.CustomRecord.from_kwargs(kwargs))
 
     def build(self, arch: str, **kwargs: Any) -> nn.Module:
         return ModelFamily.build(self, arch, **kwargs)
 
     def matches(self, model: nn.Module) -> bool:
-        return custom.custom_kwargs(model) is not None
+        return custom.record_of(model) is not None
 
     def blocks(self, model: nn.Module) -> list[str]:
         kinds = (nn.TransformerEncoder, nn.TransformerDecoder)
@@ -81,9 +81,9 @@ class CustomFamily(PlainFamily):
         ] or super().blocks(model)
 
     def input_spec(self, model: nn.Module, model_kwargs: Mapping[str, Any]) -> InputSpec:
-        kw = custom.custom_kwargs(model) or dict(model_kwargs)
-        shape = kw["input_shape"]
-        images = len(shape) == 4 and str(kw.get("input_dtype", "float32")).startswith("float")
+        record = custom.record_of(model) or custom.CustomRecord.from_kwargs(model_kwargs)
+        shape = record.input_shape
+        images = len(shape) == 4 and record.input_dtype.startswith("float")
         return InputSpec("images" if images else "tensor", int(shape[-1]), onnx_input="input")
 
     def example_input(
@@ -94,6 +94,6 @@ class CustomFamily(PlainFamily):
         seq_len: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        kw = custom.custom_kwargs(model)
-        assert kw is not None
-        return custom.example_like(kw, batch, generator)
+        record = custom.record_of(model)
+        assert record is not None
+        return custom.example_like(record, batch, generator)

@@ -68,7 +68,7 @@ class HFFamily(ModelFamily):
         raise WasiToolError("--arch hf needs a model directory with a config.json")
 
     def rebuild(self, arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
-        return hf.build(dict(kwargs))
+        return hf.build(kwargs)
 
     def after_load_(self, model: nn.Module) -> None:
         hf.retie_(model)
