@@ -176,3 +176,21 @@ def test_a_registered_toy_family_fine_tunes_end_to_end(toy: ModelFamily, tmp_pat
     assert not torch.equal(after["head.weight"], before["head.weight"])  # it trained
     x = torch.randn(2, 3, 8, 8)
     assert again.model(x).shape == (2, 10)
+
+
+def test_each_family_answers_its_own_presets_and_blocks(tiny_model: Any) -> None:
+    vit = tiny_model()
+    timm = family_of(vit)
+    assert timm.name == "timm" and timm.preset("mlp") == timm.presets["mlp"]
+    assert timm.preset("all") == ("*",) and timm.preset("blocks.0.*") is None
+    assert timm.block_of("blocks.3.mlp.fc1") == "blocks.3"
+    names = {f.name: f for f in families()}
+    assert names["torchvision"].block_of("encoder.layers.encoder_layer_3.mlp.0") == (
+        "encoder.layers.encoder_layer_3"
+    )
+    assert names["hf"].block_of("bert.encoder.layer.3.output.dense") == "bert.encoder.layer.3"
+    assert names["hf"].block_of("classifier") is None
+    # a module no family claims tries every family's names
+    plain = family_of(nn.Sequential(nn.Linear(2, 2)))
+    mlp = plain.preset("mlp") or ()
+    assert plain.name == "plain" and {"*linear1", "*mlp.fc1", "*intermediate.dense"} <= set(mlp)

@@ -52,7 +52,9 @@ class CustomFamily(PlainFamily):
 
     name = "custom"
     fallback = False
-    block_layout = "the layers of an `nn.TransformerEncoder`/`Decoder` (your own model)"
+    block_layout = (
+        "the layers of an `nn.TransformerEncoder`/`Decoder` (a model saved by save_artifact)"
+    )
     attn_children = ("self_attn",)
     mlp_children = ()
 
