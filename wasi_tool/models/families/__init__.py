@@ -29,8 +29,9 @@ from wasi_tool.models.families.hf import HFFamily
 from wasi_tool.models.families.timm import TimmFamily
 from wasi_tool.models.families.torchvision import TorchvisionFamily
 
-# asked in this order (each claims its own models and names; plain PyTorch last, the fallback)
-for _family in (CustomFamily(), TorchvisionFamily(), TimmFamily(), HFFamily(), PlainFamily()):
+# Asked in this order: each claims its own models and names (timm after the others: asking it
+# imports timm), plain PyTorch last, the fallback.
+for _family in (CustomFamily(), TorchvisionFamily(), HFFamily(), TimmFamily(), PlainFamily()):
     register_family(_family)
 
 __all__ = [

@@ -69,6 +69,13 @@ class Task:
         """A head is fitted to the data's classes (a causal LM keeps its vocabulary head)."""
         return not self.next_token
 
+    def example_labels(self, x: torch.Tensor, num_classes: int, ignore: int) -> torch.Tensor:
+        """Labels for a random input batch ``x`` (benchmarks): a random class per example, or
+        for a causal LM the next tokens (``x`` shifted by one, ``ignore`` at the end)."""
+        if self.next_token:
+            return torch.cat([x[:, 1:], torch.full_like(x[:, :1], ignore)], dim=1)
+        return torch.randint(0, num_classes, (x.shape[0],))
+
     def __str__(self) -> str:
         return self.name
 
