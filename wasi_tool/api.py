@@ -271,23 +271,22 @@ def save_artifact(
         raise WasiToolError(f"config must be JSON (the constructor's arguments): {exc}") from None
     if not isinstance(example_input, torch.Tensor):
         raise WasiToolError("example_input must be a tensor (one input batch)")
-    kwargs: dict[str, Any] = {
-        "model_class": path,
-        "config": config,
-        "input_shape": list(example_input.shape),
-        "input_dtype": str(example_input.dtype).removeprefix("torch."),
-    }
-    if not example_input.is_floating_point():
-        kwargs["input_max"] = int(example_input.max())
+    record = custom.CustomRecord(
+        path,
+        config,
+        tuple(example_input.shape),
+        str(example_input.dtype).removeprefix("torch."),
+        None if example_input.is_floating_point() else int(example_input.max()),
+    )
     with torch.device("meta"):
-        rebuilt = custom.build_custom(kwargs)
+        rebuilt = custom.build_custom(record)
     _swap_like(rebuilt, plain)
     _check_fit(rebuilt, plain.state_dict(), path)
-    custom.mark_(plain, kwargs)
+    custom.mark_(plain, record)
     loaded = LoadedModel(
         plain,
         custom.CUSTOM_ARCH,
-        kwargs,
+        record.to_kwargs(),
         {"kind": "python", "path": None, "sha256": None, "model_class": path},
     )
     stage = StageRecord(SAVE_ARTIFACT, {"prepare": _report_dict(report)})

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from wasi_tool.models.families.base import numbered_block
 from wasi_tool.ops.rank import breakeven_rank
 
 
@@ -36,9 +37,13 @@ def _pyplot() -> Any:
 
 
 def _split(name: str) -> tuple[str, str]:
-    """("blocks.3.mlp.fc1") -> ("3", "mlp.fc1"): the block and the layer kind within it."""
-    m = re.search(r"(\d+)\.(.+)$", name)
-    return (m.group(1), m.group(2)) if m else (name, name.rsplit(".", 1)[-1])
+    """("blocks.3.mlp.fc1") -> ("3", "mlp.fc1"): the block's number and the layer kind within
+    it; the block as the model families name it without a model (``numbered_block``)."""
+    block = numbered_block(name)
+    if block is None or block == name:
+        return name, name.rsplit(".", 1)[-1]
+    number = re.search(r"\d+$", block)
+    return (number.group(0) if number else block), name[len(block) + 1 :]
 
 
 def _who(name: str, method: str) -> str:

@@ -17,7 +17,7 @@ from wasi_tool.data.datasets import BatchTransform
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import bsr
 from wasi_tool.models import ModelSource, load_model, select_targets, tv
-from wasi_tool.models.family import family_of
+from wasi_tool.models.families import family_of
 from wasi_tool.models.registry import build_model
 from wasi_tool.nn.attention import SelfAttention
 from wasi_tool.nn.recompute import recomputed

@@ -287,19 +287,16 @@ def _timed_steps(session: Any, x: Any, y: Any, config: TrainBenchConfig) -> dict
 def _synthetic_batch(loaded: Any, config: TrainBenchConfig) -> tuple[Any, Any]:
     """A random input batch of the model's kind, and labels: random classes, or for a causal
     LM the next tokens (the input shifted by one)."""
-    import torch
 
-    from wasi_tool.models.family import CAUSAL_LM, family_of
+    from wasi_tool.models.families import family_of
     from wasi_tool.training.loss import IGNORE
 
     model = loaded.model
     family = family_of(model)
     spec = family.input_spec(model, loaded.model_kwargs)
     x = family.example_input(model, spec, config.batch_size, config.seq_len)
-    if family.task(model) == CAUSAL_LM:
-        return x, torch.cat([x[:, 1:], torch.full_like(x[:, :1], IGNORE)], dim=1)
     classes = int(getattr(model, "num_classes", 1000) or 1000)
-    return x, torch.randint(0, classes, (config.batch_size,))
+    return x, family.task(model).example_labels(x, classes, IGNORE)
 
 
 def settings_of(artifact: Path) -> dict[str, Any] | None:

@@ -41,11 +41,11 @@ def generate(
     with common.user_errors():
         from wasi_tool.data.lm import prompt_ids, render_prompt, token_prefix
         from wasi_tool.models import hf
-        from wasi_tool.models.family import CAUSAL_LM, task_of
+        from wasi_tool.models.families import task_of
         from wasi_tool.models.loading import ModelSource, load_model
 
         loaded = load_model(ModelSource(checkpoint=checkpoint, task=hf.CAUSAL_LM))
-        if task_of(loaded.model) != CAUSAL_LM:
+        if not task_of(loaded.model).next_token:
             raise WasiToolError(f"{checkpoint} is not a causal language model")
         context, _ = hf.context_length(loaded.model)
         # the settings first (before the prompt is rendered or tokenized); the prompt is

@@ -6,7 +6,7 @@ from typing import Any
 
 from wasi_tool.data.datasets import BatchTransform
 from wasi_tool.data.text import TokenBatch
-from wasi_tool.models.family import family_of
+from wasi_tool.models.families import family_of
 
 
 def batch_transform(loaded: Any) -> BatchTransform:

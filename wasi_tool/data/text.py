@@ -30,7 +30,7 @@ from wasi_tool.data.cldr import EMOJI_LANGUAGES, emoji_names
 from wasi_tool.data.datasets import BatchTransform, DataSplits, load_data, select_classes
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models import hf
-from wasi_tool.models.family import CAUSAL_LM, family_of
+from wasi_tool.models.families import family_of
 
 EMOJI_LANG = "emoji-lang"
 DEFAULT_EMOJI = 1000
@@ -155,7 +155,7 @@ def load_task_data(
     from wasi_tool.data import lm
 
     family = family_of(loaded.model)
-    if family.task(loaded.model) == CAUSAL_LM:
+    if family.task(loaded.model).next_token:
         if is_text_spec(spec) or not lm.is_lm_spec(spec):
             raise WasiToolError(
                 f"a causal LM trains on {lm.EMOJI_TRANSLATE}, a .txt or a .jsonl file, got {spec}"

@@ -23,8 +23,13 @@ from torch import nn
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.base import LayerOptions, Method, Note, dense, register_method
 from wasi_tool.methods.wasi import build_wasi_layer
-from wasi_tool.models.family import family_of
-from wasi_tool.nn.token_drop import check_keep_rate, enable_token_drop_, supports_token_drop
+from wasi_tool.models.families import (
+    enable_token_drop_,
+    families,
+    family_of,
+    token_drop_refusal,
+)
+from wasi_tool.nn.token_drop import check_keep_rate
 
 PAPER_DEPTH = 12
 PAPER_BLOCKS = (3, 7, 11)
@@ -35,9 +40,9 @@ def find_blocks(model: nn.Module) -> list[str]:
     """Names of the model's transformer blocks in execution order (its family knows them)."""
     blocks = family_of(model).blocks(model)
     if not blocks:
+        known = "; ".join(f.block_layout for f in families() if f.block_layout)
         raise WasiToolError(
-            f"bsr needs a model with transformer blocks in `blocks` (ViT), `layers.*.blocks` "
-            f"(Swin), torchvision's ViT/Swin or a Hugging Face layer list; "
+            f"bsr needs a model with transformer blocks ({known}); "
             f"{type(model).__name__} has none of them"
         )
     return blocks
@@ -105,7 +110,7 @@ def plan_bsr(
         else default_indices(depth, PAPER_DROP_AT)
     )
     notes = []
-    why = supports_token_drop(model, model.get_submodule(blocks[0]))
+    why = token_drop_refusal(model, model.get_submodule(blocks[0]))
     if drops and why is not None and drop_at is not None and keep_rate < 1.0:
         raise WasiToolError(f"cannot drop tokens (--drop-at) in this model: {why}")
     if drops and why is not None:

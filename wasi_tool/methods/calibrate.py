@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.family import CAUSAL_LM, family_of
+from wasi_tool.models.families import family_of
 from wasi_tool.ops.accounting import tucker_elements
 from wasi_tool.ops.rank import rank_by_energy
 from wasi_tool.ops.tucker import tucker_core, tucker_expand
@@ -331,7 +331,7 @@ def row_mask(
     family = family_of(model)
     if not family.reads_text or x.ndim != 2:
         return None
-    if family.task(model) == CAUSAL_LM and isinstance(y, torch.Tensor) and y.shape == x.shape:
+    if family.task(model).next_token and isinstance(y, torch.Tensor) and y.shape == x.shape:
         pos = torch.arange(x.shape[1]).expand_as(x)
         last = torch.where(y != ignore, pos, torch.full_like(pos, -1)).amax(dim=1)
         return pos <= last[:, None]

@@ -25,7 +25,7 @@ from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.base import LayerOptions, Method, Note, dense, register_method
-from wasi_tool.models.family import CAUSAL_LM, family_of
+from wasi_tool.models.families import family_of
 from wasi_tool.nn.fastpath import sync_fast_paths_
 from wasi_tool.nn.swap import set_submodule
 
@@ -121,7 +121,7 @@ def apply_lora_(
         inject_adapter_in_model(config, model)
     for name in targets:  # peft swapped them in itself: decline the fused kernels that would
         sync_fast_paths_(model, name)  # read linear.weight and skip the adapters in eval
-    if family_of(model).task(model) == CAUSAL_LM:  # the vocabulary head is pretrained: frozen
+    if not family_of(model).task(model).fits_head:  # the vocabulary head is pretrained: frozen
         return
     for name in family_of(model).heads(model):  # a new task head trains with the adapters
         for p in model.get_submodule(name).parameters():

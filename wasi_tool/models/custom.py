@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,34 +64,80 @@ def check_named(recorded: str, given: str | None, where: str) -> None:
         raise WasiToolError(f"{where} holds a {recorded} model, not {given} (--model-class)")
 
 
-def build_custom(kwargs: dict[str, Any]) -> nn.Module:
+@dataclass(frozen=True)
+class CustomRecord:
+    """What an artifact records to rebuild a user's model (its ``model_kwargs``, JSON): the
+    class path, the constructor's keyword arguments (``config``, the user's JSON), and the
+    example input's shape, dtype and (integer inputs) largest value."""
+
+    model_class: str
+    config: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] = ()
+    input_dtype: str = "float32"
+    input_max: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, object]) -> CustomRecord:
+        """The record of recorded ``model_kwargs``; a WasiToolError when it is malformed."""
+        config = kwargs.get("config") or {}
+        if not isinstance(config, dict):
+            raise WasiToolError("the recorded model config is not a JSON object")
+        path, shape = kwargs.get("model_class"), kwargs.get("input_shape")
+        dtype, high = kwargs.get("input_dtype", "float32"), kwargs.get("input_max")
+        if (
+            not isinstance(path, str)
+            or not isinstance(shape, (list, tuple))
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+            or not isinstance(dtype, str)
+            or not (high is None or (isinstance(high, int) and not isinstance(high, bool)))
+        ):
+            raise WasiToolError(
+                "malformed custom model record: model_class (pkg.mod:Class), input_shape "
+                "(a list of ints), input_dtype and input_max are expected"
+            )
+        return cls(path, dict(config), tuple(shape), dtype, high)
+
+    def to_kwargs(self) -> dict[str, object]:
+        """The JSON form recorded as the artifact's ``model_kwargs``."""
+        kwargs: dict[str, object] = {
+            "model_class": self.model_class,
+            "config": self.config,
+            "input_shape": list(self.input_shape),
+            "input_dtype": self.input_dtype,
+        }
+        if self.input_max is not None:
+            kwargs["input_max"] = self.input_max
+        return kwargs
+
+
+def build_custom(record: CustomRecord) -> nn.Module:
     """A new instance of the recorded class with the recorded constructor config."""
-    cls = import_class(kwargs["model_class"])
-    config = kwargs.get("config") or {}
-    if not isinstance(config, dict):
-        raise WasiToolError("the recorded model config is not a JSON object")
+    cls = import_class(record.model_class)
     try:
-        model = cls(**config)
+        model = cls(**record.config)
     except TypeError as exc:
-        raise WasiToolError(f"cannot build {kwargs['model_class']}(**config): {exc}") from None
-    mark_(model, kwargs)
+        raise WasiToolError(f"cannot build {record.model_class}(**config): {exc}") from None
+    mark_(model, record)
     return model
 
 
-def mark_(model: nn.Module, kwargs: dict[str, Any]) -> None:
-    object.__setattr__(model, MARK, dict(kwargs))
+def mark_(model: nn.Module, record: CustomRecord) -> None:
+    object.__setattr__(model, MARK, record)
 
 
-def custom_kwargs(model: nn.Module) -> dict[str, Any] | None:
+def record_of(model: nn.Module) -> CustomRecord | None:
+    """The record a custom model was built or saved with (None: not a marked custom model)."""
     found = getattr(model, MARK, None)
-    return found if isinstance(found, dict) else None
+    return found if isinstance(found, CustomRecord) else None
 
 
-def example_like(kwargs: dict[str, Any], batch: int, generator: torch.Generator | None) -> Any:
+def example_like(
+    record: CustomRecord, batch: int, generator: torch.Generator | None
+) -> torch.Tensor:
     """A random batch shaped like the recorded example input (ints below its recorded max)."""
-    shape = [batch, *[int(d) for d in kwargs["input_shape"][1:]]]
-    dtype = getattr(torch, str(kwargs.get("input_dtype", "float32")))
+    shape = [batch, *record.input_shape[1:]]
+    dtype = getattr(torch, record.input_dtype)
     if dtype.is_floating_point:
         return torch.randn(shape, generator=generator, dtype=dtype)
-    high = int(kwargs.get("input_max", 1)) + 1
+    high = int(record.input_max or 1) + 1
     return torch.randint(0, high, shape, generator=generator, dtype=dtype)

@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import weakref
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -364,17 +365,23 @@ def load_gguf(path: Path, task: str | None = None) -> tuple[nn.Module, Path]:
     return _adopt(model, CAUSAL_LM), tok_dir
 
 
-def build(kwargs: dict[str, Any]) -> nn.Module:
-    """An uninitialised model from recorded ``model_kwargs`` (``hf_config``, ``num_classes``)."""
+def build(kwargs: Mapping[str, object]) -> nn.Module:
+    """An uninitialised model from recorded ``model_kwargs`` (``hf_config``, ``num_classes``
+    or ``task``, as ``model_kwargs`` writes them)."""
     tf = _transformers()
+    raw, task = kwargs.get("hf_config"), kwargs.get("task", CLASSIFY)
+    num_classes = kwargs.get("num_classes")
+    if not isinstance(task, str) or not (num_classes is None or isinstance(num_classes, int)):
+        raise WasiToolError("malformed Hugging Face model record in the artifact")
     try:
-        raw = dict(kwargs["hf_config"])
-        model_type = raw.pop("model_type")
-        config = tf.AutoConfig.for_model(model_type, **raw)
+        if not isinstance(raw, dict):
+            raise TypeError("hf_config is not a JSON object")
+        fields = dict(raw)
+        model_type = fields.pop("model_type")
+        config = tf.AutoConfig.for_model(model_type, **fields)
     except Exception as exc:
         raise WasiToolError(f"malformed Hugging Face config in the artifact: {exc}") from None
-    task = str(kwargs.get("task", CLASSIFY))
-    config = _prepare_config(config, kwargs.get("num_classes"), task)
+    config = _prepare_config(config, num_classes, task)
     cls = _model_class(config, task)
     try:
         model = cls(config)
@@ -383,7 +390,7 @@ def build(kwargs: dict[str, Any]) -> nn.Module:
     return _adopt(model.float(), task)
 
 
-def model_kwargs(model: nn.Module) -> dict[str, Any]:
+def model_kwargs(model: nn.Module) -> dict[str, object]:
     """What ``build`` needs: the transformers config (JSON), the class count, the task."""
     hf_config: Any = model.config
     config = hf_config.to_dict()

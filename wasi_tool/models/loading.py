@@ -20,17 +20,21 @@ from torch import nn
 from wasi_tool import artifact
 from wasi_tool.artifact import FactoredShape, SourceDict, StageRecord, WeightsMetadata
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models import custom, hf, tv
-from wasi_tool.models.registry import (
-    ARCH_KWARGS,
-    arch_of,
-    build_model,
-    check_arch,
-    default_classifier,
+from wasi_tool.models import hf
+from wasi_tool.models.families import (
+    ModelFamily,
+    arch_family,
+    enable_token_drop_,
+    families,
+    family_for_arch,
+    family_for_path,
+    family_of,
 )
+from wasi_tool.models.families.base import ARCH_KWARGS
+from wasi_tool.models.registry import build_model
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.swap import set_submodule
-from wasi_tool.nn.token_drop import enable_token_drop_, token_drop_spec
+from wasi_tool.nn.token_drop import token_drop_spec
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -69,7 +73,8 @@ def load_model(src: ModelSource) -> LoadedModel:
     """Load the model ``src`` describes; every failure is a WasiToolError. The weights are
     validated whatever their source (see ``check_weights``)."""
     loaded = _load_model(src)
-    if src.task is not None and loaded.arch != hf.HF_ARCH:
+    family = family_for_arch(loaded.arch)
+    if src.task is not None and (family is None or src.task not in family.tasks):
         where = src.checkpoint or "--random-init"
         what = ", not a causal language model" if src.task == hf.CAUSAL_LM else ""
         raise WasiToolError(
@@ -118,8 +123,9 @@ def _load_model(src: ModelSource) -> LoadedModel:
     bad = sorted(set(extra) - set(ARCH_KWARGS)) if isinstance(extra, dict) else ["model_kwargs"]
     if bad:
         raise WasiToolError(f"unsupported model_kwargs {bad}; allowed: {', '.join(ARCH_KWARGS)}")
-    if src.random_init and src.checkpoint is not None and hf.is_hf_dir(Path(src.checkpoint)):
-        return _hf_random_init(Path(src.checkpoint), src)
+    owner = family_for_path(Path(src.checkpoint)) if src.checkpoint is not None else None
+    if src.random_init and owner is not None:  # a model directory's config: its shapes
+        return _from_owned_path(owner, Path(src.checkpoint or ""), src)
     if src.random_init:
         return _random_init(src)
     if src.checkpoint is None:
@@ -129,11 +135,12 @@ def _load_model(src: ModelSource) -> LoadedModel:
         raise WasiToolError(f"no such file or directory: {path}")
     if not path.is_file() and not path.is_dir():  # a FIFO or a device would block or stream
         raise WasiToolError(f"{path} is not a regular file or a directory")
-    hf.check_task(src.task)
-    if hf.is_hf_dir(path) or (src.arch == hf.HF_ARCH and hf.is_hf_dir(path.parent)):
-        return _from_hf_dir(path if path.is_dir() else path.parent, src)
-    if path.is_file() and hf.is_gguf(path):
-        return _from_gguf(path, src)
+    _check_task(src.task)
+    if owner is not None:  # a Hugging Face directory or .gguf file
+        return _from_owned_path(owner, path, src)
+    named = family_for_arch(src.arch)
+    if named is not None and named.owns_path(path.parent):  # a file of a model directory
+        return _from_owned_path(named, path.parent, src)
     if path.is_dir():
         if not artifact.is_artifact_dir(path):
             raise WasiToolError(
@@ -207,42 +214,44 @@ def _source(path: Path, kind: str) -> SourceDict:
     return {"kind": kind, "path": str(path), "sha256": artifact.sha256_file(path)}
 
 
-def _from_gguf(path: Path, src: ModelSource) -> LoadedModel:
-    model, tokenizer_dir = hf.load_gguf(path, src.task)
-    return LoadedModel(
-        model,
-        hf.HF_ARCH,
-        hf.model_kwargs(model),
-        _source(path, "gguf"),
-        tokenizer_dir=tokenizer_dir,
+def _check_task(task: str | None) -> None:
+    known = [t for f in families() for t in f.tasks]
+    if task is not None and task not in known:
+        raise WasiToolError(f"task must be one of {', '.join(known)}, got {task!r}")
+
+
+def _from_owned_path(family: ModelFamily, path: Path, src: ModelSource) -> LoadedModel:
+    """The model of a checkpoint path its family reads itself (a Hugging Face directory, a
+    .gguf file; with ``--random-init``, a directory's config alone)."""
+    got = family.load_path(
+        path,
+        task=src.task,
+        num_classes=src.num_classes,
+        seed=src.seed,
+        random_init=src.random_init,
     )
-
-
-def _from_hf_dir(directory: Path, src: ModelSource) -> LoadedModel:
-    model = hf.load_dir(directory, src.num_classes, src.seed, src.task)
-    weights = next(directory / f for f in hf.WEIGHT_FILES if (directory / f).is_file())
-    source: SourceDict = {**_source(weights, "hf-dir"), "directory": str(directory)}
-    return LoadedModel(model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=directory)
-
-
-def _hf_random_init(directory: Path, src: ModelSource) -> LoadedModel:
-    """``--random-init`` with a Hugging Face directory: its config's shapes, random values."""
-    hf.check_task(src.task)
-    model = hf.random_dir(directory, src.task, src.seed)
-    path = str(directory / hf.CONFIG)
-    source: SourceDict = {"kind": "random-init", "path": path, "sha256": None}
-    source["seed"] = src.seed
-    tokenizer_dir = directory if hf.tokenizer_files(directory) else None
+    if got.weights is None:  # a random init: the config it was drawn from
+        random: SourceDict = {
+            "kind": got.kind,
+            "path": str(got.config),
+            "sha256": None,
+            "seed": src.seed,
+        }
+        return LoadedModel(
+            got.model, got.arch, got.model_kwargs, random, tokenizer_dir=got.tokenizer_dir
+        )
+    source: SourceDict = _source(got.weights, got.kind)
+    if got.directory is not None:
+        source["directory"] = str(got.directory)
     return LoadedModel(
-        model, hf.HF_ARCH, hf.model_kwargs(model), source, tokenizer_dir=tokenizer_dir
+        got.model, got.arch, got.model_kwargs, source, tokenizer_dir=got.tokenizer_dir
     )
 
 
 def _random_init(src: ModelSource) -> LoadedModel:
     if src.arch is None:
         raise WasiToolError("--random-init needs --arch")
-    if src.arch == hf.HF_ARCH:
-        raise WasiToolError("--arch hf needs a model directory with a config.json")
+    arch_family(src.arch)  # an unknown name: close names, before anything else
     if src.checkpoint is not None:
         raise WasiToolError("give either a checkpoint or --random-init, not both")
     torch.manual_seed(src.seed)
@@ -280,19 +289,13 @@ def _from_wasi_weights(
     )
     if expect_arch is not None and expect_arch != arch:
         raise WasiToolError(f"{path} holds a {arch} model, not {expect_arch}")
-    if arch == custom.CUSTOM_ARCH:
-        custom.check_named(str(kwargs.get("model_class")), model_class, str(path.parent))
-    elif arch != hf.HF_ARCH:
-        check_arch(arch)
+    family = arch_family(arch)
+    family.check_arch(arch)
+    family.check_rebuild(kwargs, model_class, str(path.parent))
 
     def build(device: str) -> nn.Module:
         with torch.device(device):
-            if arch == custom.CUSTOM_ARCH:
-                model = custom.build_custom(kwargs)
-            elif arch == hf.HF_ARCH:
-                model = hf.build(kwargs)
-            else:
-                model = build_model(arch, **kwargs)
+            model = family.rebuild(arch, kwargs)
         for name, (out_f, in_f, rank, bias) in shapes.items():
             try:
                 # skip_init: the weights come from the file, a random init would be wasted work
@@ -309,8 +312,7 @@ def _from_wasi_weights(
         return model
 
     model = _load_into(build, tensors, arch)
-    if arch == hf.HF_ARCH:
-        hf.retie_(model)
+    family.after_load_(model)
     source = _source(path, "wasi-tool-weights")
     return LoadedModel(model.eval(), arch, dict(kwargs), source)
 
@@ -355,7 +357,7 @@ def _from_torch_file(path: Path, src: ModelSource) -> LoadedModel:
 
 
 def _from_module(model: nn.Module, path: Path, src: ModelSource) -> LoadedModel:
-    arch = src.arch or arch_of(model)
+    arch = src.arch or family_of(model).recorded_arch(model)
     kwargs = _kwargs_of(model, src)
     if arch is not None:
         # Make sure the artifact can be rebuilt from (arch, kwargs) alone.
@@ -364,20 +366,22 @@ def _from_module(model: nn.Module, path: Path, src: ModelSource) -> LoadedModel:
 
 
 def _from_state_dict(
-    state: dict[str, Any], arch: str | None, src: ModelSource, source: SourceDict
+    entries: Mapping[str, object], arch: str | None, src: ModelSource, source: SourceDict
 ) -> LoadedModel:
     if arch is None:
         raise WasiToolError(f"{source['path']} does not name its architecture; pass --arch")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    state = {k: v for k, v in entries.items() if isinstance(v, torch.Tensor)}
+    bad = [k for k in entries if k not in state]
     if bad:
         raise WasiToolError(f"checkpoint entry {bad[0]!r} is not a tensor; expected a state dict")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k[len("module.") :]: v for k, v in state.items()}
-    check_arch(arch)
-    if src.img_size is None and tv.is_tv_arch(arch):  # a ViT fine-tuned at another size
-        src = dataclasses.replace(src, img_size=tv.image_size_of(arch, state))
+    family = arch_family(arch)
+    family.check_arch(arch)
+    if src.img_size is None:  # a ViT fine-tuned at another size (its position embedding)
+        src = dataclasses.replace(src, img_size=family.image_size_of(arch, state))
     num_classes = src.num_classes
-    head = default_classifier(arch)
+    head = family.default_classifier(arch)
     if num_classes is None and head is not None and f"{head}.weight" in state:
         num_classes = int(state[f"{head}.weight"].shape[0])
 

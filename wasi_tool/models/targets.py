@@ -9,14 +9,10 @@ from collections.abc import Sequence
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.family import all_presets
-from wasi_tool.models.registry import classifier_names
+from wasi_tool.models.families import family_of
 from wasi_tool.nn.factored import FactoredLinear
 
-# Presets over module names, from every model family (models/family.py): mlp, attn, all.
-TARGET_PRESETS: dict[str, tuple[str, ...]] = all_presets()
 _LAST = re.compile(r"^(.*)@last(\d+)$")
-_NUMBERED = re.compile(r"^[A-Za-z]+(_[A-Za-z]+)*_\d+$")  # torchvision's "encoder_layer_3"
 
 LINEAR_TYPES = (nn.Linear, FactoredLinear)
 
@@ -49,29 +45,19 @@ def check_patterns(spec: str | Sequence[str] | None, what: str) -> None:
             )
 
 
-def block_of(name: str) -> str | None:
-    """The block a module belongs to: its name up to the first numeric part
-    (``bert.encoder.layer.3`` for ``bert.encoder.layer.3.output.dense``; ``blocks.11``;
-    torchvision's ``encoder.layers.encoder_layer_3``)."""
-    parts = name.split(".")
-    for k, part in enumerate(parts):
-        if part.isdigit() or _NUMBERED.match(part):
-            return ".".join(parts[: k + 1])
-    return None
-
-
 def select_targets(model: nn.Module, targets: str, exclude: Sequence[str] = ()) -> list[str]:
     """Names of the linear layers matched by ``targets`` and not by ``exclude``, in model order.
 
-    ``targets`` is a preset (mlp, attn, all), or comma-separated globs over module names; an
-    item may end in ``@lastN`` to keep only its matches in the model's last N blocks (blocks
-    are numbered module lists: ``layer.3``, ``layers.21``, ``blocks.11``), e.g. ``mlp@last2``.
-    The classifier head is left out unless a pattern names it exactly.
+    ``targets`` is a preset of the model's family (mlp, attn, all), or comma-separated globs
+    over module names; an item may end in ``@lastN`` to keep only its matches in the model's
+    last N blocks (the family's ``block_of``: ``layer.3``, ``layers.21``, ``blocks.11``), e.g.
+    ``mlp@last2``. The classifier head is left out unless a pattern names it exactly.
     """
     check_patterns(targets, "targets")
     check_patterns(exclude, "exclude")
+    family = family_of(model)
     linears = [name for name, mod in model.named_modules() if isinstance(mod, LINEAR_TYPES)]
-    blocks = list(dict.fromkeys(b for b in map(block_of, linears) if b is not None))
+    blocks = list(dict.fromkeys(b for b in map(family.block_of, linears) if b is not None))
     groups: list[tuple[tuple[str, ...], set[str] | None]] = []
     for item in split_patterns(targets):
         last = _LAST.match(item)
@@ -84,18 +70,18 @@ def select_targets(model: nn.Module, targets: str, exclude: Sequence[str] = ()) 
                     + ("N must be >= 1" if count < 1 else "this model has no numbered blocks")
                 )
             allowed = set(blocks[-count:])
-        groups.append((TARGET_PRESETS.get(item, (item,)), allowed))
+        groups.append((family.preset(item) or (item,), allowed))
     patterns = [p for group, _ in groups for p in group]
     if not patterns:
         raise WasiToolError("targets is empty")
     excludes = split_patterns(exclude)
-    heads = classifier_names(model)
+    heads = family.heads(model)
     chosen = []
     for name in linears:
         is_head = name in heads or any(name.startswith(h + ".") for h in heads)
         matched = any(
             (name in group if is_head else any(fnmatch.fnmatchcase(name, p) for p in group))
-            and (allowed is None or block_of(name) in allowed)
+            and (allowed is None or family.block_of(name) in allowed)
             for group, allowed in groups
         )
         if matched and not any(fnmatch.fnmatchcase(name, p) for p in excludes):

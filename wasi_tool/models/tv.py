@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,29 @@ VIT: dict[str, dict[str, int]] = {
     "vit_b_32": {"patch_size": 32, "num_layers": 12, "num_heads": 12, "hidden_dim": 768},
     "vit_l_16": {"patch_size": 16, "num_layers": 24, "num_heads": 16, "hidden_dim": 1024},
 }
-SWIN: dict[str, dict[str, Any]] = {
+
+
+class SwinSpec(TypedDict):
+    """torchvision's Swin constructor arguments of one size (``sd``: stochastic depth)."""
+
+    embed_dim: int
+    depths: list[int]
+    num_heads: list[int]
+    sd: float
+
+
+class Preprocessing(TypedDict):
+    """The ImageNet eval transform of an arch's torchvision weights."""
+
+    weights: str
+    resize: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+
+
+SWIN: dict[str, SwinSpec] = {
     "swin_t": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "sd": 0.2},
     "swin_s": {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24], "sd": 0.3},
     "swin_b": {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "sd": 0.5},
@@ -93,7 +115,7 @@ def build(arch: str, **kwargs: Any) -> nn.Module:
     if unknown:
         raise WasiToolError(f"{arch} does not take {', '.join(unknown)}")
     try:
-        model = _build_vit(name, given) if name in VIT else _build_swin(name, given)
+        model = _build_vit(name, **given) if name in VIT else _build_swin(name, **given)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         raise WasiToolError(f"cannot build {arch} with {given}: {exc}") from None
     cls: Any = type(model)
@@ -102,25 +124,41 @@ def build(arch: str, **kwargs: Any) -> nn.Module:
     return model.eval()
 
 
-def _build_vit(name: str, given: dict[str, Any]) -> nn.Module:
+def _build_vit(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+) -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
     args = dict(VIT[name])
-    width = int(given.get("embed_dim", args["hidden_dim"]))
+    width = int(args["hidden_dim"] if embed_dim is None else embed_dim)
     args.update(
-        patch_size=int(given.get("patch_size", args["patch_size"])),
-        num_layers=int(given.get("depth", args["num_layers"])),
-        num_heads=int(given.get("num_heads", args["num_heads"])),
+        patch_size=int(args["patch_size"] if patch_size is None else patch_size),
+        num_layers=int(args["num_layers"] if depth is None else depth),
+        num_heads=int(args["num_heads"] if num_heads is None else num_heads),
         hidden_dim=width,
-        mlp_dim=int(width * float(given.get("mlp_ratio", 4.0))),
+        mlp_dim=int(width * float(mlp_ratio)),
     )
-    size = int(given.get("img_size", 224))
-    model = VisionTransformer(image_size=size, num_classes=given.get("num_classes", 1000), **args)
+    model = VisionTransformer(image_size=int(img_size), num_classes=num_classes, **args)
     replace_mha_(model)
     return model
 
 
-def _build_swin(name: str, given: dict[str, Any]) -> nn.Module:
+def _build_swin(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    img_size: int | None = None,  # Swin takes any size: only recorded
+    embed_dim: int | None = None,
+    num_heads: int | None = None,
+) -> nn.Module:
     from torchvision.models.swin_transformer import (
         ShiftedWindowAttention,
         SwinTransformer,
@@ -129,16 +167,16 @@ def _build_swin(name: str, given: dict[str, Any]) -> nn.Module:
 
     spec = SWIN[name]
     heads = spec["num_heads"]
-    if "num_heads" in given:
-        heads = [int(given["num_heads"]) * 2**i for i in range(len(heads))]
+    if num_heads is not None:
+        heads = [int(num_heads) * 2**i for i in range(len(heads))]
     model = SwinTransformer(
         patch_size=[4, 4],
-        embed_dim=int(given.get("embed_dim", spec["embed_dim"])),
+        embed_dim=int(spec["embed_dim"] if embed_dim is None else embed_dim),
         depths=spec["depths"],
         num_heads=heads,
         window_size=[7, 7],
         stochastic_depth_prob=spec["sd"],
-        num_classes=given.get("num_classes", 1000),
+        num_classes=num_classes,
         block=SwinTransformerBlock,
     )
     for mod in model.modules():
@@ -184,7 +222,7 @@ def _with_mixin(cls: Any) -> type:
     return type(f"Wasi{cls.__name__}", (_TorchvisionMixin, cls), {"__module__": __name__})
 
 
-def preprocessing(arch: str) -> dict[str, Any]:
+def preprocessing(arch: str) -> Preprocessing:
     """The ImageNet eval preprocessing of the arch's torchvision weights (IMAGENET1K_V1), read
     from the weights enum's ``transforms`` without downloading: resize (shorter side), center
     crop, mean, std, interpolation."""

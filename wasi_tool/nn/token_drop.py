@@ -5,13 +5,15 @@ tokens are ranked by the CLS token's attention averaged over heads; the top
 (their attention-weighted average) or discarded.
 
 ``TokenDropBlock`` is part of the model: it applies in training, at inference and in the
-exported ONNX graph (TopK + GatherElements); artifacts record it (``token_drop_spec``).
+exported ONNX graph (TopK + GatherElements); artifacts record it (``token_drop_spec``). Which
+blocks can drop tokens, and with which class, is the model family's answer
+(``ModelFamily.token_drop_block``; ``wasi_tool.models.families.enable_token_drop_``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -19,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.nn.attention import SelfAttention
 from wasi_tool.nn.swap import set_submodule
 
 
@@ -28,44 +29,6 @@ def check_keep_rate(keep_rate: float) -> float:
     if not 0.0 < float(keep_rate) <= 1.0:
         raise WasiToolError(f"keep_rate must be in (0, 1], got {keep_rate}")
     return float(keep_rate)
-
-
-def supports_token_drop(model: nn.Module, block: nn.Module) -> str | None:
-    """Why this model's blocks cannot drop tokens, or None when they can."""
-    if _is_windowed(block):
-        return (
-            "windowed attention (Swin) has no CLS token and needs the full token grid; "
-            "Swin supports block selection only"
-        )
-    if _is_tv_encoder_block(block):
-        if getattr(model, "class_token", None) is None:
-            return "the model has no CLS token"
-        if not isinstance(block.self_attention, SelfAttention):
-            return f"its attention is {type(block.self_attention).__name__}, not SelfAttention"
-        return None
-    from timm.models.vision_transformer import Attention, Block
-
-    if getattr(model, "cls_token", None) is None:
-        return "the model has no CLS token"
-    if getattr(model, "num_prefix_tokens", 1) != 1:
-        return "the model has register tokens besides CLS"
-    if type(block) is not Block and not isinstance(block, TokenDropBlock):
-        return f"its blocks are {type(block).__name__}, not timm's ViT Block"
-    if type(block.attn) is not Attention:
-        return f"its attention is {type(block.attn).__name__}, not timm's Attention"
-    return None
-
-
-def _is_windowed(block: nn.Module) -> bool:
-    attn = getattr(block, "attn", None)
-    return hasattr(attn, "window_size") and hasattr(attn, "relative_position_bias_table")
-
-
-def _is_tv_encoder_block(block: nn.Module) -> bool:
-    """torchvision's ViT EncoderBlock (or one already dropping tokens)."""
-    if isinstance(block, TorchvisionTokenDropBlock):
-        return True
-    return all(hasattr(block, c) for c in ("ln_1", "self_attention", "dropout", "ln_2", "mlp"))
 
 
 def attention_with_cls(attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,22 +111,27 @@ class TorchvisionTokenDropBlock(TokenDropBlock):
         return x + b.mlp(b.ln_2(x))
 
 
-def enable_token_drop_(model: nn.Module, spec: Mapping[str, tuple[float, bool]]) -> None:
-    """Make the named blocks drop tokens: ``{block name: (keep_rate, fuse)}``."""
+def enable_token_drop_(
+    model: nn.Module,
+    spec: Mapping[str, tuple[float, bool]],
+    kind: Callable[[nn.Module], type[TokenDropBlock] | str],
+) -> None:
+    """Make the named blocks drop tokens: ``{block name: (keep_rate, fuse)}``. ``kind(block)``
+    is the ``TokenDropBlock`` class that wraps the block, or why it cannot drop tokens (the
+    model's family knows: ``wasi_tool.models.families.enable_token_drop_`` asks it)."""
     for name, (keep_rate, fuse) in spec.items():
         try:
             block = model.get_submodule(name)
         except AttributeError:
             raise WasiToolError(f"no block {name!r} to drop tokens in") from None
-        why = supports_token_drop(model, block)
-        if why is not None:
-            raise WasiToolError(f"cannot drop tokens in {name}: {why}")
+        found = kind(block)
+        if isinstance(found, str):
+            raise WasiToolError(f"cannot drop tokens in {name}: {found}")
         check_keep_rate(keep_rate)
         if isinstance(block, TokenDropBlock):
             block.keep_rate, block.fuse = float(keep_rate), bool(fuse)
         else:
-            cls = TorchvisionTokenDropBlock if _is_tv_encoder_block(block) else TokenDropBlock
-            set_submodule(model, name, cls(block, keep_rate, fuse))
+            set_submodule(model, name, found(block, keep_rate, fuse))
 
 
 def token_drop_spec(model: nn.Module) -> dict[str, list[float | bool]]:

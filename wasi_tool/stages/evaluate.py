@@ -20,7 +20,7 @@ from wasi_tool.artifact import FINETUNE, StageRecord
 from wasi_tool.data import batch_transform
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.family import CAUSAL_LM, task_of
+from wasi_tool.models.families import task_of
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.training.loop import evaluate
 
@@ -139,7 +139,7 @@ def run_eval(
         settings["classes"],
         seq_len=settings["seq_len"],
     )
-    causal = task_of(model) == CAUSAL_LM
+    causal = task_of(model).next_token
     if predictions is not None and causal:
         raise WasiToolError("--predictions is per example: it applies to classifiers only")
     head = getattr(model, "num_classes", None)

@@ -14,7 +14,7 @@ from wasi_tool import artifact, onnxio
 from wasi_tool.artifact import EXPORT, FileEntry, StageRecord
 from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.family import family_of
+from wasi_tool.models.families import family_of
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.stages.common import layer_records, write_stage_artifact
 from wasi_tool.transforms.merge import merge_

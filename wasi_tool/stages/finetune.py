@@ -22,7 +22,7 @@ from wasi_tool.data.datasets import DataSplits
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import reset_peak_rss
 from wasi_tool.methods import finalize_
-from wasi_tool.models.family import CAUSAL_LM, task_of
+from wasi_tool.models.families import task_of
 from wasi_tool.models.hf import load_tokenizer
 from wasi_tool.models.loading import LoadedModel, ModelSource
 from wasi_tool.stages.common import layer_records, write_stage_artifact
@@ -121,7 +121,7 @@ def run_finetune(
 
     def perplexity_before(loaded: LoadedModel, splits: DataSplits) -> None:
         nonlocal tokenizer
-        if task_of(loaded.model) == CAUSAL_LM:
+        if task_of(loaded.model).next_token:
             tokenizer = load_tokenizer(loaded.tokenizer_dir)
             lm_eval["before"] = _lm_eval(loaded.model, splits.test, tokenizer, config, progress)
 

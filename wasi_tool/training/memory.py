@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.models.family import family_of
+from wasi_tool.models.families import family_of
 from wasi_tool.nn.lossy import lossy_modules, store_lossy_, undo_lossy_
 from wasi_tool.nn.recompute import recompute_, undo_recompute_
 from wasi_tool.nn.subspace import probing

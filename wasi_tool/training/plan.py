@@ -36,7 +36,7 @@ from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter, peak_rss_bytes
-from wasi_tool.models.family import family_of
+from wasi_tool.models.families import family_of
 from wasi_tool.nn.recompute import recomputed
 from wasi_tool.nn.subspace import SubspaceLayer, WASILinear
 from wasi_tool.training.loss import task_loss

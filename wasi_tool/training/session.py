@@ -44,7 +44,7 @@ from wasi_tool.methods.calibrate import (
     row_mask,
     streamed_ranks_by_eps,
 )
-from wasi_tool.models.family import CAUSAL_LM, task_of
+from wasi_tool.models.families import task_of
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.training.config import FinetuneConfig
 from wasi_tool.training.loop import epoch_order, first_batch, loader
@@ -334,7 +334,7 @@ def build_session(
         transform, splits = data
     else:
         transform, splits = load_session_data(loaded, data, config)
-    if task_of(loaded.model) != CAUSAL_LM:  # next-token models keep their vocabulary head
+    if task_of(loaded.model).fits_head:  # next-token models keep their vocabulary head
         fit_head(loaded, splits.num_classes, config.new_head, note)
     if before_prepare is not None:
         before_prepare(loaded, splits)
@@ -370,7 +370,7 @@ def build_session(
             gc.collect()
             torch.manual_seed(config.seed)
             loaded = load_model(source)
-            if task_of(loaded.model) != CAUSAL_LM:
+            if task_of(loaded.model).fits_head:
                 fit_head(loaded, splits.num_classes, config.new_head)
         chosen = dataclasses.replace(config, method=name)
         try:
