@@ -152,7 +152,10 @@ def prepare(
         calibrate: factor dense wsi/wasi targets in the metric of their inputs on
             ``example_input`` (required then; SVD-LLM's whitening, as ``compress --calibrate``)
             instead of by plain SVD.
-        baseline: lora_rank, lora_alpha, lora_dropout, bsr_blocks, drop_at, keep_rate, fuse.
+        baseline: the method's own options by their flat keys (``FinetuneConfig.from_flat``):
+            lora_rank, lora_alpha, lora_dropout, lora_recompute, lora_fa_projection (lora,
+            lora-fa); bsr_blocks, drop_at, keep_rate, fuse (bsr, bsr+wasi); mezo_mu (mezo).
+            A key of another method's options is refused.
 
     The report (``PrepareReport``) is ``model.wasi_prepared``; it goes to the ``wasi_tool``
     logger (INFO with ``verbose``, else DEBUG), including which PyTorch fast paths are given
@@ -174,7 +177,7 @@ def prepare(
         raise WasiToolError("memory_budget plans on a batch: pass example_input=<a training batch>")
     if calibrate and example_input is None:
         raise WasiToolError("calibrate factors on real inputs: pass example_input=<a batch>")
-    config = FinetuneConfig(
+    config = FinetuneConfig.from_flat(
         method=spec.name,
         targets=",".join(names),
         eps=eps,

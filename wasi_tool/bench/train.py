@@ -11,6 +11,7 @@ installed (``allocator``, wasi_tool/allocator.py), so their resident memory foll
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -18,18 +19,25 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from wasi_tool.allocator import check_allocator, worker_env
 from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
-from wasi_tool.methods.options import BaselineOptions
+from wasi_tool.methods import METHODS, MethodOptions, option_keys, options_classes
 from wasi_tool.safe_read import read_json
 from wasi_tool.threads import check_threads, use_threads
-from wasi_tool.training.config import FinetuneConfig, TrainSettings
+from wasi_tool.training.config import (
+    ActivationRanks,
+    FinetuneConfig,
+    MemorySettings,
+    TrainSettings,
+    option_hints,
+    split_options,
+)
 from wasi_tool.training.results import METRICS
 
 SCHEMA = "wasi-tool-bench-train/2"
@@ -37,12 +45,15 @@ SCHEMA = "wasi-tool-bench-train/2"
 
 @register_config
 @dataclass
-class TrainBenchConfig(StageConfig, BaselineOptions, TrainSettings):
-    """One training-step measurement: the training settings finetune takes (TrainSettings,
-    BaselineOptions: declared once, with finetune's defaults), the model source (its fields
-    mirror ModelSource) and the bench's own step counts, allocator and threads.
+class TrainBenchConfig(StageConfig, MemorySettings, ActivationRanks, TrainSettings):
+    """One training-step measurement: the parts of finetune's settings a step is made of
+    (TrainSettings, ActivationRanks, MemorySettings: declared once, with finetune's defaults),
+    the methods' options, the model source (its fields mirror ModelSource) and the bench's own
+    step counts, allocator and threads.
 
     ``method`` may name several methods, comma-separated; each runs in a fresh process.
+    ``method_options`` holds the options of every registered method that has some (flat keys
+    in recipes and stored results, as finetune's); each method's run takes its own.
     """
 
     stage: ClassVar[str] = "bench-train"
@@ -60,21 +71,73 @@ class TrainBenchConfig(StageConfig, BaselineOptions, TrainSettings):
     warmup: int = 3
     allocator: str = "auto"  # the workers' allocator (wasi_tool/allocator.py)
     threads: int | None = None  # torch's threads in each worker (None: one per core)
+    method_options: list[MethodOptions] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
             raise WasiToolError("steps must be >= 1, warm-up >= 0")
         check_allocator(self.allocator)
         check_threads(self.threads)
-        self.check_baselines()
+        given = {type(o): o for o in self.method_options}
+        if len(given) != len(self.method_options):
+            raise WasiToolError("method_options holds one options object per options class")
+        for options in self.method_options:
+            options.check()
+        # every registered options class, in the registry's order (the defaults where not given)
+        self.method_options = [given.get(cls) or cls() for cls in options_classes()]
         self.check_settings()
+        self.check_activation_ranks()
+        self.check_memory()
+
+    @classmethod
+    def from_flat(cls, data: Mapping[str, object] | None = None, /, **flat: object) -> Self:
+        """The config from flat settings: its fields, and any registered method's options by
+        their flat keys (``lora_rank``, ``mezo_mu``...): the bench may run several methods."""
+        values = {**(data or {}), **flat}
+        grouped = split_options(values, list(METHODS))
+        if grouped:
+            if values.get("method_options"):
+                raise WasiToolError("give method_options or flat option keys, not both")
+            values["method_options"] = [c.from_flat(g) for c, g in grouped.items()]
+        return cls(**values)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_settings(cls, data: Mapping[str, object]) -> Self:
+        return cls.from_flat(data)
+
+    @classmethod
+    def setting_hints(cls) -> dict[str, object]:
+        hints = super().setting_hints()
+        hints.pop("method_options")
+        return {**hints, **option_hints()}
+
+    def settings(self) -> dict[str, object]:
+        out = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "method_options"
+        }
+        for options in self.method_options:
+            out.update(options.to_flat())
+        return out
+
+    def options_for(self, method: str) -> MethodOptions | None:
+        """A copy of ``method``'s options (None: it has none)."""
+        if method not in METHODS:
+            return None  # "auto" (its candidates have none); FinetuneConfig names a bad method
+        own = METHODS[method].options
+        found = [o for o in self.method_options if type(o) is own]
+        return copy.deepcopy(found[0]) if found else None
 
     def method_config(self, method: str | None = None) -> FinetuneConfig:
         """The training settings of ``method`` (default: this config's) for these fields."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)}
-        return FinetuneConfig(
-            **{**shared, "method": method or self.method}, **self.baseline_options()
-        )
+        method = method or self.method
+        shared = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for part in (TrainSettings, ActivationRanks, MemorySettings)
+            for f in dataclasses.fields(part)
+        }
+        return FinetuneConfig(**{**shared, "method": method}, options=self.options_for(method))
 
 
 @dataclass
@@ -207,7 +270,8 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     # a synthetic batch carries no spectrum: without explicit or per-layer ranks the bench
     # takes the shape rule (training/session.py's RANK_RULES)
     rule = "per-layer" if config.act_ranks_by_layer else None
-    if rule is None and settings.act_ranks is None and settings.act_budget_mb is None:
+    given = (config.act_ranks, config.act_eps, config.act_budget_mb)
+    if rule is None and all(v is None for v in given):
         rule = "shape"
     session = prepare_session(
         model,
@@ -320,7 +384,7 @@ def settings_of(artifact: Path) -> dict[str, Any] | None:
         }
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise WasiToolError(f"cannot read the fine-tune settings in {path}: {exc}") from None
-    for key in ("eps", "seed", *(f.name for f in dataclasses.fields(BaselineOptions))):
+    for key in ("eps", "seed", *option_keys()):
         if key in cfg:
             out[key] = cfg[key]
     return out

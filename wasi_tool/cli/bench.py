@@ -189,7 +189,7 @@ def _train(
         ) from None
     # a fine-tune artifact says what it trained with: its targets and calibrated ranks
     found = settings_of(train) if train is not None and not ranks and not targets else None
-    config = TrainBenchConfig(
+    config = TrainBenchConfig.from_flat(
         checkpoint=str(train) if train else None,
         arch=arch,
         num_classes=num_classes,

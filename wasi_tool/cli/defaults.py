@@ -27,29 +27,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "method": "wasi",
         "targets": None,
         "eps": 0.8,
-        "act_ranks": None,
         "batch_size": 32,
         "seq_len": None,
         "seed": 233,
-        "memory_mode": "off",
-        "memory_budget": None,
-        "lossy": "off",
-        "mezo_mu": 0.001,
-        "bsr_blocks": None,
-        "drop_at": None,
-        "keep_rate": 0.5,
-        "fuse": True,
-        "lora_rank": 8,
-        "lora_alpha": 16.0,
-        "lora_dropout": 0.0,
-        "lora_recompute": False,
-        "lora_fa_projection": False,
-        "calibrate": None,
-        "eps_spectrum": "weight",
+        "act_ranks": None,
         "act_eps": None,
         "act_budget_mb": None,
         "act_order": "sequential",
         "act_residual_rows": 0,
+        "memory_mode": "off",
+        "memory_budget": None,
+        "lossy": "off",
+        "calibrate": None,
+        "eps_spectrum": "weight",
         "update_form": "projection",
         "epochs": 5,
         "lr": 0.05,
@@ -63,6 +53,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_examples": 32,
         "new_head": False,
         "match_memory": None,
+        "bsr_blocks": None,
+        "drop_at": None,
+        "keep_rate": 0.5,
+        "fuse": True,
+        "lora_rank": 8,
+        "lora_alpha": 16.0,
+        "lora_dropout": 0.0,
+        "lora_recompute": False,
+        "lora_fa_projection": False,
+        "mezo_mu": 0.001,
     },
     "CompressConfig": {
         "targets": "mlp",
@@ -93,23 +93,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "method": "wasi",
         "targets": None,
         "eps": 0.8,
-        "act_ranks": None,
         "batch_size": 32,
         "seq_len": None,
         "seed": 233,
+        "act_ranks": None,
+        "act_eps": None,
+        "act_budget_mb": None,
+        "act_order": "sequential",
+        "act_residual_rows": 0,
         "memory_mode": "off",
         "memory_budget": None,
         "lossy": "off",
-        "mezo_mu": 0.001,
-        "bsr_blocks": None,
-        "drop_at": None,
-        "keep_rate": 0.5,
-        "fuse": True,
-        "lora_rank": 8,
-        "lora_alpha": 16.0,
-        "lora_dropout": 0.0,
-        "lora_recompute": False,
-        "lora_fa_projection": False,
         "checkpoint": None,
         "arch": None,
         "num_classes": None,
@@ -121,6 +115,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup": 3,
         "allocator": "auto",
         "threads": None,
+        "bsr_blocks": None,
+        "drop_at": None,
+        "keep_rate": 0.5,
+        "fuse": True,
+        "lora_rank": 8,
+        "lora_alpha": 16.0,
+        "lora_dropout": 0.0,
+        "lora_recompute": False,
+        "lora_fa_projection": False,
+        "mezo_mu": 0.001,
     },
     "InferenceBenchConfig": {
         "batch_size": 1,
@@ -179,19 +183,25 @@ def current() -> tuple[dict[str, dict[str, Any]], tuple[str, ...], float, int]:
     import dataclasses
     import importlib
 
-    from wasi_tool.methods import METHODS
+    from wasi_tool.methods import METHODS, option_keys
     from wasi_tool.ops import DEFAULT_EPS as eps
     from wasi_tool.transforms.compress import DEFAULT_CALIBRATION_SAMPLES as samples
 
+    flat = option_keys()  # a method's options: their flat keys, at their defaults
     found: dict[str, dict[str, Any]] = {}
     for name, module in SOURCES.items():
         cls = getattr(importlib.import_module(module), name)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                values[f.name] = f.default
+        keys = cls.setting_hints() if hasattr(cls, "setting_hints") else fields
+        for key in keys:
+            f = fields.get(key)
+            if f is None:
+                values[key] = flat[key].flat_defaults()[key]
+            elif f.default is not dataclasses.MISSING:
+                values[key] = f.default
             elif f.default_factory is not dataclasses.MISSING:
-                values[f.name] = f.default_factory()
+                values[key] = f.default_factory()
         found[name] = values
     return found, tuple(METHODS), eps, samples
 

@@ -202,7 +202,7 @@ def finetune(
     from wasi_tool.training.loop import Interrupted
 
     with common.user_errors(), common.progress_to_stderr(json_path):
-        config = FinetuneConfig(
+        config = FinetuneConfig.from_flat(
             method=method,
             targets=targets,
             eps=eps,

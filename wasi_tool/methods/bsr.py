@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.base import LayerOptions, Method, Note, dense, register_method
+from wasi_tool.methods.options import MethodOptions, options_of
 from wasi_tool.methods.wasi import build_wasi_layer
 from wasi_tool.models.family import family_of
 from wasi_tool.nn.token_drop import check_keep_rate, enable_token_drop_, supports_token_drop
@@ -53,6 +54,33 @@ def _check_indices(what: str, indices: Sequence[int], depth: int) -> list[int]:
     if bad:
         raise WasiToolError(f"{what} {bad} out of range: the model has blocks 0..{depth - 1}")
     return sorted({int(i) for i in indices})
+
+
+@dataclass
+class BsrOptions(MethodOptions):
+    """bsr's and bsr+wasi's options; targets outside the trained blocks stay frozen.
+
+    Args:
+        blocks: the blocks that train (flat key ``bsr_blocks``; default 3, 7, 11 scaled to
+            the depth).
+        drop_at: the blocks that drop tokens (default 3, 6, 9 scaled; [] for none).
+        keep_rate: the share of patch tokens a dropping block keeps.
+        fuse: fuse the dropped tokens into one (EViT), or discard them.
+    """
+
+    prefix: ClassVar[str] = "bsr_"
+
+    blocks: list[int] | None = None
+    drop_at: list[int] | None = field(default=None, metadata={"flat": "drop_at"})
+    keep_rate: float = field(default=0.5, metadata={"flat": "keep_rate"})
+    fuse: bool = field(default=True, metadata={"flat": "fuse"})
+
+    def check(self) -> None:
+        if self.blocks is not None:
+            self.blocks = [int(v) for v in self.blocks]
+        if self.drop_at is not None:
+            self.drop_at = [int(v) for v in self.drop_at]
+        self.keep_rate = check_keep_rate(self.keep_rate)
 
 
 @dataclass
@@ -185,6 +213,7 @@ class BSR(Method):
 
     name = "bsr"
     description = "chosen blocks + final norm + head train (dense), token dropping"
+    options = BsrOptions
 
     def build_layer(self, layer: nn.Module, options: LayerOptions) -> nn.Module:
         return dense(layer)
@@ -192,9 +221,8 @@ class BSR(Method):
     def before_targets(self, model: nn.Module, settings: Any, note: Note) -> BSRPlan:
         """Token dropping goes in first: calibration and ASI bases then see the reduced
         token counts."""
-        plan = plan_bsr(
-            model, settings.bsr_blocks, settings.drop_at, settings.keep_rate, settings.fuse
-        )
+        own = options_of(settings, BsrOptions)
+        plan = plan_bsr(model, own.blocks, own.drop_at, own.keep_rate, own.fuse)
         for message in plan.notes:
             note(message)
         enable_token_drop_(

@@ -6,7 +6,6 @@ Adding a stage kind is one ``StageKind`` and one ``register_kind`` call.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ class StageKind:
     check: Callable[[Pipeline, StageSpec], None] | None = None
 
     def fields(self) -> set[str]:
-        return {f.name for f in dataclasses.fields(self.config)} if self.config else set()  # type: ignore[arg-type]
+        return set(self.config.setting_hints()) if self.config else set()
 
 
 KINDS: dict[str, StageKind] = {}

@@ -20,7 +20,8 @@ from wasi_tool.allocator import follow_live_memory, in_use
 from wasi_tool.data.datasets import DataSplits
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import reset_peak_rss
-from wasi_tool.methods import finalize_
+from wasi_tool.methods import LoraOptions, finalize_
+from wasi_tool.methods.options import options_of
 from wasi_tool.models.family import CAUSAL_LM, task_of
 from wasi_tool.models.hf import load_tokenizer
 from wasi_tool.models.loading import LoadedModel, ModelSource
@@ -195,7 +196,11 @@ def _metrics(session: Session, trainer: Trainer, allocator: str | None) -> Finet
         analytic={
             "note": LAYERS_NOTE,
             "layers": layer_accounting(
-                model, prepared.targets, method, trainer.act_shapes, config.lora_rank
+                model,
+                prepared.targets,
+                method,
+                trainer.act_shapes,
+                options_of(config, LoraOptions).rank,
             ),
             "model": model_row,
         },

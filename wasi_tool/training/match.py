@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.methods.lora import LoraOptions
+from wasi_tool.methods.options import options_of
 from wasi_tool.nn.subspace import WASILinear
 from wasi_tool.training.accounting import model_accounting
 
@@ -224,7 +226,8 @@ def match_lora_rank(
     def measure(rank: int) -> int:
         if rank not in memo:
             trial = copy.deepcopy(model)
-            names = prepare(trial, dataclasses.replace(config, lora_rank=rank, match_memory=None))
+            options = dataclasses.replace(options_of(config, LoraOptions), rank=rank)
+            names = prepare(trial, dataclasses.replace(config, options=options, match_memory=None))
             memo[rank] = probe_memory(trial, x, y, names)[0]
             del trial
         return memo[rank]

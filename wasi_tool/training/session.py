@@ -35,7 +35,7 @@ from wasi_tool.data.datasets import DataSplits
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import library_floor
-from wasi_tool.methods import Method, get_method
+from wasi_tool.methods import LoraOptions, Method, get_method
 from wasi_tool.methods.calibrate import (
     calibrate_grams,
     capture,
@@ -44,6 +44,7 @@ from wasi_tool.methods.calibrate import (
     row_mask,
     streamed_ranks_by_eps,
 )
+from wasi_tool.methods.options import options_of
 from wasi_tool.models.family import CAUSAL_LM, task_of
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.training.config import FinetuneConfig
@@ -237,7 +238,9 @@ def prepare_session(
             return prepare_for_training(copy, trial, ranks, grams=grams).targets
 
         rank, match = match_lora_rank(model, config, batch, target, prepare_copy)
-        config = dataclasses.replace(config, lora_rank=rank)
+        config = dataclasses.replace(
+            config, options=dataclasses.replace(options_of(config, LoraOptions), rank=rank)
+        )
     prepared = prepare_for_training(model, config, ranks, note, grams)
     if target is not None and method.compressed_activations:
         found, chosen = match_act_ranks(model, prepared.targets, batch, target)
