@@ -54,6 +54,21 @@ class TrainBenchConfig(StageConfig, MemorySettings, ActivationRanks, TrainSettin
     ``method`` may name several methods, comma-separated; each runs in a fresh process.
     ``method_options`` holds the options of every registered method that has some (flat keys
     in recipes and stored results, as finetune's); each method's run takes its own.
+
+    Args:
+        checkpoint: the checkpoint or artifact to train (None: ``arch`` with random_init).
+        arch: the architecture (as ModelSource).
+        num_classes: the classifier's class count (as ModelSource).
+        img_size: the input size (as ModelSource).
+        random_init: random weights instead of a checkpoint.
+        act_ranks_by_layer: activation ranks per target layer, e.g. those a fine-tune
+            calibrated (``settings_of``); wins over act_ranks.
+        settings_from: where act_ranks_by_layer came from (the tables print it).
+        steps: timed training steps.
+        warmup: warm-up steps before the timed ones.
+        allocator: the workers' allocator: auto (jemalloc, else tcmalloc, when saving memory
+            and installed), system, tcmalloc or jemalloc (wasi_tool/allocator.py).
+        threads: torch's threads in each worker (None: one per core).
     """
 
     stage: ClassVar[str] = "bench-train"
@@ -63,14 +78,12 @@ class TrainBenchConfig(StageConfig, MemorySettings, ActivationRanks, TrainSettin
     num_classes: int | None = None
     img_size: int | None = None
     random_init: bool = False
-    # per target layer, e.g. the ranks a fine-tune calibrated (``settings_of``); wins over
-    # ``act_ranks``; ``settings_from`` says where they came from (the tables print it)
     act_ranks_by_layer: dict[str, list[int]] | None = None
     settings_from: str | None = None
     steps: int = 20
     warmup: int = 3
-    allocator: str = "auto"  # the workers' allocator (wasi_tool/allocator.py)
-    threads: int | None = None  # torch's threads in each worker (None: one per core)
+    allocator: str = "auto"
+    threads: int | None = None
     method_options: list[MethodOptions] = field(default_factory=list)
 
     def __post_init__(self) -> None:

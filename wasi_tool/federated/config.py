@@ -25,6 +25,7 @@ class FederateConfig(FinetuneConfig):
     and the federation.
 
     Args:
+        epochs: local epochs per round.
         clients: how many clients (simulation: partitions of ``data``).
         partition: ``iid``, ``dirichlet:ALPHA`` (label skew) or ``folders``.
         rounds: federated rounds; the learning rate follows one cosine from lr to lr_min over

@@ -61,9 +61,9 @@ class BsrOptions(MethodOptions):
     """bsr's and bsr+wasi's options; targets outside the trained blocks stay frozen.
 
     Args:
-        blocks: the blocks that train (flat key ``bsr_blocks``; default 3, 7, 11 scaled to
-            the depth).
-        drop_at: the blocks that drop tokens (default 3, 6, 9 scaled; [] for none).
+        blocks: the blocks that train, e.g. 3,7,11 (default: 3, 7, 11 scaled to the depth).
+        drop_at: the blocks that drop tokens, e.g. 3,6,9 (default: 3, 6, 9 scaled; none: an
+            empty list, '' on the command line).
         keep_rate: the share of patch tokens a dropping block keeps.
         fuse: fuse the dropped tokens into one (EViT), or discard them.
     """

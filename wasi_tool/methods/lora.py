@@ -40,10 +40,10 @@ class LoraOptions(MethodOptions):
         rank: the adapters' rank r.
         alpha: their scale alpha (the update is scaled by alpha / r).
         dropout: dropout on the adapters' input.
-        recompute: lora: memory-exact LoRA, recompute x A^T in backward instead of saving it
-            (same gradients).
-        fa_projection: lora-fa: project B's gradient by (r / alpha)^2 (A A^T)^-1, as LoRA-FA's
-            optimiser (off: plain SGD on B, see docs/methods-baselines.md).
+        recompute: memory-exact LoRA (lora only): recompute x A^T in backward instead of
+            saving it (same gradients).
+        fa_projection: lora-fa only: project B's gradient by (r / alpha)^2 (A A^T)^-1, as
+            LoRA-FA's optimiser (off: plain SGD on B, see docs/methods-baselines.md).
     """
 
     prefix: ClassVar[str] = "lora_"

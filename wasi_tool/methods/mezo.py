@@ -63,8 +63,8 @@ class MezoOptions(MethodOptions):
     """mezo's options.
 
     Args:
-        mu: the scale of the seeded perturbation (flat key ``mezo_mu``; default 1e-3, the
-            paper's).
+        mu: the scale of the seeded perturbation (default 1e-3, the paper's; lr ~1e-4 without
+            clip).
     """
 
     prefix: ClassVar[str] = "mezo_"

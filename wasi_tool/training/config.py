@@ -238,7 +238,7 @@ class FinetuneConfig(
             SVD.
         eps_spectrum: with calibrate, what eps reads: "weight" (plain SVD's rank, calibrated
             truncation) or "output" (the whitened spectrum), as CompressConfig.
-        act_ranks: explicit per-mode activation ranks, e.g. [16, 12, 32] for (B, N, C).
+        act_ranks: explicit per-mode activation ranks, e.g. 16,12,32 for (B, N, C).
         act_eps: activation ranks by the energy rule on a calibration batch (HOSVD).
         act_budget_mb: per-layer activation ranks minimising the gradient error within this
             many MiB of saved activations (dynamic programming on a calibration batch).
@@ -248,10 +248,17 @@ class FinetuneConfig(
             per layer, scaled so that the weight gradient is unbiased (an experiment,
             docs/unbiased.md: it measured worse than plain ASI at the same memory; 0: off).
         update_form: WSI update, "projection" (R' = L'^T W') or "paper" (R' = L^T W').
-        epochs, batch_size, lr, lr_min, momentum, weight_decay, clip, seed: the recipe; the
-            learning rate follows a cosine from lr to lr_min over all steps.
+        epochs: passes over the training data.
+        batch_size: examples per training step.
+        lr: the learning rate at the start: it follows a cosine from lr to lr_min over all
+            steps.
+        lr_min: the floor of the cosine schedule.
+        momentum: SGD momentum (0 for wsi/wasi: the WSI update has none).
+        weight_decay: SGD weight decay.
+        clip: the global gradient-norm clip (None, or 0 on the command line: no clipping).
+        seed: the training seed (data order, new heads, bases).
         val_fraction: held-out share when the dataset has no test split.
-        classes: train on these classes only (relabelled 0..n-1).
+        classes: train on these classes only, e.g. 5,6,7 (relabelled 0..n-1).
         max_steps: stop each epoch after this many steps (quick runs).
         seq_len: causal-LM data: tokens per .txt chunk, and the most an example keeps
             (default 128).
