@@ -33,6 +33,13 @@ def test_the_generated_settings_are_current() -> None:
         ("finetune", "FinetuneConfig", {}),
         # federate: --local-epochs sets epochs; a budget is refused by a federated run
         ("federate", "FederateConfig", {"epochs": "local_epochs", "memory_budget": None}),
+        # bench: MODEL is the checkpoint; batch, warm-up and threads are shared with the
+        # inference bench (their defaults say both); --seq-len is the inference bench's
+        (
+            "bench",
+            "TrainBenchConfig",
+            {k: None for k in ("checkpoint", "settings_from", "seq_len", "batch_size", "warmup")},
+        ),
     ],
 )
 def test_every_setting_of_the_config_is_an_option(
@@ -48,6 +55,7 @@ def test_every_setting_of_the_config_is_an_option(
         if setting.kind != "list[int]" and setting.key != "clip":
             assert option.default == setting.default, setting.key
         assert option.help
+    assert {"lora_rank", "keep_rate", "mezo_mu", "act_eps", "memory_mode"} <= set(options)
 
 
 def test_federate_sets_activation_ranks_memory_and_method_options(
