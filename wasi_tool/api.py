@@ -107,7 +107,7 @@ def resolve_targets(model: nn.Module, targets: Targets, exclude: Sequence[str] =
     return chosen
 
 
-_RECIPE: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+_RECIPE = FinetuneConfig()  # finetune's defaults (the paper's recipe)
 
 
 def prepare(
@@ -115,17 +115,17 @@ def prepare(
     method: str = "wasi",
     targets: Targets = "mlp",
     *,
-    lr: float = _RECIPE["lr"],
-    eps: float = _RECIPE["eps"],
+    lr: float = _RECIPE.lr,
+    eps: float = _RECIPE.eps,
     exclude: Sequence[str] = (),
     act_ranks: Sequence[int] | None = None,
     act_eps: float | None = None,
     example_input: torch.Tensor | None = None,
-    momentum: float = _RECIPE["momentum"],
-    weight_decay: float = _RECIPE["weight_decay"],
-    clip: float | None = _RECIPE["clip"],
-    update_form: str = _RECIPE["update_form"],
-    memory_mode: str = _RECIPE["memory_mode"],
+    momentum: float = _RECIPE.momentum,
+    weight_decay: float = _RECIPE.weight_decay,
+    clip: float | None = _RECIPE.clip,
+    update_form: str = _RECIPE.update_form,
+    memory_mode: str = _RECIPE.memory_mode,
     memory_budget: str | None = None,
     calibrate: bool = False,
     seed: int = 0,

@@ -49,7 +49,7 @@ class StageConfig:
         return cls(**data)
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    def from_dict(cls: type[C], data: Mapping[str, object]) -> C:
         """Rebuild a config from its settings; unknown keys are an error, never imported."""
         data = dict(data)
         version = data.pop(VERSION_KEY, cls.version)
@@ -75,7 +75,7 @@ def register_config(cls: type[C]) -> type[C]:
     return cls
 
 
-def load_config(stage: str, data: dict[str, Any]) -> StageConfig:
+def load_config(stage: str, data: Mapping[str, object]) -> StageConfig:
     """The config of ``stage`` from a dict, through the allow-list only."""
     try:
         cls = CONFIGS[stage]
@@ -118,7 +118,7 @@ def type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def check_settings(cls: type, data: Any, where: str) -> dict[str, Any]:
+def check_settings(cls: type, data: object, where: str) -> dict[str, object]:
     """``data`` read from a file as the settings of config ``cls``: an object at the top,
     known keys only, each value of its field's type with bounded numbers. Returns it as a
     dict; raises a one-line WasiToolError naming the key, the type and the value."""

@@ -379,7 +379,7 @@ def _synthetic_batch(loaded: Any, config: TrainBenchConfig) -> tuple[Any, Any]:
     return x, torch.randint(0, classes, (config.batch_size,))
 
 
-def settings_of(artifact: Path) -> dict[str, Any] | None:
+def settings_of(artifact: Path) -> dict[str, object] | None:
     """What a fine-tune artifact says it trained with, as TrainBenchConfig fields: its
     targets, calibrated activation ranks per layer, eps, seed and baseline options (None when
     ``artifact`` holds no fine-tune metrics). The memory mode, budget and lossy storage stay
@@ -390,7 +390,7 @@ def settings_of(artifact: Path) -> dict[str, Any] | None:
     try:
         metrics = read_json(path, f"fine-tune metrics {path}")
         cfg = metrics.get("config", {})
-        out: dict[str, Any] = {
+        out: dict[str, object] = {
             "targets": ",".join(metrics["targets"]) or None,
             "act_ranks_by_layer": metrics.get("act_ranks") or None,
             "settings_from": str(artifact),

@@ -156,7 +156,7 @@ def _train_bench_config(spec: StageSpec, run_dir: Path, ran: bool = True) -> Tra
     baseline options), over TrainBenchConfig's defaults. ``ran``: the earlier stages have
     run (at load time, only the stage's own options are checked)."""
     given = {k: spec.options[k] for k in TRAIN_BENCH_OPTIONS if k in spec.options}
-    like: dict[str, Any] = {}
+    like: dict[str, object] = {}
     if spec.options.get("like") and ran:
         found = settings_of(run_dir / str(spec.options["like"]))
         if found is None:
