@@ -132,13 +132,13 @@ class Method:
     ) -> None:
         """Model-level changes once the targets are swapped (freezing, adapters)."""
 
-    def plan_record(self, plan: Any) -> dict[str, Any] | None:
+    def plan_record(self, plan: Any) -> dict[str, object] | None:
         """What the model-level plan decided, for metrics.json (under the method's name)."""
         return None
 
     def model_accounting(
         self, model: nn.Module, plan: Any, example: Callable[[], Any]
-    ) -> dict[str, Any]:
+    ) -> dict[str, object]:
         """Method-specific whole-model figures (BSR: tokens per block) on ``example()``."""
         return {}
 

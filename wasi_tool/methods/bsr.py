@@ -242,13 +242,13 @@ class BSR(Method):
             f"bsr: training {', '.join(trained)}; tokens dropped in blocks {plan.drop_at or 'none'}"
         )
 
-    def plan_record(self, plan: Any) -> dict[str, Any] | None:
-        result: dict[str, Any] = plan.to_dict()
-        return result
+    def plan_record(self, plan: Any) -> dict[str, object] | None:
+        found: dict[str, object] = plan.to_dict()  # a BSRPlan's record
+        return found
 
     def model_accounting(
         self, model: nn.Module, plan: Any, example: Callable[[], Any]
-    ) -> dict[str, Any]:
+    ) -> dict[str, object]:
         """Tokens per block on one input, and the blocks that save activations.
 
         Convention, as the BSR paper counts training memory: blocks before the first trained

@@ -210,9 +210,7 @@ def _metrics(session: Session, trainer: Trainer, allocator: str | None) -> Finet
         session.plan.measured_peak = metrics.measured.peak_rss_bytes
         metrics.memory_plan = session.plan.to_dict()
     if session.match is not None:  # the training memory the run measured, beside its target
-        run = training_memory_of(metrics)
-        target = session.match["target_bytes"]
-        metrics.match_memory = {**session.match, "run_bytes": run, "run_over_target": run / target}
+        metrics.match_memory = session.match.to_dict(run_bytes=training_memory_of(metrics))
     return metrics
 
 

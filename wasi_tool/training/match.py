@@ -121,21 +121,47 @@ def probe_memory(
     return meter.total + 4 * (counts["parameters"] + counts["gradient_elements"]), meter.targets
 
 
+@dataclass(frozen=True)
+class MatchRecord:
+    """What match_memory chose: the target run, its method and training memory, the setting
+    chosen (``act_ranks``: "per layer", or ``lora_rank``: the rank), the memory its probe
+    measured, and why it stays below the target when it does (``note``)."""
+
+    run: str
+    run_method: str
+    target_bytes: int
+    setting: str
+    chosen: int | str
+    probe_bytes: int
+    note: str | None = None
+
+    @property
+    def probe_over_target(self) -> float:
+        return self.probe_bytes / self.target_bytes
+
+    def to_dict(self, run_bytes: int | None = None) -> dict[str, object]:
+        """The metrics.json record (``match_memory``), with the run's own measured training
+        memory when it is known."""
+        out: dict[str, object] = {
+            "run": self.run,
+            "run_method": self.run_method,
+            "target_bytes": self.target_bytes,
+            "setting": self.setting,
+            "chosen": self.chosen,
+            "probe_bytes": self.probe_bytes,
+            "probe_over_target": self.probe_over_target,
+        }
+        if self.note:
+            out["note"] = self.note
+        if run_bytes is not None:
+            out.update(run_bytes=run_bytes, run_over_target=run_bytes / self.target_bytes)
+        return out
+
+
 def _record(
-    target: MatchTarget, knob: str, chosen: Any, probe: int, note: str | None = None
-) -> dict[str, Any]:
-    out = {
-        "run": target.run,
-        "run_method": target.method,
-        "target_bytes": target.bytes,
-        "setting": knob,
-        "chosen": chosen,
-        "probe_bytes": probe,
-        "probe_over_target": probe / target.bytes,
-    }
-    if note:
-        out["note"] = note
-    return out
+    target: MatchTarget, knob: str, chosen: int | str, probe: int, note: str | None = None
+) -> MatchRecord:
+    return MatchRecord(target.run, target.method, target.bytes, knob, chosen, probe, note)
 
 
 def match_act_ranks(
@@ -143,9 +169,10 @@ def match_act_ranks(
     targets: list[str],
     batch: Batch,
     target: MatchTarget,
-) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+) -> tuple[dict[str, tuple[int, ...]], dict[str, object], MatchRecord]:
     """Activation ranks of the prepared ``model`` whose measured training memory is as close
-    to ``target`` as the rank candidates allow, at most it. Sets them on the model."""
+    to ``target`` as the rank candidates allow, at most it. Sets them on the model; returns
+    them, how they were chosen (the calibration record) and the match record."""
     from wasi_tool.methods.calibrate import BUDGET_EPS, capture, ranks_under_budget
     from wasi_tool.training.loss import task_loss
     from wasi_tool.training.plan import _layer_states, _set_act_ranks
@@ -196,7 +223,7 @@ def match_act_ranks(
             f"every layer is at the highest rank candidate (act eps {max(BUDGET_EPS)}), which "
             "needs less than the target: the method compresses activations even with room left"
         )
-    info = {
+    info: dict[str, object] = {
         "rule": "budget",
         "budget_mib": budget / MB,
         "memory_mib": choice.memory_mb,
@@ -205,10 +232,7 @@ def match_act_ranks(
         "batch": len(y),
         "matched": True,
     }
-    return ranks, {
-        "calibration": info,
-        "record": _record(target, "act_ranks", "per layer", memory, why),
-    }
+    return ranks, info, _record(target, "act_ranks", "per layer", memory, why)
 
 
 def match_lora_rank(
@@ -217,7 +241,7 @@ def match_lora_rank(
     batch: Batch,
     target: MatchTarget,
     prepare: Callable[[nn.Module, FinetuneConfig], list[str]],
-) -> tuple[int, dict[str, Any]]:
+) -> tuple[int, MatchRecord]:
     """The largest LoRA rank whose measured training memory is at most ``target``: ``prepare
     (copy, config)`` prepares a copy of the unprepared ``model`` and returns its targets."""
     x, y = batch()
