@@ -105,3 +105,17 @@ def test_federate_and_the_bench_share_the_parts_and_carry_the_options() -> None:
         "checkpoint", "arch", "num_classes", "img_size", "random_init", "act_ranks_by_layer",
         "settings_from", "steps", "warmup", "allocator", "threads", "method_options",
     }  # fmt: skip
+
+
+def test_a_recipe_bench_stage_takes_every_training_bench_setting() -> None:
+    from pathlib import Path
+
+    from wasi_tool.pipeline.kinds import KINDS, _train_bench_config
+    from wasi_tool.pipeline.spec import StageSpec
+
+    assert {"lora_rank", "keep_rate", "mezo_mu", "act_eps", "allocator"} <= KINDS["bench"].options
+    options = {"train": True, "method": "lora,wasi", "lora_rank": 4, "act_order": "parallel"}
+    spec = StageSpec("b", "bench", "tune", {}, {}, options, 1)
+    config = _train_bench_config(spec, Path("runs"), ran=False)
+    assert config.method_config("lora").options == LoraOptions(rank=4)
+    assert config.act_order == "parallel" and config.checkpoint == str(Path("runs") / "tune")

@@ -115,19 +115,13 @@ def _export(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
     run_export(_source(spec, run_dir), ExportConfig.from_dict(spec.config), out, overwrite=True)
 
 
-TRAIN_BENCH_OPTIONS = (
-    "method",
-    "batch_size",
-    "steps",
-    "warmup",
-    "targets",
-    "eps",
-    "act_ranks",
-    "seed",
-    "memory_mode",
-    "memory_budget",
-    "lossy",
-    "allocator",
+# a bench stage with train = true takes every TrainBenchConfig setting (a method's options
+# too, by their flat keys) but the model source (its input stage) and what like = fills in
+NOT_BENCH_OPTIONS = ("checkpoint", "arch", "num_classes", "img_size", "random_init")
+TRAIN_BENCH_OPTIONS = tuple(
+    k
+    for k in TrainBenchConfig.setting_hints()
+    if k not in (*NOT_BENCH_OPTIONS, "settings_from", "act_ranks_by_layer")
 )
 
 
