@@ -36,9 +36,9 @@ def test_shared_defaults_are_written_once() -> None:
     eps = {CompressConfig().eps, FinetuneConfig().eps, TrainBenchConfig().eps}
     assert eps == {0.8}
     with pytest.raises(WasiToolError, match="keep_rate"):
-        TrainBenchConfig(keep_rate=0)
+        TrainBenchConfig.from_flat(keep_rate=0)
     with pytest.raises(WasiToolError, match="keep_rate"):
-        FinetuneConfig(keep_rate=1.5)
+        FinetuneConfig.from_flat(method="bsr", keep_rate=1.5)
 
 
 def test_metrics_schema_is_checked() -> None:

@@ -107,7 +107,7 @@ def resolve_targets(model: nn.Module, targets: Targets, exclude: Sequence[str] =
     return chosen
 
 
-_RECIPE: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+_RECIPE = FinetuneConfig()  # finetune's defaults (the paper's recipe)
 
 
 def prepare(
@@ -115,17 +115,17 @@ def prepare(
     method: str = "wasi",
     targets: Targets = "mlp",
     *,
-    lr: float = _RECIPE["lr"],
-    eps: float = _RECIPE["eps"],
+    lr: float = _RECIPE.lr,
+    eps: float = _RECIPE.eps,
     exclude: Sequence[str] = (),
     act_ranks: Sequence[int] | None = None,
     act_eps: float | None = None,
     example_input: torch.Tensor | None = None,
-    momentum: float = _RECIPE["momentum"],
-    weight_decay: float = _RECIPE["weight_decay"],
-    clip: float | None = _RECIPE["clip"],
-    update_form: str = _RECIPE["update_form"],
-    memory_mode: str = _RECIPE["memory_mode"],
+    momentum: float = _RECIPE.momentum,
+    weight_decay: float = _RECIPE.weight_decay,
+    clip: float | None = _RECIPE.clip,
+    update_form: str = _RECIPE.update_form,
+    memory_mode: str = _RECIPE.memory_mode,
     memory_budget: str | None = None,
     calibrate: bool = False,
     seed: int = 0,
@@ -152,7 +152,10 @@ def prepare(
         calibrate: factor dense wsi/wasi targets in the metric of their inputs on
             ``example_input`` (required then; SVD-LLM's whitening, as ``compress --calibrate``)
             instead of by plain SVD.
-        baseline: lora_rank, lora_alpha, lora_dropout, bsr_blocks, drop_at, keep_rate, fuse.
+        baseline: the method's own options by their flat keys (``FinetuneConfig.from_flat``):
+            lora_rank, lora_alpha, lora_dropout, lora_recompute, lora_fa_projection (lora,
+            lora-fa); bsr_blocks, drop_at, keep_rate, fuse (bsr, bsr+wasi); mezo_mu (mezo).
+            A key of another method's options is refused.
 
     The report (``PrepareReport``) is ``model.wasi_prepared``; it goes to the ``wasi_tool``
     logger (INFO with ``verbose``, else DEBUG), including which PyTorch fast paths are given
@@ -174,7 +177,7 @@ def prepare(
         raise WasiToolError("memory_budget plans on a batch: pass example_input=<a training batch>")
     if calibrate and example_input is None:
         raise WasiToolError("calibrate factors on real inputs: pass example_input=<a batch>")
-    config = FinetuneConfig(
+    config = FinetuneConfig.from_flat(
         method=spec.name,
         targets=",".join(names),
         eps=eps,

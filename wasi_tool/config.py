@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 from wasi_tool.errors import WasiToolError
@@ -27,12 +28,29 @@ class StageConfig:
     stage: ClassVar[str] = "stage"
     version: ClassVar[int] = 1
 
+    def settings(self) -> dict[str, object]:
+        """The settings as plain values under their keys (``setting_hints``): by default the
+        fields; a config holding a method's options object writes them flat."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), VERSION_KEY: self.version}  # type: ignore[call-overload]
+        return {**self.settings(), VERSION_KEY: self.version}
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        """Rebuild a config from its fields; unknown keys are an error, never imported."""
+    def setting_hints(cls) -> dict[str, object]:
+        """The keys a recipe, a settings file or ``from_dict`` may give, and their types (by
+        default the fields)."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_settings(cls: type[C], data: Mapping[str, object]) -> C:
+        """The config from its settings (``setting_hints``' keys; by default its fields)."""
+        return cls(**data)
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, object]) -> C:
+        """Rebuild a config from its settings; unknown keys are an error, never imported."""
         data = dict(data)
         version = data.pop(VERSION_KEY, cls.version)
         if not isinstance(version, int) or not 1 <= version <= cls.version:
@@ -40,12 +58,11 @@ class StageConfig:
                 f"{cls.stage} settings have {VERSION_KEY} {version!r}; this wasi-tool reads "
                 f"1..{cls.version}"
             )
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = set(data) - known
+        unknown = set(data) - set(cls.setting_hints())
         if unknown:
             raise WasiToolError(f"unknown {cls.stage} setting(s): {', '.join(sorted(unknown))}")
         try:
-            return cls(**data)
+            return cls.from_settings(data)
         except TypeError as exc:
             raise WasiToolError(f"bad {cls.stage} settings: {exc}") from None
 
@@ -58,7 +75,7 @@ def register_config(cls: type[C]) -> type[C]:
     return cls
 
 
-def load_config(stage: str, data: dict[str, Any]) -> StageConfig:
+def load_config(stage: str, data: Mapping[str, object]) -> StageConfig:
     """The config of ``stage`` from a dict, through the allow-list only."""
     try:
         cls = CONFIGS[stage]
@@ -101,7 +118,7 @@ def type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def check_settings(cls: type, data: Any, where: str) -> dict[str, Any]:
+def check_settings(cls: type, data: object, where: str) -> dict[str, object]:
     """``data`` read from a file as the settings of config ``cls``: an object at the top,
     known keys only, each value of its field's type with bounded numbers. Returns it as a
     dict; raises a one-line WasiToolError naming the key, the type and the value."""
@@ -109,12 +126,15 @@ def check_settings(cls: type, data: Any, where: str) -> dict[str, Any]:
         raise WasiToolError(
             f"{where}: the settings must be an object of fields, got {type(data).__name__}"
         )
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    if isinstance(cls, type) and issubclass(cls, StageConfig):
+        hints = cls.setting_hints()
+    else:
+        types_of = typing.get_type_hints(cls)
+        hints = {f.name: types_of[f.name] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key, value in data.items():
         if key == VERSION_KEY:
             continue
-        if key not in known:
+        if key not in hints:
             raise WasiToolError(f"{where}: unknown setting {key!r}")
         if not fits(value, hints[key]):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."

@@ -185,13 +185,14 @@ def test_bsr_and_lora_flags_reach_the_library(
     invoke("finetune", "ckpt", "--method", "lora-fa", "--match-memory", "runs/w", "--out", tmp_path)
     bsr_cfg, lora_cfg, match_cfg = seen
     assert (match_cfg.method, match_cfg.match_memory) == ("lora-fa", "runs/w")
-    assert (bsr_cfg.method, bsr_cfg.bsr_blocks, bsr_cfg.drop_at) == (
+    assert (bsr_cfg.method, bsr_cfg.options.blocks, bsr_cfg.options.drop_at) == (
         "bsr+wasi",
         [3, 7, 11],
         [3, 6, 9],
     )
-    assert (bsr_cfg.keep_rate, bsr_cfg.fuse) == (0.7, False)
-    assert (lora_cfg.method, lora_cfg.lora_rank, lora_cfg.lora_alpha, lora_cfg.lora_dropout) == (
+    assert (bsr_cfg.options.keep_rate, bsr_cfg.options.fuse) == (0.7, False)
+    lora = lora_cfg.options
+    assert (lora_cfg.method, lora.rank, lora.alpha, lora.dropout) == (
         "lora", 4, 8.0, 0.1,
     )  # fmt: skip
 

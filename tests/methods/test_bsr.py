@@ -125,7 +125,7 @@ def test_frozen_parameters_get_no_gradient_and_early_blocks_save_nothing(
 
 
 def _finetune(src: ModelSource, tmp_path: Path, name: str, **kw: Any) -> dict[str, Any]:
-    cfg = FinetuneConfig(epochs=1, batch_size=32, max_steps=3, **kw)
+    cfg = FinetuneConfig.from_flat(epochs=1, batch_size=32, max_steps=3, **kw)
     return run_finetune(src, "digits", cfg, tmp_path / name).metrics.to_dict()
 
 

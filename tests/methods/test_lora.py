@@ -61,7 +61,7 @@ def test_lora_finetune_writes_a_plain_merged_model(
     tmp_path: Path, tiny_spec: Mapping[str, Any]
 ) -> None:
     src = ModelSource(random_init=True, arch=tiny_spec["arch"], img_size=32)
-    cfg = FinetuneConfig(method="lora", lora_rank=4, epochs=1, batch_size=32, max_steps=3)
+    cfg = FinetuneConfig.from_flat(method="lora", lora_rank=4, epochs=1, batch_size=32, max_steps=3)
     metrics = run_finetune(src, "digits", cfg, tmp_path / "lora").metrics.to_dict()
     layer = metrics["analytic"]["layers"][0]
     assert layer["memory_elements"]["weight"] == 768 * 192 + 4 * (768 + 192)

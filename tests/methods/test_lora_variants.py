@@ -137,7 +137,7 @@ def test_finetune_and_bench(method: str, recompute: bool, tmp_path: Path) -> Non
     from wasi_tool.stages.finetune import FinetuneConfig, run_finetune
 
     src = ModelSource(arch="vit_tiny_patch16_224", img_size=32, random_init=True, seed=0)
-    cfg = FinetuneConfig(
+    cfg = FinetuneConfig.from_flat(
         method=method, targets="mlp", epochs=1, batch_size=8, max_steps=2, lora_rank=4,
         lora_recompute=recompute,
     )  # fmt: skip
@@ -149,7 +149,7 @@ def test_finetune_and_bench(method: str, recompute: bool, tmp_path: Path) -> Non
     assert row["memory_elements"]["activation"] == expected
     weights = artifact.load_weights(tmp_path / "ft" / "model.safetensors")[0]
     assert not any("lora" in k for k in weights)  # merged on save
-    bench = TrainBenchConfig(
+    bench = TrainBenchConfig.from_flat(
         arch="vit_tiny_patch16_224", img_size=32, random_init=True, method=method,
         targets="mlp", batch_size=4, steps=2, warmup=1, lora_rank=4, lora_recompute=recompute,
     )  # fmt: skip

@@ -24,7 +24,7 @@ import wasi_tool
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter
 from wasi_tool.methods import get_method
-from wasi_tool.methods.mezo import MeZO, step_seed
+from wasi_tool.methods.mezo import MeZO, MezoOptions, step_seed
 from wasi_tool.training.config import FinetuneConfig
 from wasi_tool.training.loop import train_step
 from wasi_tool.training.loss import task_loss
@@ -131,15 +131,16 @@ def test_a_non_finite_loss_updates_nothing() -> None:
 
 def test_settings_are_checked() -> None:
     with pytest.raises(WasiToolError, match="mezo_mu"):
-        FinetuneConfig(method="mezo", mezo_mu=0.0)
+        FinetuneConfig.from_flat(method="mezo", mezo_mu=0.0)
     with pytest.raises(WasiToolError, match="momentum"):
         get_method("mezo").optimizer(_toy(), FinetuneConfig(method="mezo", momentum=0.9))
     with pytest.raises(WasiToolError, match="closure"):
         MeZO(_toy().parameters(), 0.1).step()
     from wasi_tool.bench.train import TrainBenchConfig
 
-    cfg = TrainBenchConfig(method="mezo", mezo_mu=1e-2).method_config()
-    assert cfg.mezo_mu == 1e-2  # the bench passes the method's option to its worker's run
+    cfg = TrainBenchConfig.from_flat(method="mezo", mezo_mu=1e-2).method_config()
+    # the bench passes the method's option to its worker's run
+    assert cfg.options == MezoOptions(mu=1e-2)
     opt = get_method("mezo").optimizer(_toy(), cfg)
     assert isinstance(opt, MeZO) and opt.mu == 1e-2 and opt.seed == cfg.seed
 

@@ -31,7 +31,10 @@ def test_wasi_and_lora_land_within_10_percent_under_the_target(
     target = read_target(asi_run)
     assert target.method == "asi" and target.batch_size == 32
     for method, knob in (("wasi", "act_ranks"), ("lora", "lora_rank")):
-        config = FinetuneConfig(method=method, lora_rank=2, match_memory=str(asi_run), **QUICK)
+        options = {"lora_rank": 2} if method == "lora" else {}
+        config = FinetuneConfig.from_flat(
+            method=method, match_memory=str(asi_run), **options, **QUICK
+        )
         metrics = run_finetune(source, "digits", config, tmp_path / method).metrics
         match = metrics.match_memory
         assert match is not None and match["setting"] == knob
@@ -49,9 +52,8 @@ def test_wasi_and_lora_land_within_10_percent_under_the_target(
 def test_a_run_matched_to_its_own_kind_takes_its_setting(
     tmp_path: Path, source: ModelSource
 ) -> None:
-    run_finetune(
-        source, "digits", FinetuneConfig(method="lora", lora_rank=8, **QUICK), tmp_path / "r8"
-    )
+    r8 = FinetuneConfig.from_flat(method="lora", lora_rank=8, **QUICK)
+    run_finetune(source, "digits", r8, tmp_path / "r8")
     config = FinetuneConfig(method="lora", match_memory=str(tmp_path / "r8"), **QUICK)
     match = run_finetune(source, "digits", config, tmp_path / "again").metrics.match_memory
     assert match is not None and match["chosen"] == 8

@@ -23,8 +23,9 @@ RANKS = [8, 3, 16]
 
 def _prepared(model: nn.Module, method: str, mode: str) -> tuple[nn.Module, list[str]]:
     model = copy.deepcopy(model)
-    cfg = FinetuneConfig(
-        method=method, act_ranks=RANKS, memory_mode=mode, targets="mlp", eps=0.9, keep_rate=0.75
+    options = {"keep_rate": 0.75} if method.startswith("bsr") else {}
+    cfg = FinetuneConfig.from_flat(
+        method=method, act_ranks=RANKS, memory_mode=mode, targets="mlp", eps=0.9, **options
     )
     prepared = prepare_for_training(model, cfg, lambda t: ({n: tuple(RANKS) for n in t}, None))
     return model.train(), prepared.targets

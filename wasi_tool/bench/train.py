@@ -11,6 +11,7 @@ installed (``allocator``, wasi_tool/allocator.py), so their resident memory foll
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -18,18 +19,25 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from wasi_tool.allocator import check_allocator, worker_env
 from wasi_tool.config import StageConfig, register_config
 from wasi_tool.errors import WasiToolError
-from wasi_tool.methods.options import BaselineOptions
+from wasi_tool.methods import METHODS, MethodOptions, option_keys, options_classes
 from wasi_tool.safe_read import read_json
 from wasi_tool.threads import check_threads, use_threads
-from wasi_tool.training.config import FinetuneConfig, TrainSettings
+from wasi_tool.training.config import (
+    ActivationRanks,
+    FinetuneConfig,
+    MemorySettings,
+    TrainSettings,
+    option_hints,
+    split_options,
+)
 from wasi_tool.training.results import METRICS
 
 SCHEMA = "wasi-tool-bench-train/2"
@@ -37,12 +45,30 @@ SCHEMA = "wasi-tool-bench-train/2"
 
 @register_config
 @dataclass
-class TrainBenchConfig(StageConfig, BaselineOptions, TrainSettings):
-    """One training-step measurement: the training settings finetune takes (TrainSettings,
-    BaselineOptions: declared once, with finetune's defaults), the model source (its fields
-    mirror ModelSource) and the bench's own step counts, allocator and threads.
+class TrainBenchConfig(StageConfig, MemorySettings, ActivationRanks, TrainSettings):
+    """One training-step measurement: the parts of finetune's settings a step is made of
+    (TrainSettings, ActivationRanks, MemorySettings: declared once, with finetune's defaults),
+    the methods' options, the model source (its fields mirror ModelSource) and the bench's own
+    step counts, allocator and threads.
 
     ``method`` may name several methods, comma-separated; each runs in a fresh process.
+    ``method_options`` holds the options of every registered method that has some (flat keys
+    in recipes and stored results, as finetune's); each method's run takes its own.
+
+    Args:
+        checkpoint: the checkpoint or artifact to train (None: ``arch`` with random_init).
+        arch: the architecture (as ModelSource).
+        num_classes: the classifier's class count (as ModelSource).
+        img_size: the input size (as ModelSource).
+        random_init: random weights instead of a checkpoint.
+        act_ranks_by_layer: activation ranks per target layer, e.g. those a fine-tune
+            calibrated (``settings_of``); wins over act_ranks.
+        settings_from: where act_ranks_by_layer came from (the tables print it).
+        steps: timed training steps.
+        warmup: warm-up steps before the timed ones.
+        allocator: the workers' allocator: auto (jemalloc, else tcmalloc, when saving memory
+            and installed), system, tcmalloc or jemalloc (wasi_tool/allocator.py).
+        threads: torch's threads in each worker (None: one per core).
     """
 
     stage: ClassVar[str] = "bench-train"
@@ -52,29 +78,79 @@ class TrainBenchConfig(StageConfig, BaselineOptions, TrainSettings):
     num_classes: int | None = None
     img_size: int | None = None
     random_init: bool = False
-    # per target layer, e.g. the ranks a fine-tune calibrated (``settings_of``); wins over
-    # ``act_ranks``; ``settings_from`` says where they came from (the tables print it)
     act_ranks_by_layer: dict[str, list[int]] | None = None
     settings_from: str | None = None
     steps: int = 20
     warmup: int = 3
-    allocator: str = "auto"  # the workers' allocator (wasi_tool/allocator.py)
-    threads: int | None = None  # torch's threads in each worker (None: one per core)
+    allocator: str = "auto"
+    threads: int | None = None
+    method_options: list[MethodOptions] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
             raise WasiToolError("steps must be >= 1, warm-up >= 0")
         check_allocator(self.allocator)
         check_threads(self.threads)
-        self.check_baselines()
+        given = {type(o): o for o in self.method_options}
+        if len(given) != len(self.method_options):
+            raise WasiToolError("method_options holds one options object per options class")
+        for options in self.method_options:
+            options.check()
+        # every registered options class, in the registry's order (the defaults where not given)
+        self.method_options = [given.get(cls) or cls() for cls in options_classes()]
         self.check_settings()
+        self.check_activation_ranks()
+        self.check_memory()
+
+    @classmethod
+    def from_flat(cls, data: Mapping[str, object] | None = None, /, **flat: object) -> Self:
+        """The config from flat settings: its fields, and any registered method's options by
+        their flat keys (``lora_rank``, ``mezo_mu``...): the bench may run several methods."""
+        values = {**(data or {}), **flat}
+        grouped = split_options(values, list(METHODS))
+        if grouped:
+            if values.get("method_options"):
+                raise WasiToolError("give method_options or flat option keys, not both")
+            values["method_options"] = [c.from_flat(g) for c, g in grouped.items()]
+        return cls(**values)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_settings(cls, data: Mapping[str, object]) -> Self:
+        return cls.from_flat(data)
+
+    @classmethod
+    def setting_hints(cls) -> dict[str, object]:
+        hints = super().setting_hints()
+        hints.pop("method_options")
+        return {**hints, **option_hints()}
+
+    def settings(self) -> dict[str, object]:
+        out = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "method_options"
+        }
+        for options in self.method_options:
+            out.update(options.to_flat())
+        return out
+
+    def options_for(self, method: str) -> MethodOptions | None:
+        """A copy of ``method``'s options (None: it has none)."""
+        if method not in METHODS:
+            return None  # "auto" (its candidates have none); FinetuneConfig names a bad method
+        own = METHODS[method].options
+        found = [o for o in self.method_options if type(o) is own]
+        return copy.deepcopy(found[0]) if found else None
 
     def method_config(self, method: str | None = None) -> FinetuneConfig:
         """The training settings of ``method`` (default: this config's) for these fields."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSettings)}
-        return FinetuneConfig(
-            **{**shared, "method": method or self.method}, **self.baseline_options()
-        )
+        method = method or self.method
+        shared = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for part in (TrainSettings, ActivationRanks, MemorySettings)
+            for f in dataclasses.fields(part)
+        }
+        return FinetuneConfig(**{**shared, "method": method}, options=self.options_for(method))
 
 
 @dataclass
@@ -207,7 +283,8 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     # a synthetic batch carries no spectrum: without explicit or per-layer ranks the bench
     # takes the shape rule (training/session.py's RANK_RULES)
     rule = "per-layer" if config.act_ranks_by_layer else None
-    if rule is None and settings.act_ranks is None and settings.act_budget_mb is None:
+    given = (config.act_ranks, config.act_eps, config.act_budget_mb)
+    if rule is None and all(v is None for v in given):
         rule = "shape"
     session = prepare_session(
         model,
@@ -299,7 +376,7 @@ def _synthetic_batch(loaded: Any, config: TrainBenchConfig) -> tuple[Any, Any]:
     return x, family.task(model).example_labels(x, classes, IGNORE)
 
 
-def settings_of(artifact: Path) -> dict[str, Any] | None:
+def settings_of(artifact: Path) -> dict[str, object] | None:
     """What a fine-tune artifact says it trained with, as TrainBenchConfig fields: its
     targets, calibrated activation ranks per layer, eps, seed and baseline options (None when
     ``artifact`` holds no fine-tune metrics). The memory mode, budget and lossy storage stay
@@ -310,14 +387,14 @@ def settings_of(artifact: Path) -> dict[str, Any] | None:
     try:
         metrics = read_json(path, f"fine-tune metrics {path}")
         cfg = metrics.get("config", {})
-        out: dict[str, Any] = {
+        out: dict[str, object] = {
             "targets": ",".join(metrics["targets"]) or None,
             "act_ranks_by_layer": metrics.get("act_ranks") or None,
             "settings_from": str(artifact),
         }
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise WasiToolError(f"cannot read the fine-tune settings in {path}: {exc}") from None
-    for key in ("eps", "seed", *(f.name for f in dataclasses.fields(BaselineOptions))):
+    for key in ("eps", "seed", *option_keys()):
         if key in cfg:
             out[key] = cfg[key]
     return out

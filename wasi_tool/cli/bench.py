@@ -16,6 +16,7 @@ from wasi_tool.cli.common import console, default, human_bytes
 
 # their defaults, without torch (the classes are imported where the configs are built)
 from wasi_tool.cli.defaults import InferenceBenchConfig, TrainBenchConfig
+from wasi_tool.cli.settings import flat_settings, takes_settings
 from wasi_tool.errors import WasiToolError
 from wasi_tool.threads import check_threads
 from wasi_tool.wording import ratio as words
@@ -28,8 +29,12 @@ if TYPE_CHECKING:  # the library (torch) loads when the command runs, not to par
 
 _I = InferenceBenchConfig  # the defaults, read from the configs, never copied by hand
 _T = TrainBenchConfig
+# settings of a training bench that a recipe or a stored config gives, not the command line:
+# the model source is MODEL (--arch...), where per-layer ranks came from is --train ARTIFACT's
+TRAIN_ONLY_IN_FILES = {"checkpoint", "settings_from", "seq_len"}
 
 
+@takes_settings("TrainBenchConfig", skip=TRAIN_ONLY_IN_FILES, prefix="--train: ")
 def bench(
     model: Annotated[
         Path | None,
@@ -81,32 +86,9 @@ def bench(
     method: Annotated[
         str, typer.Option(help="Method(s) for --train, comma-separated: wasi,bsr,lora.")
     ] = default(TrainBenchConfig, "method"),
-    steps: Annotated[int, typer.Option(help="Timed training steps.")] = default(
-        TrainBenchConfig, "steps"
-    ),
-    targets: Annotated[str | None, typer.Option(help="Target layers for --train.")] = None,
     act_ranks: Annotated[
         str | None, typer.Option(help="Activation ranks for --train (default B/4, N/4, 32).")
     ] = None,
-    memory_mode: Annotated[
-        str, typer.Option(help="--train: recompute instead of save: off | block | mlp | attn.")
-    ] = default(TrainBenchConfig, "memory_mode"),
-    memory_budget: Annotated[
-        str | None, typer.Option(help="--train: whole-process peak to fit, e.g. 1.2GB.")
-    ] = None,
-    lossy: Annotated[
-        str, typer.Option(help="--train: lossy storage for backward: off | bf16.")
-    ] = default(TrainBenchConfig, "lossy"),
-    mezo_mu: Annotated[float, typer.Option(help="--train, mezo: perturbation scale mu.")] = default(
-        TrainBenchConfig, "mezo_mu"
-    ),
-    allocator: Annotated[
-        str,
-        typer.Option(
-            help="--train: the workers' allocator: auto (jemalloc, else tcmalloc, when saving "
-            "memory and installed) | system | tcmalloc | jemalloc."
-        ),
-    ] = default(TrainBenchConfig, "allocator"),
     arch: common.Arch = None,
     num_classes: common.NumClasses = None,
     img_size: common.ImgSize = None,
@@ -122,8 +104,10 @@ def bench(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write every figure here.")
     ] = None,
+    **settings: object,
 ) -> None:
-    """Time an ONNX model on a device profile (locally or over SSH), or training steps."""
+    """Time an ONNX model on a device profile (locally or over SSH), or training steps (every
+    TrainBenchConfig setting is an option of --train, each method's options too)."""
     from wasi_tool import artifact as artifacts
     from wasi_tool.bench import InferenceBenchConfig, SSHTarget, get_profile, run_inference_bench
 
@@ -133,10 +117,10 @@ def bench(
             raise WasiToolError(f"--batch-size must be >= 1, got {batch_size}")
         target = SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python) if ssh else None
         if train or random_init:
+            given = flat_settings("TrainBenchConfig", settings)
             result = _train(
-                model, vs, method, steps, batch_size, warmup, targets, act_ranks, arch,
-                num_classes, img_size, random_init, memory_mode, memory_budget, lossy,
-                allocator, threads, target, mezo_mu,
+                model, vs, method, batch_size, warmup, act_ranks, arch, num_classes, img_size,
+                random_init, threads, given, target,
             )  # fmt: skip
         else:
             if model is None:
@@ -167,12 +151,10 @@ def bench(
 
 
 def _train(
-    train: Path | None, vs: str | None, method: str, steps: int, batch_size: int | None,
-    warmup: int | None, targets: str | None, act_ranks: str | None, arch: str | None,
-    num_classes: int | None, img_size: int | None, random_init: bool, memory_mode: str,
-    memory_budget: str | None, lossy: str, allocator: str, threads: int | None,
-    target: SSHTarget | None = None,
-    mezo_mu: float = _T.mezo_mu,
+    train: Path | None, vs: str | None, method: str, batch_size: int | None,
+    warmup: int | None, act_ranks: str | None, arch: str | None, num_classes: int | None,
+    img_size: int | None, random_init: bool, threads: int | None,
+    given: dict[str, object], target: SSHTarget | None = None,
 ) -> TrainBenchResult:  # fmt: skip
     from wasi_tool.bench.train import (
         TrainBenchConfig,
@@ -188,25 +170,20 @@ def _train(
             f"--act-ranks takes comma-separated integers, got {act_ranks!r}"
         ) from None
     # a fine-tune artifact says what it trained with: its targets and calibrated ranks
+    targets = given.get("targets")
     found = settings_of(train) if train is not None and not ranks and not targets else None
-    config = TrainBenchConfig(
+    config = TrainBenchConfig.from_flat(
+        given,
         checkpoint=str(train) if train else None,
         arch=arch,
         num_classes=num_classes,
         img_size=img_size,
         random_init=random_init,
         method=method,
-        targets=targets,
         act_ranks=ranks,
         batch_size=batch_size or _T.batch_size,
-        steps=steps,
         warmup=_T.warmup if warmup is None else warmup,
-        memory_mode=memory_mode,
-        memory_budget=memory_budget,
-        lossy=lossy,
-        allocator=allocator,
         threads=threads,
-        mezo_mu=mezo_mu,
     )
     if found:
         config = TrainBenchConfig.from_dict({**config.to_dict(), **found})

@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from wasi_tool.cli import common
-from wasi_tool.cli.common import console, human_bytes, user_errors
-from wasi_tool.errors import WasiToolError
+from wasi_tool.cli.common import console, default, human_bytes, user_errors
+from wasi_tool.cli.defaults import FederateConfig
+from wasi_tool.cli.settings import flat_settings, takes_settings
 
 if TYPE_CHECKING:
     from wasi_tool.artifact.records import RoundRecord
@@ -39,6 +40,7 @@ def round_table(row: RoundRecord) -> Table:
     return table
 
 
+@takes_settings("FederateConfig", skip={"epochs", "memory_budget"})
 def federate(
     checkpoint: Annotated[
         Path, typer.Argument(help="The starting wasi-tool artifact (every client has a copy).")
@@ -51,62 +53,29 @@ def federate(
             "holding one dataset per client."
         ),
     ] = "digits",
-    clients: Annotated[int, typer.Option(help="Clients simulated on this machine.")] = 4,
-    partition: Annotated[
-        str, typer.Option(help="iid, dirichlet:ALPHA (label skew) or folders.")
-    ] = "iid",
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 5,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
-    method: Annotated[str, typer.Option(help="Any finetune method.")] = "wasi",
-    targets: Annotated[str | None, typer.Option(help="As in finetune.")] = None,
-    eps: Annotated[float, typer.Option(help="As in finetune.")] = 0.8,
-    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 32,
-    lr: Annotated[float, typer.Option(help="Start of the cosine over all rounds.")] = 0.05,
-    lr_min: Annotated[float, typer.Option(help="End of the cosine.")] = 0.005,
-    momentum: Annotated[float, typer.Option(help="As in finetune (0 for wsi/wasi).")] = 0.0,
-    classes: Annotated[str | None, typer.Option(help="Train on these classes, e.g. 5,6,7.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Cap local steps per epoch.")] = None,
-    seed: Annotated[int, typer.Option(help="Training and partition seed.")] = 233,
-    min_clients: Annotated[int, typer.Option(help="Usable updates a round needs.")] = 1,
-    server_lr: Annotated[
-        float,
-        typer.Option(
-            help="The server's step on the round's mean update (1: FedAvg; IID data: the "
-            "number of clients moves as far as training the same samples centrally)."
-        ),
-    ] = 1.0,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = default(
+        FederateConfig, "epochs"
+    ),
+    clip: Annotated[float, typer.Option(help="Global gradient-norm clip (0: none).")] = default(
+        FederateConfig, "clip"
+    ),
     test_data: Annotated[
         str | None, typer.Option(help="The server's test data (default: data's held-out split).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     json_path: common.JsonOut = None,
     resume: Annotated[bool, typer.Option(help="Continue after the last completed round.")] = False,
+    **settings: object,
 ) -> None:
-    """Federated fine-tuning (Flower): clients train locally, factored layers travel as factors."""
+    """Federated fine-tuning (Flower): clients train locally, factored layers travel as factors.
+    Every FederateConfig setting is an option, as in finetune (the method's own options too)."""
     with user_errors(), common.progress_to_stderr(json_path):
         from wasi_tool.federated import FederateConfig, run_federate
 
-        try:
-            picked = [int(v) for v in classes.split(",")] if classes else None
-        except ValueError:
-            raise WasiToolError(f"--classes takes integers, got {classes!r}") from None
-        config = FederateConfig(
-            method=method,
-            targets=targets,
-            eps=eps,
+        config = FederateConfig.from_flat(
+            flat_settings("FederateConfig", settings),
             epochs=local_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lr_min=lr_min,
-            momentum=momentum,
-            classes=picked,
-            max_steps=max_steps,
-            seed=seed,
-            clients=clients,
-            partition=partition,
-            rounds=rounds,
-            min_clients=min_clients,
-            server_lr=server_lr,
+            clip=clip if clip > 0 else None,
         )
         result = run_federate(
             checkpoint,

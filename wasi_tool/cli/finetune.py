@@ -13,21 +13,13 @@ from wasi_tool.cli.common import console, default, human_bytes
 from wasi_tool.cli.defaults import METHOD_NAMES as METHODS
 from wasi_tool.cli.defaults import FinetuneConfig as F  # its defaults, without torch
 from wasi_tool.cli.progress import RichProgress
-from wasi_tool.errors import WasiToolError
+from wasi_tool.cli.settings import flat_settings, takes_settings
 
 if TYPE_CHECKING:  # the library (torch) loads when the command runs, not to parse its flags
     from wasi_tool.stages.finetune import FinetuneResult
 
 
-def _ints(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise WasiToolError(f"{what} takes comma-separated integers, got {text!r}") from None
-
-
+@takes_settings("FinetuneConfig")
 def finetune(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Artifact directory to write.", show_default=False)
@@ -51,135 +43,9 @@ def finetune(
     random_init: common.RandomInit = False,
     seed_init: common.SeedInit = 0,
     task: common.Task = None,
-    seq_len: Annotated[
-        int | None, typer.Option(help="causal-lm: tokens per .txt chunk / example (128).")
-    ] = default(F, "seq_len"),
-    eval_examples: Annotated[
-        int, typer.Option(help="causal-lm: held-out prompts scored by exact match.")
-    ] = default(F, "eval_examples"),
-    targets: Annotated[
-        str | None,
-        typer.Option(help="Layers the method acts on (default: the factored layers, else mlp)."),
-    ] = default(F, "targets"),
-    eps: Annotated[
-        float, typer.Option(help="Weight rank rule for dense wsi/wasi targets.")
-    ] = default(F, "eps"),
-    act_ranks: Annotated[
-        str | None, typer.Option(help="Activation ranks per mode, e.g. 16,12,32 (B,N,C).")
-    ] = None,
-    calibrate: Annotated[
-        int | None,
-        typer.Option(
-            help="Factor dense wsi/wasi targets in the metric of their inputs on N training "
-            "samples (as compress --calibrate) instead of by plain SVD."
-        ),
-    ] = default(F, "calibrate"),
-    eps_spectrum: Annotated[
-        str,
-        typer.Option(
-            help="With --calibrate, what --eps reads: weight (plain SVD's rank, truncated to "
-            "lose less output) or output (the whitened spectrum: far lower ranks)."
-        ),
-    ] = default(F, "eps_spectrum"),
-    act_eps: Annotated[
-        float | None, typer.Option(help="Activation ranks by energy on a calibration batch.")
-    ] = default(F, "act_eps"),
-    act_budget_mb: Annotated[
-        float | None, typer.Option(help="Activation ranks minimising gradient error within MiB.")
-    ] = default(F, "act_budget_mb"),
-    act_order: Annotated[
-        str, typer.Option(help="ASI mode order: sequential | parallel.")
-    ] = default(F, "act_order"),
-    act_residual_rows: Annotated[
-        int,
-        typer.Option(
-            help="asi/wasi: also keep this many sampled residual rows per layer for an "
-            "unbiased weight gradient (an experiment; 0: off, docs/unbiased.md)."
-        ),
-    ] = default(F, "act_residual_rows"),
-    update_form: Annotated[str, typer.Option(help="WSI update: projection | paper.")] = default(
-        F, "update_form"
-    ),
-    epochs: Annotated[int, typer.Option()] = default(F, "epochs"),
-    batch_size: Annotated[int, typer.Option()] = default(F, "batch_size"),
-    lr: Annotated[float, typer.Option()] = default(F, "lr"),
-    lr_min: Annotated[float, typer.Option(help="Cosine schedule floor.")] = default(F, "lr_min"),
-    momentum: Annotated[float, typer.Option()] = default(F, "momentum"),
-    weight_decay: Annotated[float, typer.Option()] = default(F, "weight_decay"),
     clip: Annotated[float, typer.Option(help="Global gradient-norm clip (0: none).")] = default(
         F, "clip"
     ),
-    seed: Annotated[int, typer.Option(help="Training seed (data order, heads, bases).")] = default(
-        F, "seed"
-    ),
-    val_fraction: Annotated[
-        float, typer.Option(help="Held-out share without a test split.")
-    ] = default(F, "val_fraction"),
-    classes: Annotated[
-        str | None, typer.Option(help="Train on these classes only, e.g. 5,6,7.")
-    ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Steps per epoch at most.")] = default(
-        F, "max_steps"
-    ),
-    bsr_blocks: Annotated[
-        str | None,
-        typer.Option(help="bsr: blocks that train, e.g. 3,7,11 (default: scaled to the depth)."),
-    ] = None,
-    drop_at: Annotated[
-        str | None,
-        typer.Option(help="bsr: blocks that drop tokens, e.g. 3,6,9 ('' for none)."),
-    ] = None,
-    keep_rate: Annotated[
-        float, typer.Option(help="bsr: share of patch tokens a dropping block keeps.")
-    ] = default(F, "keep_rate"),
-    fuse: Annotated[
-        bool, typer.Option("--fuse/--no-fuse", help="bsr: fuse dropped tokens into one.")
-    ] = default(F, "fuse"),
-    lora_rank: Annotated[int, typer.Option(help="lora: adapter rank r.")] = default(F, "lora_rank"),
-    lora_alpha: Annotated[float, typer.Option(help="lora: scale alpha (alpha / r).")] = default(
-        F, "lora_alpha"
-    ),
-    lora_dropout: Annotated[float, typer.Option(help="lora: adapter dropout.")] = default(
-        F, "lora_dropout"
-    ),
-    lora_recompute: Annotated[
-        bool,
-        typer.Option(help="lora: recompute x A in backward instead of saving it (exact)."),
-    ] = default(F, "lora_recompute"),
-    lora_fa_projection: Annotated[
-        bool,
-        typer.Option(
-            "--lora-fa-projection/--no-lora-fa-projection",
-            help="lora-fa: project B's gradient by (r/alpha)^2 (A A^T)^-1, as LoRA-FA's "
-            "optimiser (off: SGD on B).",
-        ),
-    ] = default(F, "lora_fa_projection"),
-    mezo_mu: Annotated[
-        float, typer.Option(help="mezo: perturbation scale mu (lr ~1e-4 without --clip).")
-    ] = default(F, "mezo_mu"),
-    new_head: Annotated[
-        bool, typer.Option(help="A fresh head even when the class count matches (new task).")
-    ] = False,
-    memory_mode: Annotated[
-        str,
-        typer.Option(
-            help="Recompute instead of save (exact): off | block (keep each block's input) | "
-            "mlp | attn (re-run that half of each block)."
-        ),
-    ] = default(F, "memory_mode"),
-    memory_budget: Annotated[
-        str | None,
-        typer.Option(
-            help="Whole-process peak to fit, e.g. 1.2GB: plans the memory mode, or refuses."
-        ),
-    ] = default(F, "memory_budget"),
-    lossy: Annotated[
-        str,
-        typer.Option(
-            help="Lossy storage for backward: off (exact) | bf16 (norm and GELU inputs in "
-            "bfloat16; with --memory-budget: allowed to the plan)."
-        ),
-    ] = default(F, "lossy"),
     match_memory: Annotated[
         str | None,
         typer.Option(
@@ -194,53 +60,20 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help="Replace --out (and its checkpoints).")] = False,
     threads: common.Threads = None,
     json_path: common.JsonOut = None,
+    **settings: object,
 ) -> None:
     """Fine-tune with WASI or a baseline (vanilla, asi, wsi, bsr, bsr+wasi, lora, lora-fa,
-    mezo, asi-fixed, wasi-fixed); write an artifact and metrics.json."""
+    mezo, asi-fixed, wasi-fixed); write an artifact and metrics.json. Every FinetuneConfig
+    setting is an option (a method's own options too: --lora-rank, --keep-rate, --mezo-mu)."""
     from wasi_tool.stages.finetune import FinetuneConfig, run_finetune
     from wasi_tool.threads import use_threads
     from wasi_tool.training.loop import Interrupted
 
     with common.user_errors(), common.progress_to_stderr(json_path):
-        config = FinetuneConfig(
+        config = FinetuneConfig.from_flat(
+            flat_settings("FinetuneConfig", settings),
             method=method,
-            targets=targets,
-            eps=eps,
-            act_ranks=_ints(act_ranks, "--act-ranks"),
-            calibrate=calibrate,
-            eps_spectrum=eps_spectrum,
-            act_eps=act_eps,
-            act_budget_mb=act_budget_mb,
-            act_order=act_order,
-            act_residual_rows=act_residual_rows,
-            update_form=update_form,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lr_min=lr_min,
-            momentum=momentum,
-            weight_decay=weight_decay,
             clip=clip if clip > 0 else None,
-            seed=seed,
-            val_fraction=val_fraction,
-            classes=_ints(classes, "--classes"),
-            max_steps=max_steps,
-            seq_len=seq_len,
-            eval_examples=eval_examples,
-            bsr_blocks=_ints(bsr_blocks, "--bsr-blocks"),
-            drop_at=_ints(drop_at, "--drop-at"),
-            keep_rate=keep_rate,
-            fuse=fuse,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            lora_recompute=lora_recompute,
-            lora_fa_projection=lora_fa_projection,
-            mezo_mu=mezo_mu,
-            new_head=new_head,
-            memory_mode=memory_mode,
-            memory_budget=memory_budget,
-            lossy=lossy,
             match_memory=match_memory,
         )
         use_threads(threads)

@@ -3,7 +3,6 @@ federation (clients, partition, rounds)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ class FederateConfig(FinetuneConfig):
     and the federation.
 
     Args:
+        epochs: local epochs per round.
         clients: how many clients (simulation: partitions of ``data``).
         partition: ``iid``, ``dirichlet:ALPHA`` (label skew) or ``folders``.
         rounds: federated rounds; the learning rate follows one cosine from lr to lr_min over
@@ -69,8 +69,8 @@ class FederateConfig(FinetuneConfig):
     def round_config(self, rnd: int, client: int) -> FinetuneConfig:
         """The local recipe of client ``client`` in round ``rnd`` (0-based): this round's
         stretch of the global cosine, a seed of its own (round 0, client 0: the run's seed)."""
-        fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        base = {k: v for k, v in dataclasses.asdict(self).items() if k in fields}
+        keys = FinetuneConfig.setting_hints()
+        base = {k: v for k, v in self.settings().items() if k in keys}
 
         def at(t: float) -> float:
             return self.lr_min + (self.lr - self.lr_min) * (1 + math.cos(math.pi * t)) / 2
@@ -80,7 +80,7 @@ class FederateConfig(FinetuneConfig):
             lr_min=at((rnd + 1) / self.rounds),
             seed=self.seed + 1000 * rnd + client,
         )
-        return FinetuneConfig(**base)
+        return FinetuneConfig.from_flat(base)
 
     def local_config(self) -> FinetuneConfig:
         """The recipe a client is prepared with (round 0, client 0)."""

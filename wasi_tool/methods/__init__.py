@@ -14,22 +14,36 @@ from wasi_tool.methods.base import (
     finalize_,
     get_method,
     gradient_step,
+    methods_with,
+    option_keys,
+    options_classes,
     prepare_,
     register_method,
     unregister_method,
 )
+from wasi_tool.methods.bsr import BsrOptions
+from wasi_tool.methods.lora import LoraOptions
+from wasi_tool.methods.mezo import MezoOptions
 from wasi_tool.methods.optim import SubspaceSGD
+from wasi_tool.methods.options import MethodOptions
 
 __all__ = [
     "METHODS",
+    "BsrOptions",
     "LayerOptions",
+    "LoraOptions",
     "Method",
+    "MethodOptions",
+    "MezoOptions",
     "NonFiniteLoss",
     "StepOutput",
     "SubspaceSGD",
     "finalize_",
     "get_method",
     "gradient_step",
+    "methods_with",
+    "option_keys",
+    "options_classes",
     "prepare_",
     "register_method",
     "unregister_method",

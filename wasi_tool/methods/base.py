@@ -24,6 +24,7 @@ from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.optim import NonFiniteGradient, SubspaceSGD, first_non_finite_grad
+from wasi_tool.methods.options import MethodOptions
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.lossy import undo_lossy_
 from wasi_tool.nn.recompute import undo_recompute_
@@ -103,11 +104,14 @@ class Method:
 
     Class attributes: ``name`` (the registry key and CLI value), ``description`` (one line),
     ``factored_weight`` (targets must be factored, weights train by WSI), ``compressed_activations``
-    (targets need activation ranks), ``adapter`` (targets carry adapters of ``lora_rank``).
+    (targets need activation ranks), ``adapter`` (targets carry adapters of ``lora_rank``),
+    ``options`` (the dataclass of the method's own settings, ``methods.options``; None: it has
+    none). Methods may share an options class (lora and lora-fa: ``LoraOptions``).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    options: ClassVar[type[MethodOptions] | None] = None
     factored_weight: ClassVar[bool] = False
     compressed_activations: ClassVar[bool] = False
     adapter: ClassVar[bool] = False
@@ -128,13 +132,13 @@ class Method:
     ) -> None:
         """Model-level changes once the targets are swapped (freezing, adapters)."""
 
-    def plan_record(self, plan: Any) -> dict[str, Any] | None:
+    def plan_record(self, plan: Any) -> dict[str, object] | None:
         """What the model-level plan decided, for metrics.json (under the method's name)."""
         return None
 
     def model_accounting(
         self, model: nn.Module, plan: Any, example: Callable[[], Any]
-    ) -> dict[str, Any]:
+    ) -> dict[str, object]:
         """Method-specific whole-model figures (BSR: tokens per block) on ``example()``."""
         return {}
 
@@ -185,6 +189,26 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise WasiToolError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+def options_classes() -> list[type[MethodOptions]]:
+    """The registered methods' options classes, each once, in the registry's order."""
+    found: list[type[MethodOptions]] = []
+    for method in METHODS.values():
+        if method.options is not None and method.options not in found:
+            found.append(method.options)
+    return found
+
+
+def option_keys() -> dict[str, type[MethodOptions]]:
+    """Every registered method's flat option key -> its options class (``lora_rank`` ->
+    ``LoraOptions``): what recipes, stored configs and the CLI name."""
+    return {key: cls for cls in options_classes() for key in cls.flat_keys().values()}
+
+
+def methods_with(cls: type[MethodOptions]) -> list[str]:
+    """The methods whose options are ``cls``."""
+    return [name for name, method in METHODS.items() if method.options is cls]
 
 
 def dense(layer: nn.Module) -> nn.Linear:

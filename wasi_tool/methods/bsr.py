@@ -15,13 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.base import LayerOptions, Method, Note, dense, register_method
+from wasi_tool.methods.options import MethodOptions, options_of
 from wasi_tool.methods.wasi import build_wasi_layer
 from wasi_tool.models.families import (
     enable_token_drop_,
@@ -58,6 +59,33 @@ def _check_indices(what: str, indices: Sequence[int], depth: int) -> list[int]:
     if bad:
         raise WasiToolError(f"{what} {bad} out of range: the model has blocks 0..{depth - 1}")
     return sorted({int(i) for i in indices})
+
+
+@dataclass
+class BsrOptions(MethodOptions):
+    """bsr's and bsr+wasi's options; targets outside the trained blocks stay frozen.
+
+    Args:
+        blocks: the blocks that train, e.g. 3,7,11 (default: 3, 7, 11 scaled to the depth).
+        drop_at: the blocks that drop tokens, e.g. 3,6,9 (default: 3, 6, 9 scaled; none: an
+            empty list, '' on the command line).
+        keep_rate: the share of patch tokens a dropping block keeps.
+        fuse: fuse the dropped tokens into one (EViT), or discard them.
+    """
+
+    prefix: ClassVar[str] = "bsr_"
+
+    blocks: list[int] | None = None
+    drop_at: list[int] | None = field(default=None, metadata={"flat": "drop_at"})
+    keep_rate: float = field(default=0.5, metadata={"flat": "keep_rate"})
+    fuse: bool = field(default=True, metadata={"flat": "fuse"})
+
+    def check(self) -> None:
+        if self.blocks is not None:
+            self.blocks = [int(v) for v in self.blocks]
+        if self.drop_at is not None:
+            self.drop_at = [int(v) for v in self.drop_at]
+        self.keep_rate = check_keep_rate(self.keep_rate)
 
 
 @dataclass
@@ -190,6 +218,7 @@ class BSR(Method):
 
     name = "bsr"
     description = "chosen blocks + final norm + head train (dense), token dropping"
+    options = BsrOptions
 
     def build_layer(self, layer: nn.Module, options: LayerOptions) -> nn.Module:
         return dense(layer)
@@ -197,9 +226,8 @@ class BSR(Method):
     def before_targets(self, model: nn.Module, settings: Any, note: Note) -> BSRPlan:
         """Token dropping goes in first: calibration and ASI bases then see the reduced
         token counts."""
-        plan = plan_bsr(
-            model, settings.bsr_blocks, settings.drop_at, settings.keep_rate, settings.fuse
-        )
+        own = options_of(settings, BsrOptions)
+        plan = plan_bsr(model, own.blocks, own.drop_at, own.keep_rate, own.fuse)
         for message in plan.notes:
             note(message)
         enable_token_drop_(
@@ -219,13 +247,13 @@ class BSR(Method):
             f"bsr: training {', '.join(trained)}; tokens dropped in blocks {plan.drop_at or 'none'}"
         )
 
-    def plan_record(self, plan: Any) -> dict[str, Any] | None:
-        result: dict[str, Any] = plan.to_dict()
-        return result
+    def plan_record(self, plan: Any) -> dict[str, object] | None:
+        found: dict[str, object] = plan.to_dict()  # a BSRPlan's record
+        return found
 
     def model_accounting(
         self, model: nn.Module, plan: Any, example: Callable[[], Any]
-    ) -> dict[str, Any]:
+    ) -> dict[str, object]:
         """Tokens per block on one input, and the blocks that save activations.
 
         Convention, as the BSR paper counts training memory: blocks before the first trained

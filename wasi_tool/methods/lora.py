@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -25,9 +26,39 @@ from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods.base import LayerOptions, Method, Note, dense, register_method
+from wasi_tool.methods.options import MethodOptions, options_of
 from wasi_tool.models.families import family_of
 from wasi_tool.nn.fastpath import sync_fast_paths_
 from wasi_tool.nn.swap import set_submodule
+
+
+@dataclass
+class LoraOptions(MethodOptions):
+    """lora's and lora-fa's options (flat keys ``lora_<field>``).
+
+    Args:
+        rank: the adapters' rank r.
+        alpha: their scale alpha (the update is scaled by alpha / r).
+        dropout: dropout on the adapters' input.
+        recompute: memory-exact LoRA (lora only): recompute x A^T in backward instead of
+            saving it (same gradients).
+        fa_projection: lora-fa only: project B's gradient by (r / alpha)^2 (A A^T)^-1, as
+            LoRA-FA's optimiser (off: plain SGD on B, see docs/methods-baselines.md).
+    """
+
+    prefix: ClassVar[str] = "lora_"
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    recompute: bool = False
+    fa_projection: bool = False
+
+    def check(self) -> None:
+        if int(self.rank) < 1:
+            raise WasiToolError(f"lora_rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise WasiToolError(f"lora_dropout must be in [0, 1), got {self.dropout}")
 
 
 class LowRankRecompute(torch.autograd.Function):
@@ -156,6 +187,7 @@ class LoRA(Method):
     description = "frozen model, peft LoRA adapters on the targets + head"
     adapter = True
     adapter_saves: ClassVar[str] = "both"
+    options = LoraOptions
 
     def build_layer(self, layer: nn.Module, options: LayerOptions) -> nn.Module:
         return dense(layer)
@@ -163,13 +195,14 @@ class LoRA(Method):
     def after_swap(
         self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
     ) -> None:
-        recompute = bool(getattr(settings, "lora_recompute", False))
+        own = options_of(settings, LoraOptions)
+        recompute = own.recompute
         apply_lora_(
             model,
             targets,
-            settings.lora_rank,
-            settings.lora_alpha,
-            settings.lora_dropout,
+            own.rank,
+            own.alpha,
+            own.dropout,
             settings.seed,
             recompute=recompute,
         )
@@ -197,7 +230,7 @@ class LoRAFA(LoRA):
     def after_swap(
         self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
     ) -> None:
-        if getattr(settings, "lora_recompute", False):
+        if options_of(settings, LoraOptions).recompute:
             raise WasiToolError(
                 "lora_recompute is for lora: lora-fa already saves only x A^T (r per token), "
                 "less than the input a recompute would keep"
@@ -209,7 +242,7 @@ class LoRAFA(LoRA):
 
     def optimizer(self, model: nn.Module, recipe: Any) -> torch.optim.Optimizer:
         opt = super().optimizer(model, recipe)
-        if getattr(recipe, "lora_fa_projection", False):
+        if options_of(recipe, LoraOptions).fa_projection:
             pairs = projections(model)
             opt.register_step_pre_hook(lambda optimizer, args, kwargs: project_(pairs))
         return opt

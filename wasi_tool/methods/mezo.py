@@ -53,21 +53,29 @@ from wasi_tool.methods.base import (
     dense,
     register_method,
 )
+from wasi_tool.methods.options import MethodOptions, options_of
 
 DEFAULT_MU = 1e-3
 
 
 @dataclass
-class MezoOptions:
-    """mezo: ``mezo_mu``, the scale of the seeded perturbation (default 1e-3, the paper's)."""
+class MezoOptions(MethodOptions):
+    """mezo's options.
 
-    mezo_mu: float = DEFAULT_MU
+    Args:
+        mu: the scale of the seeded perturbation (default 1e-3, the paper's; lr ~1e-4 without
+            clip).
+    """
 
-    def check_mezo(self) -> None:
-        mu = float(self.mezo_mu)
+    prefix: ClassVar[str] = "mezo_"
+
+    mu: float = DEFAULT_MU
+
+    def check(self) -> None:
+        mu = float(self.mu)
         if not (math.isfinite(mu) and mu > 0):
-            raise WasiToolError(f"mezo_mu must be a finite number > 0, got {self.mezo_mu}")
-        self.mezo_mu = mu
+            raise WasiToolError(f"mezo_mu must be a finite number > 0, got {self.mu}")
+        self.mu = mu
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -200,6 +208,7 @@ class Mezo(Method):
     name = "mezo"
     description = "zeroth-order (MeZO): two forwards per step, no backward, nothing saved"
     forward_only: ClassVar[bool] = True  # the accounting: no activation is stored
+    options = MezoOptions
 
     def build_layer(self, layer: nn.Module, options: LayerOptions) -> nn.Module:
         return dense(layer)
@@ -212,7 +221,7 @@ class Mezo(Method):
         return MeZO(
             [p for p in model.parameters() if p.requires_grad],
             recipe.lr,
-            float(getattr(recipe, "mezo_mu", DEFAULT_MU)),
+            options_of(recipe, MezoOptions).mu,
             recipe.weight_decay,
             recipe.clip,
             int(getattr(recipe, "seed", 0)),

@@ -1,50 +1,79 @@
-"""Settings of the model-level baselines, shared by finetune and the training bench."""
+"""A method's own settings: one dataclass in the method's module, named by its spec.
+
+``LoraOptions`` (methods/lora.py), ``BsrOptions`` (methods/bsr.py) and ``MezoOptions``
+(methods/mezo.py) subclass ``MethodOptions``; a method names its class in ``Method.options``
+and the registry (``methods.base.options_classes``) lists them, so a config holds the one
+options object of its method (``FinetuneConfig.options``) without knowing the method.
+
+Each field has a *flat key*, the name it has in recipes, ``--set``, stored configs and the CLI
+(``lora_rank``, ``bsr_blocks``, ``mezo_mu``): the class's ``prefix`` and the field's name, or
+the field's ``flat`` metadata. An options class validates (and normalises) its own values in
+``check``, run on construction; its messages name the flat keys.
+
+Torch-free: the CLI's generated defaults and the configs read these classes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
-from wasi_tool.errors import WasiToolError
-from wasi_tool.methods.mezo import MezoOptions
-from wasi_tool.nn.token_drop import check_keep_rate
+OptionsT = TypeVar("OptionsT", bound="MethodOptions")
 
 
 @dataclass
-class BaselineOptions(MezoOptions):
-    """bsr / bsr+wasi: ``bsr_blocks`` (trained blocks; default 3, 7, 11 scaled to the depth),
-    ``drop_at`` (blocks that drop tokens; default 3, 6, 9 scaled), ``keep_rate`` (share of patch
-    tokens kept), ``fuse`` (fuse the dropped tokens into one, or discard them); lora:
-    ``lora_rank``, ``lora_alpha``, ``lora_dropout``, ``lora_recompute`` (memory-exact LoRA:
-    recompute x A^T in backward instead of saving it; same gradients); lora-fa:
-    ``lora_fa_projection`` (B's gradient projected by (r / alpha)^2 (A A^T)^-1, as LoRA-FA's
-    optimiser; off by default: plain SGD on B, see docs/methods-baselines.md). A method's own
-    settings are a dataclass in its module, mixed in here (mezo: ``MezoOptions``), so finetune, the
-    bench and prepare get them without knowing the method."""
+class MethodOptions:
+    """Base class of a method's options (a dataclass of plain values with defaults)."""
 
-    bsr_blocks: list[int] | None = None
-    drop_at: list[int] | None = None
-    keep_rate: float = 0.5
-    fuse: bool = True
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_recompute: bool = False
-    lora_fa_projection: bool = False
+    prefix: ClassVar[str] = ""
 
-    def check_baselines(self) -> None:
-        """Validate (and normalise) the baseline settings, once for every config."""
-        for name in ("bsr_blocks", "drop_at"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, [int(v) for v in value])
-        self.keep_rate = check_keep_rate(self.keep_rate)
-        if int(self.lora_rank) < 1:
-            raise WasiToolError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise WasiToolError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        self.check_mezo()
+    def __post_init__(self) -> None:
+        self.check()
 
-    def baseline_options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(BaselineOptions)}
+    def check(self) -> None:
+        """Validate and normalise the values; raise WasiToolError naming the flat key."""
+
+    @classmethod
+    def flat_keys(cls) -> dict[str, str]:
+        """Field name -> flat key (``rank`` -> ``lora_rank``)."""
+        return {
+            f.name: str(f.metadata.get("flat", cls.prefix + f.name))
+            for f in dataclasses.fields(cls)
+        }
+
+    @classmethod
+    def flat_hints(cls) -> dict[str, object]:
+        """Flat key -> the field's type (what a recipe or a settings file must give)."""
+        hints = typing.get_type_hints(cls)
+        return {flat: hints[name] for name, flat in cls.flat_keys().items()}
+
+    @classmethod
+    def flat_defaults(cls) -> dict[str, object]:
+        """Flat key -> the field's default."""
+        return {flat: getattr(cls(), name) for name, flat in cls.flat_keys().items()}
+
+    @classmethod
+    def from_flat(cls: type[OptionsT], data: Mapping[str, object]) -> OptionsT:
+        """The options from flat keys (the missing ones at their defaults; others ignored)."""
+        kwargs: dict[str, Any] = {
+            name: data[flat] for name, flat in cls.flat_keys().items() if flat in data
+        }
+        return cls(**kwargs)
+
+    def to_flat(self) -> dict[str, object]:
+        """The values under their flat keys (lists copied)."""
+        return {flat: _copied(getattr(self, name)) for name, flat in type(self).flat_keys().items()}
+
+
+def _copied(value: object) -> object:
+    return list(value) if isinstance(value, list) else value
+
+
+def options_of(settings: object, cls: type[OptionsT]) -> OptionsT:
+    """``settings.options`` when it is a ``cls``, else ``cls``'s defaults (a method reads its
+    own options from the config it is given)."""
+    found = getattr(settings, "options", None)
+    return found if isinstance(found, cls) else cls()

@@ -6,7 +6,6 @@ Adding a stage kind is one ``StageKind`` and one ``register_kind`` call.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ class StageKind:
     check: Callable[[Pipeline, StageSpec], None] | None = None
 
     def fields(self) -> set[str]:
-        return {f.name for f in dataclasses.fields(self.config)} if self.config else set()  # type: ignore[arg-type]
+        return set(self.config.setting_hints()) if self.config else set()
 
 
 KINDS: dict[str, StageKind] = {}
@@ -116,19 +115,13 @@ def _export(spec: StageSpec, run_dir: Path, out: Path, progress: Any) -> None:
     run_export(_source(spec, run_dir), ExportConfig.from_dict(spec.config), out, overwrite=True)
 
 
-TRAIN_BENCH_OPTIONS = (
-    "method",
-    "batch_size",
-    "steps",
-    "warmup",
-    "targets",
-    "eps",
-    "act_ranks",
-    "seed",
-    "memory_mode",
-    "memory_budget",
-    "lossy",
-    "allocator",
+# a bench stage with train = true takes every TrainBenchConfig setting (a method's options
+# too, by their flat keys) but the model source (its input stage) and what like = fills in
+NOT_BENCH_OPTIONS = ("checkpoint", "arch", "num_classes", "img_size", "random_init")
+TRAIN_BENCH_OPTIONS = tuple(
+    k
+    for k in TrainBenchConfig.setting_hints()
+    if k not in (*NOT_BENCH_OPTIONS, "settings_from", "act_ranks_by_layer")
 )
 
 
@@ -157,7 +150,7 @@ def _train_bench_config(spec: StageSpec, run_dir: Path, ran: bool = True) -> Tra
     baseline options), over TrainBenchConfig's defaults. ``ran``: the earlier stages have
     run (at load time, only the stage's own options are checked)."""
     given = {k: spec.options[k] for k in TRAIN_BENCH_OPTIONS if k in spec.options}
-    like: dict[str, Any] = {}
+    like: dict[str, object] = {}
     if spec.options.get("like") and ran:
         found = settings_of(run_dir / str(spec.options["like"]))
         if found is None:

@@ -63,7 +63,7 @@ def _check_type(kind: str, key: str, value: Any, where: str) -> None:
     """A recipe or --set value must have the type its config field declares (TOML's "yes"
     is not a bool: it would read as true)."""
     config_cls = KINDS[kind].config
-    hints = typing.get_type_hints(config_cls) if config_cls is not None else {}
+    hints = config_cls.setting_hints() if config_cls is not None else {}
     if key in hints and not _fits(value, hints[key]):
         raise WasiToolError(f"{where} takes {_type_name(hints[key])}, got {value!r}")
 

@@ -21,7 +21,8 @@ from wasi_tool.artifact import COMPRESS, FINETUNE, METRICS, FileEntry, StageReco
 from wasi_tool.data.datasets import DataSplits
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import reset_peak_rss
-from wasi_tool.methods import finalize_
+from wasi_tool.methods import LoraOptions, finalize_
+from wasi_tool.methods.options import options_of
 from wasi_tool.models.families import task_of
 from wasi_tool.models.hf import load_tokenizer
 from wasi_tool.models.loading import LoadedModel, ModelSource
@@ -196,7 +197,11 @@ def _metrics(session: Session, trainer: Trainer, allocator: str | None) -> Finet
         analytic={
             "note": LAYERS_NOTE,
             "layers": layer_accounting(
-                model, prepared.targets, method, trainer.act_shapes, config.lora_rank
+                model,
+                prepared.targets,
+                method,
+                trainer.act_shapes,
+                options_of(config, LoraOptions).rank,
             ),
             "model": model_row,
         },
@@ -206,9 +211,7 @@ def _metrics(session: Session, trainer: Trainer, allocator: str | None) -> Finet
         session.plan.measured_peak = metrics.measured.peak_rss_bytes
         metrics.memory_plan = session.plan.to_dict()
     if session.match is not None:  # the training memory the run measured, beside its target
-        run = training_memory_of(metrics)
-        target = session.match["target_bytes"]
-        metrics.match_memory = {**session.match, "run_bytes": run, "run_over_target": run / target}
+        metrics.match_memory = session.match.to_dict(run_bytes=training_memory_of(metrics))
     return metrics
 
 

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
+from wasi_tool.methods.lora import LoraOptions
+from wasi_tool.methods.options import options_of
 from wasi_tool.training.accounting import model_accounting
 from wasi_tool.training.memory import probe_steps
 
@@ -104,21 +106,47 @@ def probe_memory(
     return meter.total + 4 * (counts["parameters"] + counts["gradient_elements"]), meter.targets
 
 
+@dataclass(frozen=True)
+class MatchRecord:
+    """What match_memory chose: the target run, its method and training memory, the setting
+    chosen (``act_ranks``: "per layer", or ``lora_rank``: the rank), the memory its probe
+    measured, and why it stays below the target when it does (``note``)."""
+
+    run: str
+    run_method: str
+    target_bytes: int
+    setting: str
+    chosen: int | str
+    probe_bytes: int
+    note: str | None = None
+
+    @property
+    def probe_over_target(self) -> float:
+        return self.probe_bytes / self.target_bytes
+
+    def to_dict(self, run_bytes: int | None = None) -> dict[str, object]:
+        """The metrics.json record (``match_memory``), with the run's own measured training
+        memory when it is known."""
+        out: dict[str, object] = {
+            "run": self.run,
+            "run_method": self.run_method,
+            "target_bytes": self.target_bytes,
+            "setting": self.setting,
+            "chosen": self.chosen,
+            "probe_bytes": self.probe_bytes,
+            "probe_over_target": self.probe_over_target,
+        }
+        if self.note:
+            out["note"] = self.note
+        if run_bytes is not None:
+            out.update(run_bytes=run_bytes, run_over_target=run_bytes / self.target_bytes)
+        return out
+
+
 def _record(
-    target: MatchTarget, knob: str, chosen: Any, probe: int, note: str | None = None
-) -> dict[str, Any]:
-    out = {
-        "run": target.run,
-        "run_method": target.method,
-        "target_bytes": target.bytes,
-        "setting": knob,
-        "chosen": chosen,
-        "probe_bytes": probe,
-        "probe_over_target": probe / target.bytes,
-    }
-    if note:
-        out["note"] = note
-    return out
+    target: MatchTarget, knob: str, chosen: int | str, probe: int, note: str | None = None
+) -> MatchRecord:
+    return MatchRecord(target.run, target.method, target.bytes, knob, chosen, probe, note)
 
 
 def match_act_ranks(
@@ -126,9 +154,10 @@ def match_act_ranks(
     targets: list[str],
     batch: Batch,
     target: MatchTarget,
-) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+) -> tuple[dict[str, tuple[int, ...]], dict[str, object], MatchRecord]:
     """Activation ranks of the prepared ``model`` whose measured training memory is as close
-    to ``target`` as the rank candidates allow, at most it. Sets them on the model."""
+    to ``target`` as the rank candidates allow, at most it. Sets them on the model; returns
+    them, how they were chosen (the calibration record) and the match record."""
     from wasi_tool.methods.calibrate import BUDGET_EPS, capture, ranks_under_budget
     from wasi_tool.training.loss import task_loss
     from wasi_tool.training.plan import _set_act_ranks
@@ -175,7 +204,7 @@ def match_act_ranks(
             f"every layer is at the highest rank candidate (act eps {max(BUDGET_EPS)}), which "
             "needs less than the target: the method compresses activations even with room left"
         )
-    info = {
+    info: dict[str, object] = {
         "rule": "budget",
         "budget_mib": budget / MB,
         "memory_mib": choice.memory_mb,
@@ -184,10 +213,7 @@ def match_act_ranks(
         "batch": len(y),
         "matched": True,
     }
-    return ranks, {
-        "calibration": info,
-        "record": _record(target, "act_ranks", "per layer", memory, why),
-    }
+    return ranks, info, _record(target, "act_ranks", "per layer", memory, why)
 
 
 def match_lora_rank(
@@ -196,7 +222,7 @@ def match_lora_rank(
     batch: Batch,
     target: MatchTarget,
     prepare: Callable[[nn.Module, FinetuneConfig], list[str]],
-) -> tuple[int, dict[str, Any]]:
+) -> tuple[int, MatchRecord]:
     """The largest LoRA rank whose measured training memory is at most ``target``: ``prepare
     (copy, config)`` prepares a copy of the unprepared ``model`` and returns its targets."""
     x, y = batch()
@@ -205,7 +231,8 @@ def match_lora_rank(
     def measure(rank: int) -> int:
         if rank not in memo:
             trial = copy.deepcopy(model)
-            names = prepare(trial, dataclasses.replace(config, lora_rank=rank, match_memory=None))
+            options = dataclasses.replace(options_of(config, LoraOptions), rank=rank)
+            names = prepare(trial, dataclasses.replace(config, options=options, match_memory=None))
             memo[rank] = probe_memory(trial, x, y, names)[0]
             del trial
         return memo[rank]

@@ -35,7 +35,7 @@ from wasi_tool.data.datasets import DataSplits
 from wasi_tool.data.text import load_task_data
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import library_floor
-from wasi_tool.methods import Method, get_method
+from wasi_tool.methods import LoraOptions, Method, get_method
 from wasi_tool.methods.calibrate import (
     calibrate_grams,
     capture,
@@ -44,12 +44,13 @@ from wasi_tool.methods.calibrate import (
     row_mask,
     streamed_ranks_by_eps,
 )
+from wasi_tool.methods.options import options_of
 from wasi_tool.models.families import task_of
 from wasi_tool.models.loading import LoadedModel, ModelSource, load_model
 from wasi_tool.training.config import FinetuneConfig
 from wasi_tool.training.loop import epoch_order, first_batch, loader
 from wasi_tool.training.loss import IGNORE, task_loss
-from wasi_tool.training.match import match_act_ranks, match_lora_rank, read_target
+from wasi_tool.training.match import MatchRecord, match_act_ranks, match_lora_rank, read_target
 from wasi_tool.training.plan import (
     BudgetNotMet,
     MemoryPlan,
@@ -95,7 +96,7 @@ class Session:
     splits: DataSplits | None = None
     plan: MemoryPlan | None = None
     floor: int | None = None
-    match: dict[str, Any] | None = None  # match_memory: the target and what was chosen
+    match: MatchRecord | None = None  # match_memory: the target and what was chosen
 
     @property
     def targets(self) -> list[str]:
@@ -223,7 +224,7 @@ def prepare_session(
     method = get_method(config.method)
     rule = rule or rule_of(config, by_layer)
     target = read_target(config.match_memory) if config.match_memory is not None else None
-    match: dict[str, Any] | None = None
+    match: MatchRecord | None = None
 
     def ranks(targets: list[str]) -> tuple[Ranks, dict[str, Any]]:
         found, info = choose_act_ranks(model, targets, config, batch, rule, by_layer, source)
@@ -237,18 +238,18 @@ def prepare_session(
             return prepare_for_training(copy, trial, ranks, grams=grams).targets
 
         rank, match = match_lora_rank(model, config, batch, target, prepare_copy)
-        config = dataclasses.replace(config, lora_rank=rank)
+        config = dataclasses.replace(
+            config, options=dataclasses.replace(options_of(config, LoraOptions), rank=rank)
+        )
     prepared = prepare_for_training(model, config, ranks, note, grams)
     if target is not None and method.compressed_activations:
-        found, chosen = match_act_ranks(model, prepared.targets, batch, target)
+        found, prepared.calibration, match = match_act_ranks(model, prepared.targets, batch, target)
         prepared.act_ranks = found
-        prepared.calibration = chosen["calibration"]
-        match = chosen["record"]
     if match is not None:
         note(
-            f"match memory: {match['setting']} {match['chosen']}, {match['probe_bytes'] / 1e6:.1f}"
-            f" MB against {target.run}'s {match['target_bytes'] / 1e6:.1f} MB "  # type: ignore[union-attr]
-            f"({match['probe_over_target']:.3f}x)"
+            f"match memory: {match.setting} {match.chosen}, {match.probe_bytes / 1e6:.1f} MB "
+            f"against {match.run}'s {match.target_bytes / 1e6:.1f} MB "
+            f"({match.probe_over_target:.3f}x)"
         )
     plan = None
     if config.memory_budget is not None:
