@@ -34,6 +34,8 @@ from wasi_tool.models.registry import classifier_names
 from wasi_tool.models.targets import LINEAR_TYPES, select_targets, split_patterns
 from wasi_tool.nn.fastpath import fast_paths_given_up
 from wasi_tool.training.config import FinetuneConfig
+from wasi_tool.training.results import ActRankRecord
+from wasi_tool.transforms.compress import CompressReportRecord
 
 log = logging.getLogger("wasi_tool")
 
@@ -55,7 +57,7 @@ class PrepareReport:
     targets: list[str]
     act_ranks: dict[str, tuple[int, ...]]
     notes: list[str] = field(default_factory=list)
-    compress: dict[str, Any] | None = None
+    compress: CompressReportRecord | None = None
 
     def __str__(self) -> str:
         lines = [f"wasi_tool.prepare: {self.method} on {len(self.targets)} target(s)"]
@@ -220,7 +222,7 @@ def prepare(
     if defer:
         rule_eps = act_eps if act_eps is not None else eps
 
-        def calibrated(found: dict[str, tuple[int, ...]], info: dict[str, Any]) -> None:
+        def calibrated(found: dict[str, tuple[int, ...]], info: ActRankRecord) -> None:
             report.act_ranks.update(found)
             line = (
                 f"wasi_tool.prepare: activation ranks of {len(found)} target(s) calibrated by "

@@ -24,7 +24,7 @@ import struct
 import subprocess
 import sys
 from importlib import metadata
-from typing import Any, TypedDict
+from typing import TypedDict
 
 SCHEMA = "wasi-tool-device/1"
 
@@ -40,7 +40,7 @@ class CheckResult(TypedDict, total=False):
     returncode: int | None
     timeout: float
     error: str
-    info: dict[str, Any]
+    info: dict[str, object]  # what the check printed (e.g. torch's version and CUDA)
 
 
 class Probe(TypedDict, total=False):

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from wasi_tool.allocator import check_allocator, worker_env
 from wasi_tool.config import StageConfig, register_config
@@ -39,6 +39,9 @@ from wasi_tool.training.config import (
     split_options,
 )
 from wasi_tool.training.results import METRICS
+
+if TYPE_CHECKING:
+    from wasi_tool.training.plan import MemoryPlanRecord
 
 SCHEMA = "wasi-tool-bench-train/2"
 
@@ -175,7 +178,7 @@ class StepMeasurement:
     floor_rss_bytes: int | None = None
     live_tensor_peak_bytes: int | None = None
     memory_mode: str = "off"
-    memory_plan: dict[str, Any] | None = None
+    memory_plan: MemoryPlanRecord | None = None
     allocator: str | None = None  # what the worker ran on (wasi_tool/allocator.py)
     wait_policy: str | None = None  # OMP_WAIT_POLICY its torch started with (wasi_tool/threads.py)
     act_ranks_rule: str | None = None  # how the activation ranks were chosen

@@ -7,7 +7,7 @@ import os
 import shutil
 import statistics
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from wasi_tool import artifact
 from wasi_tool.artifact import BENCH as BENCH_FILE
@@ -17,7 +17,10 @@ from wasi_tool.artifact import REPORT_MD as REPORT_MD
 from wasi_tool.bench.train import TrainBenchResult, settings_text
 from wasi_tool.measure import pace
 from wasi_tool.safe_read import read_json
-from wasi_tool.training.results import FinetuneMetrics
+from wasi_tool.training.results import ActRankRecord, FinetuneMetrics
+
+if TYPE_CHECKING:
+    from wasi_tool.training.plan import MemoryPlanRecord
 from wasi_tool.wording import ratio as words
 from wasi_tool.wording import spread, wide
 
@@ -55,7 +58,7 @@ class MemoryRow(TypedDict):
     stage: str
     method: str
     memory_mode: str
-    memory_plan: dict[str, Any] | None
+    memory_plan: MemoryPlanRecord | None
     peak_rss_bytes: float
     above_floor_bytes: float | None
     test_accuracy: float | None
@@ -103,7 +106,7 @@ def _ranks_text(ranks: dict[str, list[int]] | None, rule: str | None) -> str:
     return f"{first} ({len(ranks)} layers; {rule or 'given'})"
 
 
-def _rule_of(calibration: dict[str, Any] | None) -> str | None:
+def _rule_of(calibration: ActRankRecord | None) -> str | None:
     if not calibration:
         return None
     rule = str(calibration.get("rule"))

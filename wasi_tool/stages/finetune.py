@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -34,7 +34,7 @@ from wasi_tool.training.lm import evaluate_lm
 from wasi_tool.training.loop import Trainer
 from wasi_tool.training.match import training_memory_of
 from wasi_tool.training.progress import Progress, Silent
-from wasi_tool.training.results import FinetuneMetrics
+from wasi_tool.training.results import FinetuneMetrics, LMEvalRecord, LMRecord, ModelRow
 from wasi_tool.training.session import Session, build_session
 
 __all__ = ["METRICS", "FinetuneConfig", "FinetuneResult", "run_finetune"]
@@ -84,7 +84,7 @@ def _check_finite(model: torch.nn.Module) -> None:
 
 def _lm_eval(
     model: torch.nn.Module, test: Any, tokenizer: Any, config: FinetuneConfig, progress: Progress
-) -> dict[str, Any]:
+) -> LMEvalRecord:
     found = evaluate_lm(model, test, tokenizer, config.batch_size, config.eval_examples)
     em = "" if found.exact_match is None else f", exact match {found.exact_match:.3f}"
     progress.note(f"held-out perplexity {found.perplexity:.3f}{em} ({found.seconds:.1f} s)")
@@ -117,7 +117,7 @@ def run_finetune(
         config.memory_mode != "off" or config.memory_budget is not None or config.lossy != "off"
     )
     allocator = follow_live_memory() if saves_memory else in_use()
-    lm_eval: dict[str, Any] = {}
+    lm_eval: LMRecord = {}
     tokenizer: Any = None
 
     def perplexity_before(loaded: LoadedModel, splits: DataSplits) -> None:
@@ -175,10 +175,8 @@ def _metrics(session: Session, trainer: Trainer, allocator: str | None) -> Finet
         session.prepared,
     )
     assert session.splits is not None
-    model_row = {
-        **model_accounting(model),
-        **method.model_accounting(model, prepared.plan, lambda: session.batch()[0]),
-    }
+    extra = method.model_accounting(model, prepared.plan, lambda: session.batch()[0])
+    model_row = cast(ModelRow, {**model_accounting(model), **extra})  # ModelRow's keys
     metrics = FinetuneMetrics(
         method=config.method,
         config=config.to_dict(),

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from wasi_tool.training.loop import evaluate
+
+if TYPE_CHECKING:
+    from wasi_tool.training.results import LMEvalRecord
 
 SAMPLE_TOKENS = 24
 
@@ -33,8 +36,16 @@ class LMEval:
     samples: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self) -> LMEvalRecord:
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "token_accuracy": self.token_accuracy,
+            "exact_match": self.exact_match,
+            "exact_match_count": self.exact_match_count,
+            "samples": [dict(s) for s in self.samples],
+            "seconds": self.seconds,
+        }
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from wasi_tool.methods.lora import LoraOptions
 from wasi_tool.methods.options import options_of
 from wasi_tool.training.accounting import model_accounting
 from wasi_tool.training.memory import probe_steps
+from wasi_tool.training.results import ActRankRecord, MatchMemoryRecord
 
 if TYPE_CHECKING:
     from wasi_tool.training.config import FinetuneConfig
@@ -124,10 +125,10 @@ class MatchRecord:
     def probe_over_target(self) -> float:
         return self.probe_bytes / self.target_bytes
 
-    def to_dict(self, run_bytes: int | None = None) -> dict[str, object]:
+    def to_dict(self, run_bytes: int | None = None) -> MatchMemoryRecord:
         """The metrics.json record (``match_memory``), with the run's own measured training
         memory when it is known."""
-        out: dict[str, object] = {
+        out: MatchMemoryRecord = {
             "run": self.run,
             "run_method": self.run_method,
             "target_bytes": self.target_bytes,
@@ -139,7 +140,8 @@ class MatchRecord:
         if self.note:
             out["note"] = self.note
         if run_bytes is not None:
-            out.update(run_bytes=run_bytes, run_over_target=run_bytes / self.target_bytes)
+            out["run_bytes"] = run_bytes
+            out["run_over_target"] = run_bytes / self.target_bytes
         return out
 
 
@@ -154,7 +156,7 @@ def match_act_ranks(
     targets: list[str],
     batch: Batch,
     target: MatchTarget,
-) -> tuple[dict[str, tuple[int, ...]], dict[str, object], MatchRecord]:
+) -> tuple[dict[str, tuple[int, ...]], ActRankRecord, MatchRecord]:
     """Activation ranks of the prepared ``model`` whose measured training memory is as close
     to ``target`` as the rank candidates allow, at most it. Sets them on the model; returns
     them, how they were chosen (the calibration record) and the match record."""
@@ -204,7 +206,7 @@ def match_act_ranks(
             f"every layer is at the highest rank candidate (act eps {max(BUDGET_EPS)}), which "
             "needs less than the target: the method compresses activations even with room left"
         )
-    info: dict[str, object] = {
+    info: ActRankRecord = {
         "rule": "budget",
         "budget_mib": budget / MB,
         "memory_mib": choice.memory_mb,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -62,6 +62,45 @@ def parse_size(text: str | float) -> int:
     if not value > 0:
         raise WasiToolError(f"memory budget must be positive, got {text!r}")
     return int(value)
+
+
+class AutoTry(TypedDict, total=False):
+    """One candidate ``method="auto"`` tried: whether its plan fits, and how or why not."""
+
+    method: str
+    fits: bool
+    memory_mode: str
+    why: str
+
+
+class AutoRecord(TypedDict):
+    """What ``method="auto"`` tried, in its order, and why it chose the method it did."""
+
+    order: list[str]
+    tried: list[AutoTry]
+    why: str
+
+
+class MemoryPlanRecord(TypedDict, total=False):
+    """A memory plan as metrics.json and the bench records keep it (``MemoryPlan.to_dict``):
+    the budget and batch, the chosen mode and its predicted (and, after the run, measured)
+    peak, every candidate's prediction (``Prediction.to_dict``: its parts and peak)."""
+
+    budget_bytes: int
+    batch_size: int
+    probe_batch: int
+    memory_mode: str
+    lossy: str
+    act_ranks_planned: bool
+    gradient_error: float
+    predicted_peak_bytes: int
+    measured_peak_bytes: int | None
+    chosen: dict[str, object]
+    candidates: list[dict[str, object]]
+    note: str
+    method: str
+    auto: AutoRecord
+    measured_over_predicted: float
 
 
 @dataclass
@@ -119,7 +158,7 @@ class Prediction:
             "transient of backward": self.transient,
         }
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {**dataclasses.asdict(self), "peak": self.peak}
 
 
@@ -135,11 +174,11 @@ class MemoryPlan:
     batch_size: int
     measured_peak: int | None = None
     method: str | None = None
-    auto: dict[str, Any] | None = None
+    auto: AutoRecord | None = None
     probe_batch: int = 0  # the batch of the probe step each candidate's probe_seconds times
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def to_dict(self) -> MemoryPlanRecord:
+        out: MemoryPlanRecord = {
             "budget_bytes": self.budget,
             "batch_size": self.batch_size,
             "probe_batch": self.probe_batch,

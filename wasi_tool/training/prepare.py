@@ -14,10 +14,11 @@ from wasi_tool.models.targets import select_targets
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.training.config import FinetuneConfig
 from wasi_tool.training.memory import apply_memory_mode_
-from wasi_tool.transforms.compress import CompressConfig, compress_
+from wasi_tool.training.results import ActRankRecord
+from wasi_tool.transforms.compress import CompressConfig, CompressReportRecord, compress_
 
 Ranks = dict[str, tuple[int, ...]]
-RankRule = Callable[[list[str]], tuple[Ranks, dict[str, Any] | None]]
+RankRule = Callable[[list[str]], tuple[Ranks, ActRankRecord | None]]
 # the input Gram matrices of the named layers on calibration data (methods.calibrate)
 GramRule = Callable[[list[str]], Mapping[str, Any]]
 
@@ -28,9 +29,9 @@ class Prepared:
 
     targets: list[str]
     act_ranks: Ranks
-    calibration: dict[str, Any] | None
+    calibration: ActRankRecord | None
     plan: Any  # the method's model-level plan (BSR's BSRPlan), or None
-    compress_report: dict[str, Any] | None
+    compress_report: CompressReportRecord | None
 
 
 def choose_targets(model: nn.Module, targets: str | None) -> list[str]:
@@ -60,7 +61,7 @@ def prepare_for_training(
     method = get_method(config.method)
     plan = method.before_targets(model, config, note)
     targets = method.restrict_targets(choose_targets(model, config.targets), plan)
-    report: dict[str, Any] | None = None
+    report: CompressReportRecord | None = None
     if method.factored_weight:
         dense = [n for n in targets if not isinstance(model.get_submodule(n), FactoredLinear)]
         if dense:

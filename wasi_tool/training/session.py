@@ -52,6 +52,7 @@ from wasi_tool.training.loop import epoch_order, first_batch, loader
 from wasi_tool.training.loss import IGNORE, task_loss
 from wasi_tool.training.match import MatchRecord, match_act_ranks, match_lora_rank, read_target
 from wasi_tool.training.plan import (
+    AutoTry,
     BudgetNotMet,
     MemoryPlan,
     parse_size,
@@ -59,6 +60,7 @@ from wasi_tool.training.plan import (
     plan_table,
 )
 from wasi_tool.training.prepare import GramRule, Prepared, prepare_for_training
+from wasi_tool.training.results import ActRankRecord
 
 Ranks = dict[str, tuple[int, ...]]
 Batch = Callable[[], tuple[torch.Tensor, torch.Tensor]]
@@ -151,7 +153,7 @@ def choose_act_ranks(
     rule: str,
     by_layer: Mapping[str, Sequence[int]] | None = None,
     source: str | None = None,
-) -> tuple[Ranks, dict[str, Any]]:
+) -> tuple[Ranks, ActRankRecord]:
     """Activation ranks of ``targets`` by ``rule`` (one of ``RANK_RULES``); ``batch()`` is the
     calibration batch of the rules that need one, ``source`` says where per-layer ranks came
     from."""
@@ -171,7 +173,7 @@ def choose_act_ranks(
         raise WasiToolError(f"unknown rank rule {rule!r}; choose from {', '.join(RANK_RULES)}")
     x, y = batch()
     start = time.perf_counter()
-    info: dict[str, Any]
+    info: ActRankRecord
     if rule == "shape":
         shapes = map_inputs(model, targets, x, lambda a: tuple(a.shape))
         ranks = {n: shape_ranks(shapes[n]) for n in targets}
@@ -192,7 +194,8 @@ def choose_act_ranks(
         with torch.no_grad():
             ranks = streamed_ranks_by_eps(model, targets, x, eps)
         info = {"rule": "eps", "act_eps": eps}
-    info.update(batch=len(y), seconds=round(time.perf_counter() - start, 3))
+    info["batch"] = len(y)
+    info["seconds"] = round(time.perf_counter() - start, 3)
     return ranks, info
 
 
@@ -226,7 +229,7 @@ def prepare_session(
     target = read_target(config.match_memory) if config.match_memory is not None else None
     match: MatchRecord | None = None
 
-    def ranks(targets: list[str]) -> tuple[Ranks, dict[str, Any]]:
+    def ranks(targets: list[str]) -> tuple[Ranks, ActRankRecord]:
         found, info = choose_act_ranks(model, targets, config, batch, rule, by_layer, source)
         if rule in ("eps", "budget"):
             note(f"activation ranks by {info['rule']} on one batch of {info['batch']}")
@@ -364,7 +367,7 @@ def build_session(
     if config.method != AUTO:
         return session_of(loaded, config)
     assert isinstance(source, ModelSource)
-    tried: list[dict[str, Any]] = []
+    tried: list[AutoTry] = []
     for k, name in enumerate(AUTO_ORDER):
         if k:  # the model as loaded, with the same head, for the next candidate
             del loaded
@@ -392,7 +395,7 @@ def build_session(
     )
 
 
-def _auto_reason(name: str, plan: MemoryPlan, tried: list[dict[str, Any]], config: Any) -> str:
+def _auto_reason(name: str, plan: MemoryPlan, tried: list[AutoTry], config: Any) -> str:
     """Why method auto chose ``name``: it is the most exact candidate whose plan fits."""
     fits = f"fits {plan.budget / 1e9:.2f} GB with memory mode {plan.chosen.label}"
     fits += f" (predicted peak {plan.chosen.peak / 1e9:.2f} GB)"
@@ -429,7 +432,7 @@ def calibrate_on_first_batch_(
     model: nn.Module,
     targets: Sequence[str],
     eps: float,
-    done: Callable[[Ranks, dict[str, Any]], None],
+    done: Callable[[Ranks, ActRankRecord], None],
 ) -> Any:
     """Choose the activation ranks of ``targets`` (subspace layers already in place) on the
     first training forward of ``model``: the energy rule ``eps`` on that batch, exactly as a

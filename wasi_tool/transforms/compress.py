@@ -176,8 +176,8 @@ class LayerReport:
     heldout_calibrated: float | None = None  # the same for the calibrated truncation
     curve: list[float] = field(default_factory=list, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = dataclasses.asdict(self)
         out.pop("curve")
         return out
 
@@ -209,6 +209,19 @@ class CompressTotals(TypedDict):
     model_compression: float
     median_heldout_plain: NotRequired[float]  # with held-out samples
     median_heldout_calibrated: NotRequired[float]
+
+
+class CompressReportRecord(TypedDict):
+    """A compress call's report as JSON (``CompressReport.to_dict``: the stage's report.json,
+    and a finetune run's record of the factoring it did)."""
+
+    stage: str
+    config: dict[str, Any]  # CompressConfig.to_dict
+    layers: list[dict[str, object]]  # LayerReport.to_dict
+    totals: CompressTotals
+    budget: RankBudget | None
+    seconds: float
+    units: dict[str, str]
 
 
 @dataclass
@@ -259,7 +272,7 @@ class CompressReport:
             totals["median_heldout_calibrated"] = calibrated
         return totals
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> CompressReportRecord:
         return {
             "stage": "compress",
             "config": self.config.to_dict(),
