@@ -45,6 +45,14 @@ class Recipe(Protocol):
     clip: float | None
 
 
+class ModelPlan(Protocol):
+    """What a model-level method decided before its targets were chosen (BSR's ``BSRPlan``:
+    the trained blocks and where tokens drop); it crosses the method's hooks and is recorded
+    in metrics.json by ``to_dict``."""
+
+    def to_dict(self) -> dict[str, object]: ...
+
+
 class NonFiniteLoss(WasiToolError):
     """The loss of a step is NaN or inf; nothing was updated."""
 
@@ -120,24 +128,29 @@ class Method:
         """The training module that replaces target ``layer``."""
         raise NotImplementedError
 
-    def before_targets(self, model: nn.Module, settings: Any, note: Note) -> Any:
+    def before_targets(self, model: nn.Module, settings: Any, note: Note) -> ModelPlan | None:
         """Model-level changes before targets are chosen; returns a plan (or None)."""
         return None
 
-    def restrict_targets(self, targets: list[str], plan: Any) -> list[str]:
+    def restrict_targets(self, targets: list[str], plan: ModelPlan | None) -> list[str]:
         return targets
 
     def after_swap(
-        self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
+        self,
+        model: nn.Module,
+        targets: list[str],
+        settings: Any,
+        plan: ModelPlan | None,
+        note: Note,
     ) -> None:
         """Model-level changes once the targets are swapped (freezing, adapters)."""
 
-    def plan_record(self, plan: Any) -> dict[str, object] | None:
+    def plan_record(self, plan: ModelPlan | None) -> dict[str, object] | None:
         """What the model-level plan decided, for metrics.json (under the method's name)."""
         return None
 
     def model_accounting(
-        self, model: nn.Module, plan: Any, example: Callable[[], Any]
+        self, model: nn.Module, plan: ModelPlan | None, example: Callable[[], Any]
     ) -> dict[str, object]:
         """Method-specific whole-model figures (BSR: tokens per block) on ``example()``."""
         return {}

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.methods.base import LayerOptions, Method, Note, dense, register_method
+from wasi_tool.methods.base import (
+    LayerOptions,
+    Method,
+    ModelPlan,
+    Note,
+    dense,
+    register_method,
+)
 from wasi_tool.methods.options import MethodOptions, options_of
 from wasi_tool.methods.wasi import build_wasi_layer
 from wasi_tool.models.families import (
@@ -112,6 +119,13 @@ class BSRPlan:
             "block_names": self.trained_names,
             "notes": self.notes,
         }
+
+
+def bsr_plan(plan: ModelPlan | None) -> BSRPlan:
+    """The plan a BSR method's hooks get back from its ``before_targets``."""
+    if not isinstance(plan, BSRPlan):
+        raise WasiToolError("bsr: the model has no BSR plan (before_targets did not run)")
+    return plan
 
 
 def plan_bsr(
@@ -235,24 +249,29 @@ class BSR(Method):
         )
         return plan
 
-    def restrict_targets(self, targets: list[str], plan: Any) -> list[str]:
-        return inside_blocks(targets, plan.trained_names)
+    def restrict_targets(self, targets: list[str], plan: ModelPlan | None) -> list[str]:
+        return inside_blocks(targets, bsr_plan(plan).trained_names)
 
     def after_swap(
-        self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
+        self,
+        model: nn.Module,
+        targets: list[str],
+        settings: Any,
+        plan: ModelPlan | None,
+        note: Note,
     ) -> None:
+        plan = bsr_plan(plan)
         trained = trainable_names(model, plan)
         freeze_outside_(model, trained)
         note(
             f"bsr: training {', '.join(trained)}; tokens dropped in blocks {plan.drop_at or 'none'}"
         )
 
-    def plan_record(self, plan: Any) -> dict[str, object] | None:
-        found: dict[str, object] = plan.to_dict()  # a BSRPlan's record
-        return found
+    def plan_record(self, plan: ModelPlan | None) -> dict[str, object] | None:
+        return bsr_plan(plan).to_dict()
 
     def model_accounting(
-        self, model: nn.Module, plan: Any, example: Callable[[], Any]
+        self, model: nn.Module, plan: ModelPlan | None, example: Callable[[], Any]
     ) -> dict[str, object]:
         """Tokens per block on one input, and the blocks that save activations.
 
@@ -260,6 +279,7 @@ class BSR(Method):
         block save none, and each later block saves activations for its own token count after
         dropping.
         """
+        plan = bsr_plan(plan)
         was_training = model.training
         model.eval()
         tokens = tokens_per_block(model, example()[:1])

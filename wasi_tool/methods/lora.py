@@ -25,7 +25,14 @@ import torch
 from torch import nn
 
 from wasi_tool.errors import WasiToolError
-from wasi_tool.methods.base import LayerOptions, Method, Note, dense, register_method
+from wasi_tool.methods.base import (
+    LayerOptions,
+    Method,
+    ModelPlan,
+    Note,
+    dense,
+    register_method,
+)
 from wasi_tool.methods.options import MethodOptions, options_of
 from wasi_tool.models.families import family_of
 from wasi_tool.nn.fastpath import sync_fast_paths_
@@ -193,7 +200,12 @@ class LoRA(Method):
         return dense(layer)
 
     def after_swap(
-        self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
+        self,
+        model: nn.Module,
+        targets: list[str],
+        settings: Any,
+        plan: ModelPlan | None,
+        note: Note,
     ) -> None:
         own = options_of(settings, LoraOptions)
         recompute = own.recompute
@@ -228,7 +240,12 @@ class LoRAFA(LoRA):
     adapter_saves = "projection"
 
     def after_swap(
-        self, model: nn.Module, targets: list[str], settings: Any, plan: Any, note: Note
+        self,
+        model: nn.Module,
+        targets: list[str],
+        settings: Any,
+        plan: ModelPlan | None,
+        note: Note,
     ) -> None:
         if options_of(settings, LoraOptions).recompute:
             raise WasiToolError(

@@ -10,6 +10,7 @@ from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.methods import LayerOptions, get_method, prepare_
+from wasi_tool.methods.base import ModelPlan
 from wasi_tool.models.targets import select_targets
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.training.config import FinetuneConfig
@@ -30,7 +31,7 @@ class Prepared:
     targets: list[str]
     act_ranks: Ranks
     calibration: ActRankRecord | None
-    plan: Any  # the method's model-level plan (BSR's BSRPlan), or None
+    plan: ModelPlan | None  # the method's model-level plan (BSR's BSRPlan)
     compress_report: CompressReportRecord | None
 
 
