@@ -11,6 +11,7 @@ from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models.families import family_of
+from wasi_tool.models.families.custom import torch_transformer_layers
 from wasi_tool.nn.lossy import lossy_modules, store_lossy_, undo_lossy_
 from wasi_tool.nn.recompute import recompute_, undo_recompute_
 from wasi_tool.nn.subspace import probing
@@ -28,6 +29,7 @@ def apply_memory_mode_(
     family = family_of(model)
     regions = family.regions(model, mode) if mode != "off" else []
     if mode == "block" and not regions:  # a plain PyTorch model: its encoder/decoder layers
+        # (what the custom family calls its blocks; the fallback family knows none)
         regions = torch_transformer_layers(model)
     if mode != "off" and not regions and strict:
         raise WasiToolError(f"memory_mode {mode}: this model has no {mode} regions to recompute")
@@ -55,15 +57,3 @@ def probe_steps(model: nn.Module) -> Iterator[None]:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
         torch.random.set_rng_state(rng)
-
-
-def torch_transformer_layers(model: nn.Module) -> list[str]:
-    """The layers of every ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` in ``model``
-    (the repeated blocks of a model written on PyTorch's own transformer)."""
-    kinds = (nn.TransformerEncoder, nn.TransformerDecoder)
-    return [
-        f"{name}.layers.{i}" if name else f"layers.{i}"
-        for name, m in model.named_modules()
-        if isinstance(m, kinds)
-        for i in range(len(m.layers))
-    ]

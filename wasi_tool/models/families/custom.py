@@ -74,13 +74,7 @@ class CustomFamily(PlainFamily):
         return custom.record_of(model) is not None
 
     def blocks(self, model: nn.Module) -> list[str]:
-        kinds = (nn.TransformerEncoder, nn.TransformerDecoder)
-        return [
-            f"{name}.layers.{i}" if name else f"layers.{i}"
-            for name, m in model.named_modules()
-            if isinstance(m, kinds)
-            for i in range(len(m.layers))
-        ] or super().blocks(model)
+        return torch_transformer_layers(model) or super().blocks(model)
 
     def input_spec(self, model: nn.Module, model_kwargs: Mapping[str, Any]) -> InputSpec:
         record = custom.record_of(model) or custom.CustomRecord.from_kwargs(model_kwargs)
@@ -99,3 +93,15 @@ class CustomFamily(PlainFamily):
         record = custom.record_of(model)
         assert record is not None
         return custom.example_like(record, batch, generator)
+
+
+def torch_transformer_layers(model: nn.Module) -> list[str]:
+    """The layers of every ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` in ``model``
+    (the repeated blocks of a model written on PyTorch's own transformer)."""
+    kinds = (nn.TransformerEncoder, nn.TransformerDecoder)
+    return [
+        f"{name}.layers.{i}" if name else f"layers.{i}"
+        for name, m in model.named_modules()
+        if isinstance(m, kinds)
+        for i in range(len(m.layers))
+    ]
