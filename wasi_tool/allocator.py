@@ -136,3 +136,33 @@ def follow_live_memory() -> str:
     except (OSError, AttributeError):
         fixed = False
     return "glibc, 64 KiB mmap threshold" if fixed else "glibc"
+
+
+def release_free_memory() -> str:
+    """Give the pages the allocator holds free back to the system now (after a collection of
+    Python's cycles), so that what is resident is what is live: glibc ``malloc_trim(0)``,
+    jemalloc's purge of every arena, tcmalloc's ``ReleaseFreeMemory``. Returns what it did
+    ("" where nothing could). A run calls it once the model is prepared and before the floor
+    is read (training/session.py): a preparation's freed temporaries (a calibration forward,
+    the dense weights a factoring replaced) are otherwise still resident as training starts
+    (jemalloc returns them only after its decay, and only when it next allocates; glibc keeps
+    the top of its heap up to the trim threshold and every hole below it)."""
+    import gc
+
+    gc.collect()
+    name = in_use()
+    try:
+        lib = ctypes.CDLL(None)
+        if name == "jemalloc":
+            arenas_all = b"arena.4096.purge"  # MALLCTL_ARENAS_ALL
+            ok = lib.mallctl(arenas_all, None, None, None, ctypes.c_size_t(0)) == 0
+            return "jemalloc purge" if ok else ""
+        if name == "tcmalloc":
+            lib.MallocExtension_ReleaseFreeMemory()
+            return "tcmalloc release"
+        if name == "glibc":
+            ctypes.CDLL("libc.so.6").malloc_trim(ctypes.c_size_t(0))
+            return "malloc_trim"
+    except (OSError, AttributeError):
+        return ""
+    return ""

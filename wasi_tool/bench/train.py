@@ -261,7 +261,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     the model's input."""
     import torch
 
-    from wasi_tool.allocator import follow_live_memory, in_use
+    from wasi_tool.allocator import follow_live_memory, in_use, release_free_memory
     from wasi_tool.measure import file_backed_bytes, library_floor
     from wasi_tool.models.loading import ModelSource, load_model
     from wasi_tool.training.session import prepare_session
@@ -280,6 +280,7 @@ def measure(config: TrainBenchConfig) -> StepMeasurement:
     )
     loaded = load_model(src)
     model = loaded.model
+    release_free_memory()  # as build_session does before reading the floor
     floor, floor_file = library_floor(model), file_backed_bytes()
     x, y = _synthetic_batch(loaded, config)
     settings = config.method_config()
@@ -348,6 +349,10 @@ def _timed_steps(session: Any, x: Any, y: Any, config: TrainBenchConfig) -> dict
     # library code paged in by the steps (file-backed, read when first run; warm-up steps run
     # every kernel once, so this is the file-backed share of the peak within a few pages)
     file_at_peak = file_backed_bytes()
+    # the last step's gradients go first: the meter does not count them (made before it), and
+    # kept through the next forward they raised the process by their size (4.4 GB at
+    # TinyLlama-1.1B's shapes) after the peak was read
+    opt.zero_grad(set_to_none=True)
     with LiveTensorMeter() as live:  # one more step: what it allocates over weights and input
         train_step(model, opt, x, y, method=method)
     return {

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wasi_tool.allocator import release_free_memory
 from wasi_tool.data import batch_transform
 from wasi_tool.data.datasets import DataSplits
 from wasi_tool.data.text import load_task_data
@@ -254,6 +255,9 @@ def prepare_session(
             f"against {match.run}'s {match.target_bytes / 1e6:.1f} MB "
             f"({match.probe_over_target:.3f}x)"
         )
+    # what the preparation freed (a calibration forward's activations, replaced weights) goes
+    # back to the system before the floor is read and training starts
+    release_free_memory()
     plan = None
     if config.memory_budget is not None:
         x, y = batch()
@@ -342,6 +346,7 @@ def build_session(
         fit_head(loaded, splits.num_classes, config.new_head, note)
     if before_prepare is not None:
         before_prepare(loaded, splits)
+    release_free_memory()  # what loading freed (a checkpoint's state dict, the data's reading)
     floor = library_floor(loaded.model)
     train_set = splits.train if train is None else train
 
