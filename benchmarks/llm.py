@@ -198,6 +198,9 @@ def tinyllama(args: argparse.Namespace, work: Path, result: dict[str, Any]) -> d
                     *(sys.executable, "-m", "wasi_tool", "bench", "--train", str(cfg_dir)),
                     *("--random-init", "--method", methods, "--targets", f"mlp@last{args.last}"),
                     *("--batch-size", "8", "--steps", str(args.tiny_steps), "--warmup", "0"),
+                    # spelled out: the rows are 8 x 128 tokens (without it the synthetic
+                    # batch takes the random-init model's input size, 16 tokens)
+                    *("--seq-len", str(args.seq_len)),
                     *("--memory-mode", mode, "--json", str(bench_json)),
                 ]
             )
