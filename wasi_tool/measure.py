@@ -230,6 +230,15 @@ class LiveTensorMeter(TorchDispatchMode):
         return out
 
 
+# torch wraps a dispatch mode's __torch_dispatch__ in torch._dynamo.disable, lazily: the first
+# call imports all of torch._dynamo, 0.16 GB resident for the rest of a run that compiles
+# nothing (the memory plan's probe steps run this meter before training; issue 34). The meter
+# is never compiled: it is its own "disabled" version, which torch caches under this name.
+_dispatch = getattr(LiveTensorMeter.__torch_dispatch__, "__wrapped__", None)
+if _dispatch is not None:
+    setattr(_dispatch, "__dynamo_disable", _dispatch)
+
+
 def pace(speedup: float) -> str:
     """A time ratio (baseline time / this time) in words: "1.66x faster", "1.47x slower" or
     "same" (the one wording rule, wasi_tool/wording.py)."""

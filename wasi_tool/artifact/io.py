@@ -51,14 +51,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the software that made an artifact."""
-    import timm
+    """Versions of the software that made an artifact (timm's from its metadata: importing it
+    here would bypass models.timm_import)."""
+    from importlib import metadata
+
     import torch
 
+    try:
+        timm_version = metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        timm_version = "not installed"
     return {
         "wasi_tool": __version__,
         "torch": torch.__version__,
-        "timm": timm.__version__,
+        "timm": timm_version,
         "python": platform.python_version(),
     }
 

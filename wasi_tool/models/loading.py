@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from wasi_tool import artifact
 from wasi_tool.artifact import FactoredShape, SourceDict, StageRecord, WeightsMetadata
@@ -438,7 +439,8 @@ def _load_into(
     never allocated twice (a random init of ViT-B would add 0.35 GB to the load's peak);
     a model with non-persistent buffers (they are not in the file) is built for real instead.
     """
-    model = build("meta")
+    with _NoMetaInit():
+        model = build("meta")
     _check_fit(model, state, arch)
     model.load_state_dict(state, strict=True, assign=True)
     if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
@@ -446,6 +448,68 @@ def _load_into(
     model = build("cpu")
     _load_state_dict(model, state, arch)
     return model
+
+
+# in-place ops that only set values (a model's init): nothing to do on the meta device
+_INIT_OPS = frozenset(
+    {
+        "uniform_",
+        "normal_",
+        "erfinv_",
+        "mul_",
+        "add_",
+        "sub_",
+        "div_",
+        "clamp_",
+        "clamp_min_",
+        "clamp_max_",
+        "fill_",
+        "zero_",
+        "copy_",
+        "exp_",
+        "log_",
+        "sqrt_",
+        "neg_",
+        "abs_",
+        "bernoulli_",
+        "random_",
+        "exponential_",
+        "trunc_normal_",
+        "constant_",
+        "ones_",
+        "zeros_",
+        "eye_",
+        "dirac_",
+        "orthogonal_",
+        "sparse_",
+        "kaiming_uniform_",
+        "kaiming_normal_",
+        "xavier_uniform_",
+        "xavier_normal_",
+        "lecun_normal_",
+        "variance_scaling_",
+    }
+)
+
+
+class _NoMetaInit(TorchFunctionMode):
+    """A model's random init skipped while it is built on the meta device: its values are
+    replaced by the file's anyway, and meta kernels of some init ops (timm's trunc_normal_
+    calls erfinv_) run through torch's Python references, which import torch._dynamo: 0.16 GB
+    resident under every run that loads a checkpoint (issue 34)."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        first = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+        if (
+            getattr(func, "__name__", "") in _INIT_OPS
+            and isinstance(first, torch.Tensor)
+            and first.is_meta
+        ):
+            return first
+        return func(*args, **kwargs)
 
 
 def _load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:

@@ -20,6 +20,7 @@ from wasi_tool.models.families.base import (
     is_windowed,
     module_list,
 )
+from wasi_tool.models.timm_import import import_timm
 from wasi_tool.nn.token_drop import TokenDropBlock
 
 
@@ -40,6 +41,7 @@ def timm_blocks(model: nn.Module) -> list[str]:
 
 def timm_input_spec(model: nn.Module, model_kwargs: Mapping[str, Any]) -> InputSpec:
     """timm's own data config (mean, std), at the size the model was built for."""
+    import_timm()
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(model)
@@ -58,6 +60,7 @@ def vit_token_drop(model: nn.Module, block: nn.Module) -> TokenDropAnswer:
     and no other prefix tokens, and its attention is timm's ``Attention``."""
     if is_windowed(block):
         return WINDOWED
+    import_timm()
     from timm.models.vision_transformer import Attention, Block
 
     if getattr(model, "cls_token", None) is None:
@@ -84,19 +87,19 @@ class TimmFamily(ModelFamily):
     final_norms = ("norm", "fc_norm", "head.norm")
 
     def owns_arch(self, arch: str) -> bool:
-        import timm
+        timm = import_timm()
 
         return bool(timm.is_model(arch))
 
     def arch_names(self) -> Iterable[str]:
-        import timm
+        timm = import_timm()
 
         names: list[str] = timm.list_models()
         return names
 
     def build(self, arch: str, **kwargs: Any) -> nn.Module:
         """A randomly initialised timm model; ``kwargs`` from MODEL_KWARGS and ARCH_KWARGS."""
-        import timm
+        timm = import_timm()
 
         unknown = set(kwargs) - set(MODEL_KWARGS) - set(ARCH_KWARGS)
         if unknown:
@@ -111,7 +114,7 @@ class TimmFamily(ModelFamily):
 
     def default_classifier(self, arch: str) -> str | None:
         """The classifier's module name in timm's pretrained config of ``arch``."""
-        import timm
+        timm = import_timm()
 
         try:
             cfg = timm.models.get_pretrained_cfg(arch)
