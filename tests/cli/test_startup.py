@@ -90,6 +90,15 @@ def test_python_m_wasi_tool_help_loads_no_torch_by_importtime() -> None:
         assert not {m for m in loaded if m.split(".")[0] in HEAVY}, args
 
 
+def test_help_is_plain_text_with_no_markup_escapes() -> None:
+    """Help is click's plain layout (rich's option table cost 0.25 s of finetune --help);
+    typer's rich escapes ("\\[required]") are taken back."""
+    proc = _python("-m", "wasi_tool", "finetune", "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[required]" in proc.stdout and "[default: digits]" in " ".join(proc.stdout.split())
+    assert "\\[" not in proc.stdout and "╭" not in proc.stdout
+
+
 def test_the_cli_defaults_match_the_config_dataclasses() -> None:
     """wasi_tool/cli/defaults.py is the dataclasses' defaults, read without torch; after a
     default changes: python -m wasi_tool.cli.defaults."""

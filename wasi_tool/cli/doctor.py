@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from wasi_tool.device import PACKAGES
-from wasi_tool.doctor import DoctorReport, check_packages, parse_assume, run_doctor
 from wasi_tool.errors import WasiToolError
+
+if TYPE_CHECKING:
+    from wasi_tool.doctor import DoctorReport
 
 console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -70,6 +71,8 @@ def doctor(
     ] = ",".join(PACKAGES),
 ) -> None:
     """Check the CPU and the installed torch / onnxruntime / numpy against known crashes."""
+    from wasi_tool.doctor import check_packages, parse_assume, run_doctor
+
     try:
         versions = parse_assume(assume) if assume is not None else None
         target = None
@@ -102,6 +105,8 @@ def doctor(
 
 
 def render(report: DoctorReport) -> None:
+    from rich.table import Table
+
     facts = report.facts
     table = Table(title=f"wasi-tool doctor: {report.source}", show_header=False)
     table.add_column("", style="bold")
