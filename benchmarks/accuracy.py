@@ -56,6 +56,8 @@ class NotRun(Exception):
 FULL_DATA = ROOT.parent / "shared" / "data" / "cifar10_full.npz"
 FULL_RECIPE = ROOT / "pipelines" / "cifar5full_pretrain.toml"
 
+MEZO_WALL = "mezo, at wasi's wall time"
+
 # name -> finetune flags (beyond the shared ones)
 METHODS: dict[str, list[str]] = {
     "vanilla": ["--method", "vanilla"],
@@ -110,6 +112,13 @@ METHODS: dict[str, list[str]] = {
         *("--method", "lora-fa", "--lora-alpha", "16", "--memory-mode", "attn"),
     ],
     "asi + attn, at wasi's memory": ["--method", "asi", "--memory-mode", "attn"],
+    "asi-fixed + attn, at wasi's memory": ["--method", "asi-fixed", "--memory-mode", "attn"],
+    "bsr+wasi + attn, at wasi's memory": [
+        *("--method", "bsr+wasi", "--eps", "0.8", "--memory-mode", "attn"),
+    ],
+    # MeZO trained for as long as ISO_BASE's wasi run of the seed took (its median step times
+    # the steps), in whole epochs: the epochs come from the two runs' median steps
+    MEZO_WALL: ["--method", "mezo", "--lr", "3e-4", "--lr-min", "3e-5", "--clip", "0"],
 }
 ISO = ", at wasi's memory"
 ISO_BASE = "wasi eps 0.8, calibrated, attn, act budget 1.5x"
@@ -117,19 +126,29 @@ TARGET_RATIO = 1.5  # issue 33: at >= 1.5x less training memory than vanilla
 FULL_METHODS = [
     "vanilla",
     "wasi eps 0.8",
+    # issue 29: every method at its defaults (wasi's is "wasi eps 0.8": plain SVD, act eps 0.8)
+    "asi",
+    "wsi",
+    "bsr",
+    "bsr+wasi",
+    "lora",
+    "lora-fa",
+    "lora, memory-exact",
+    "mezo",
+    "asi-fixed",
+    "wasi-fixed eps 0.8",
     "wasi eps 0.8, calibrated",
     "wasi eps 0.8, calibrated, act 0.95",
     "auto, half of vanilla",
     "wsi eps 0.8, calibrated, block",
     "wasi eps 0.8, calibrated, attn",
     "wasi eps 0.8, calibrated, attn, act budget 1.5x",
-    "lora",
-    "lora-fa",
-    "mezo",
-    "asi-fixed",
     "lora + mlp, at wasi's memory",
     "lora-fa + attn, at wasi's memory",
     "asi + attn, at wasi's memory",
+    "asi-fixed + attn, at wasi's memory",
+    "bsr+wasi + attn, at wasi's memory",
+    MEZO_WALL,
 ]
 
 
@@ -358,6 +377,14 @@ def full(args: argparse.Namespace) -> None:
                 if iso is None:
                     continue
                 extra = ["--match-memory", iso["out"]]
+            run_epochs = epochs
+            if name == MEZO_WALL:
+                wasi = done.get(ISO_BASE)
+                mezo = done.get("mezo")
+                if wasi is None or mezo is None:
+                    continue
+                wasi_seconds = wasi["median_step_ms"] * epochs
+                run_epochs = max(1, round(wasi_seconds / mezo["median_step_ms"]))
             if name.startswith("auto"):
                 if vanilla is None:  # its budget comes from vanilla's run of the seed
                     continue
@@ -366,7 +393,7 @@ def full(args: argparse.Namespace) -> None:
                 extra = ["--memory-budget", str(budget)]
             out = args.runs / "accuracy_full" / f"{name.replace(' ', '-').replace(',', '')}-s{seed}"
             try:
-                row = finetune(src, name, seed, epochs, args.batch_size, out, FULL_DATA, extra)
+                row = finetune(src, name, seed, run_epochs, args.batch_size, out, FULL_DATA, extra)
             except NotRun:
                 continue
             rows.append(row)
