@@ -79,6 +79,19 @@ def test_only_the_inputs_are_saved_and_the_replay_is_released() -> None:
     assert x.grad is not None
 
 
+def test_an_argument_given_twice_is_one_tensor_in_the_replay() -> None:
+    """Self-attention called as attn(x, x, x) checks query is key: the replay keeps that."""
+    seen: list[bool] = []
+
+    def attn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        seen.append(q is k)
+        return (q * k).tanh()
+
+    x = torch.randn(4, requires_grad=True)
+    run_recomputed(attn, x, x).sum().backward()
+    assert seen == [True, True]
+
+
 def test_a_replay_that_saves_other_tensors_is_refused() -> None:
     calls = []
 

@@ -91,9 +91,13 @@ class _Region:
         def never(_: None) -> torch.Tensor:  # the replay's own graph is never backwarded
             raise WasiToolError("internal error: a recompute replay's graph was backwarded")
 
-        def fresh(a: Any) -> Any:
+        copies: dict[int, torch.Tensor] = {}
+
+        def fresh(a: Any) -> Any:  # one copy per tensor: an argument given twice stays one
             if isinstance(a, torch.Tensor):
-                return a.detach().requires_grad_(a.requires_grad)
+                if id(a) not in copies:
+                    copies[id(a)] = a.detach().requires_grad_(a.requires_grad)
+                return copies[id(a)]
             return a
 
         args = tuple(fresh(a) for a in self.args)
