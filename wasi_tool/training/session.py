@@ -255,11 +255,6 @@ def prepare_session(
             f"against {match.run}'s {match.target_bytes / 1e6:.1f} MB "
             f"({match.probe_over_target:.3f}x)"
         )
-    if config.memory_budget is not None or config.memory_mode != "off":
-        # recompute regions run torch.utils.checkpoint, which imports torch._dynamo (0.16 GB
-        # resident) at its first call: now, so that the floor counts it, not inside the
-        # plan's probe steps (where it raised the peak past a 1.5 GB plan) or the first step
-        import torch._dynamo  # noqa: F401
     # what the preparation freed (a calibration forward's activations, replaced weights) goes
     # back to the system before the floor is read and training starts
     release_free_memory()
