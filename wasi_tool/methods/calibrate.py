@@ -19,6 +19,7 @@ from torch import nn
 
 from wasi_tool.errors import WasiToolError
 from wasi_tool.models.families import family_of
+from wasi_tool.nn.recompute import recompute_in_eval, replaying
 from wasi_tool.ops.accounting import tucker_elements
 from wasi_tool.ops.rank import rank_by_energy
 from wasi_tool.ops.tucker import tucker_core, tucker_expand
@@ -109,6 +110,65 @@ def capture(
     return {n: (inputs[n], grads.get(n)) for n in names}
 
 
+def stream_gradients(
+    model: nn.Module,
+    names: Sequence[str],
+    batch: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    fn: Callable[[str, torch.Tensor, torch.Tensor], None],
+    passes: int = 1,
+) -> None:
+    """``fn(name, input, output gradient)`` of each named layer on one eval-mode batch, called
+    as the gradient arrives in backward; the input is dropped then. What ``capture`` returns,
+    without holding every layer's gradient (and, with the model's recompute regions active,
+    without its graph): the memory plan's probes use it within the budget they plan for.
+    ``passes`` > 1 splits ``names`` into that many runs of consecutive layers, one forward and
+    backward each: what is held between a layer's forward and its gradient is one run's
+    inputs."""
+    names = list(names)
+    passes = max(1, min(passes, len(names)))
+    if passes > 1:
+        size = -(-len(names) // passes)
+        for start in range(0, len(names), size):
+            stream_gradients(model, names[start : start + size], batch, labels, loss_fn, fn)
+        return
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def arrived(name: str, g: torch.Tensor) -> None:
+        a = inputs.pop(name, None)
+        if a is not None:
+            fn(name, a, g.detach())
+
+    for name in names:
+
+        def fwd(
+            mod: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor, name: str = name
+        ) -> None:
+            if replaying():  # a region's replay in backward: its copy, if still wanted
+                if name in inputs:
+                    inputs[name] = args[0].detach()
+                return
+            inputs[name] = args[0].detach()
+            if out.requires_grad:
+                out.register_hook(lambda g, name=name: arrived(name, g))
+
+        handles.append(model.get_submodule(name).register_forward_hook(fwd))
+    was_training = model.training
+    try:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        with recompute_in_eval():
+            loss_fn(model(batch), labels).backward()
+        model.zero_grad(set_to_none=True)
+    finally:
+        model.train(was_training)
+        inputs.clear()
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def map_inputs(
     model: nn.Module, names: Sequence[str], batch: torch.Tensor, fn: Callable[[torch.Tensor], T]
@@ -175,20 +235,44 @@ def ranks_under_budget(
     memory rounded up so the budget is never exceeded)."""
     if budget_mb <= 0:
         raise WasiToolError(f"activation budget must be positive, got {budget_mb} MB")
-    names = list(captured)
-    options: list[list[tuple[int, float, tuple[int, ...], float]]] = []
-    for name in names:
-        a, dy = captured[name]
+    options: dict[str, LayerOptions] = {}
+    for name, (a, dy) in captured.items():
         if dy is None:
             raise WasiToolError(f"no gradient reached {name} on the calibration batch")
-        spec = spectra(a)
-        seen: dict[tuple[int, ...], tuple[int, float, tuple[int, ...], float]] = {}
-        for eps in candidates:
-            ranks = spec.ranks(eps)
-            if ranks not in seen:
-                mem = tucker_elements(spec.shape, ranks) * 4 / MB
-                seen[ranks] = (int(mem * 1000) + 1, gradient_error(a, dy, spec, ranks), ranks, eps)
-        options.append(list(seen.values()))
+        options[name] = layer_options(a, dy, candidates)
+    return choose_under_budget(options, budget_mb, candidates)
+
+
+class LayerOptions(NamedTuple):
+    """One layer's candidate ranks for the budget DP: (cost in 1e-3 MiB, gradient error,
+    ranks, eps) each, and the input's shape."""
+
+    shape: tuple[int, ...]
+    choices: list[tuple[int, float, tuple[int, ...], float]]
+
+
+def layer_options(
+    a: torch.Tensor, dy: torch.Tensor, candidates: Sequence[float] = BUDGET_EPS
+) -> LayerOptions:
+    """The DP's choices for one layer, from its input and output gradient."""
+    spec = spectra(a)
+    seen: dict[tuple[int, ...], tuple[int, float, tuple[int, ...], float]] = {}
+    for eps in candidates:
+        ranks = spec.ranks(eps)
+        if ranks not in seen:
+            mem = tucker_elements(spec.shape, ranks) * 4 / MB
+            seen[ranks] = (int(mem * 1000) + 1, gradient_error(a, dy, spec, ranks), ranks, eps)
+    return LayerOptions(tuple(a.shape), list(seen.values()))
+
+
+def choose_under_budget(
+    layers: dict[str, LayerOptions], budget_mb: float, candidates: Sequence[float] = BUDGET_EPS
+) -> BudgetChoice:
+    """The DP of ``ranks_under_budget`` over layers' options (``layer_options``)."""
+    if budget_mb <= 0:
+        raise WasiToolError(f"activation budget must be positive, got {budget_mb} MB")
+    names = list(layers)
+    options = [layers[n].choices for n in names]
     capacity = int(budget_mb * 1000)
     need = sum(min(o[0] for o in opts) for opts in options)
     if need > capacity:
@@ -199,7 +283,7 @@ def ranks_under_budget(
     picks, total_err = knapsack([[(o[0], o[1]) for o in opts] for opts in options], capacity)
     chosen = {name: options[li][picks[li]][2] for li, name in enumerate(names)}
     eps_of = {name: options[li][picks[li]][3] for li, name in enumerate(names)}
-    memory = sum(tucker_elements(captured[n][0].shape, chosen[n]) * 4 / MB for n in names)
+    memory = sum(tucker_elements(layers[n].shape, chosen[n]) * 4 / MB for n in names)
     return BudgetChoice(chosen, eps_of, memory, total_err)
 
 

@@ -137,12 +137,21 @@ def run_recomputed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def recompute_in_eval() -> Iterator[None]:
+    """Recompute regions recompute in eval mode too (a measurement's backward in eval mode,
+    e.g. the memory plan's gradient-error probe, holds no more than training would)."""
+    with _inside("eval"):
+        yield
+
+
 class RecomputeMixin(nn.Module):
     """Put in front of a module's class: forward with its saved tensors rebuilt in backward."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         parent = super().forward
-        if not (self.training and torch.is_grad_enabled()) or not _needs_grad(self, args):
+        active = self.training or _depth("eval") > 0
+        if not (active and torch.is_grad_enabled()) or not _needs_grad(self, args):
             return parent(*args, **kwargs)
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.Tensor):

@@ -34,6 +34,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
+from wasi_tool.allocator import release_free_memory
 from wasi_tool.errors import WasiToolError
 from wasi_tool.measure import LiveTensorMeter, SavedBytesMeter, peak_rss_bytes
 from wasi_tool.models.families import family_of
@@ -278,12 +279,15 @@ def plan_memory(
     limit = budget * (1 - MARGIN)
 
     def predict(mode: str, kind: str, ranks: dict[str, list[int]] | None) -> Prediction | None:
+        # what earlier probes freed goes back first: a probe's peak is its own, not a
+        # larger candidate's retained by the allocator
+        release_free_memory()
         _apply(model, family, blocks, mode, kind)
         if mode != "off" and not recomputed(model):
             return None  # this model has no such regions
         probes = []
         for b in sizes:
-            model.zero_grad(set_to_none=True)
+            _clear_gradients(model)
             start = time.perf_counter()
             probes.append(_probe(model, x[:b], y[:b], blocks, targets))
             seconds = time.perf_counter() - start  # the last (larger) probe's is kept
@@ -317,8 +321,11 @@ def plan_memory(
             return 0.0  # nothing compressed: the gradient is exact
         key = tuple(sorted((n, tuple(r)) for n, r in use.items()))
         if key not in errors:
-            _apply(model, family, blocks, "off", "off")
-            errors[key] = plan_gradient_error(model, x[: sizes[1]], y[: sizes[1]], use, batch)
+            release_free_memory()
+            _apply(model, family, blocks, modes[-1], "off")  # the least held while it probes
+            errors[key] = plan_gradient_error(
+                model, x[: sizes[1]], y[: sizes[1]], use, batch, passes=max(1, len(blocks))
+            )
         return errors[key]
 
     chosen: Prediction | None = None
@@ -337,7 +344,7 @@ def plan_memory(
                     room = int(limit - (base.step - base.saved_in_targets))
                     if base.load_peak > limit or base.saved_in_targets == 0 or room <= 0:
                         continue
-                    ranks = _ranks_within(model, family, blocks, targets, x, y, room)
+                    ranks = _ranks_within(model, family, blocks, targets, x, y, room, modes[-1])
                     if ranks is None:
                         continue
                     _set_act_ranks(model, ranks)
@@ -372,30 +379,44 @@ def plan_gradient_error(
     y: torch.Tensor,
     ranks: dict[str, list[int]],
     batch: int,
+    passes: int = 1,
 ) -> float:
     """Relative weight-gradient error of compressing the targets' activations at ``ranks``:
     ||dY^T (A - A~)||_F / ||dY^T A||_F summed over the targets, A~ the truncated HOSVD of the
     input A at the ranks, on ``x`` (a probe batch of the run's first batch: the batch mode's
     rank is scaled to its size, ``rank * len(x) / batch``). The fidelity benchmark's measure;
-    it does not depend on the memory mode (recompute is exact)."""
-    from wasi_tool.methods.calibrate import capture, gradient_error, spectra
+    it does not depend on the memory mode (recompute is exact), so the model's recompute
+    regions stay active while it runs, and each layer's error is taken as its gradient
+    arrives (``stream_gradients``, in ``passes`` runs of consecutive targets): the probe
+    holds about what a probe step of the same batch holds."""
+    from wasi_tool.methods.calibrate import gradient_error, spectra, stream_gradients
 
-    names = list(ranks)
-    captured = capture(model, names, x, y, task_loss)
     scale = len(x) / batch
-    err_sq = ref_sq = 0.0
-    for name in names:
-        a, dy = captured[name]
-        if dy is None:
-            continue
+    sums = [0.0, 0.0]  # squared error, squared reference
+
+    def add(name: str, a: torch.Tensor, dy: torch.Tensor) -> None:
         r = [max(1, round(ranks[name][0] * scale)), *ranks[name][1:]]
-        err_sq += gradient_error(a, dy, spectra(a), r) ** 2
+        sums[0] += gradient_error(a, dy, spectra(a), r) ** 2
         dw = dy.to(torch.float64).reshape(-1, dy.shape[-1]).T @ a.to(torch.float64).reshape(
             -1, a.shape[-1]
         )
-        ref_sq += float(torch.linalg.matrix_norm(dw)) ** 2
-    model.zero_grad(set_to_none=True)
+        sums[1] += float(torch.linalg.matrix_norm(dw)) ** 2
+
+    stream_gradients(model, list(ranks), x, y, task_loss, add, passes)
+    _clear_gradients(model)
+    err_sq, ref_sq = sums
     return (err_sq / ref_sq) ** 0.5 if ref_sq > 0 else 0.0
+
+
+def _clear_gradients(model: nn.Module) -> None:
+    """No gradient left from a probe: ``.grad`` and the subspace layers' pending gradient
+    factors (a WASI layer's sink concatenates each backward's factors until the step: left
+    there, each probe carried the earlier probes' factors, 19 MB a probe at ViT-B/32's shapes,
+    and the extrapolated transient of backward grew with them)."""
+    model.zero_grad(set_to_none=True)
+    for m in model.modules():
+        if isinstance(m, SubspaceLayer):
+            m.discard_pending()
 
 
 def _act_ranks(model: nn.Module) -> dict[str, list[int]]:
@@ -424,22 +445,40 @@ def _ranks_within(
     x: torch.Tensor,
     y: torch.Tensor,
     room: int,
+    mode: str,
 ) -> dict[str, list[int]] | None:
     """Per-layer ranks whose compressed activations fit ``room`` bytes at batch ``x``, with
     the least summed gradient error (the DP of methods.calibrate), or None when even the
     lowest candidate does not fit. The DP counts cores and bases in float32; 10% is kept back
-    for what a layer keeps beside them."""
-    from wasi_tool.methods.calibrate import MB, capture, ranks_under_budget
+    for what a layer keeps beside them. Each layer's options are taken as its gradient
+    arrives, with ``mode``'s regions recomputing, one block's targets a pass (no more held
+    than a step in that mode)."""
+    from wasi_tool.methods.calibrate import (
+        MB,
+        LayerOptions,
+        choose_under_budget,
+        layer_options,
+        stream_gradients,
+    )
 
     names = [n for n in targets if getattr(model.get_submodule(n), "act", None) is not None]
-    _apply(model, family, blocks, "off", "off")
-    captured = capture(model, names, x, y, task_loss)
-    model.zero_grad(set_to_none=True)
-    for m in model.modules():
-        if isinstance(m, SubspaceLayer):
-            m.discard_pending()
+    release_free_memory()
+    _apply(model, family, blocks, mode, "off")
+    options: dict[str, LayerOptions] = {}
+    stream_gradients(
+        model,
+        names,
+        x,
+        y,
+        task_loss,
+        lambda n, a, dy: options.__setitem__(n, layer_options(a, dy)),
+        passes=max(1, len(blocks)),
+    )
+    _clear_gradients(model)
+    if set(options) != set(names):
+        return None  # a layer no gradient reached: no plan of ranks for it
     try:
-        choice = ranks_under_budget(captured, 0.9 * room / MB)
+        choice = choose_under_budget({n: options[n] for n in names}, 0.9 * room / MB)
     except WasiToolError:
         return None
     return {n: list(r) for n, r in choice.ranks.items()}
