@@ -276,6 +276,7 @@ def prepare_session(
         if plan.chosen.act_ranks is not None:  # the plan lowered the calibrated ranks
             prepared.act_ranks = {n: tuple(r) for n, r in plan.chosen.act_ranks.items()}
             prepared.calibration = {**(prepared.calibration or {}), "planned": True}
+        release_free_memory()  # what the probe steps freed, before the first step
     model.train()
     return Session(
         model=model,
