@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
@@ -21,8 +20,12 @@ from wasi_tool.cli.inspect import evaluate, info
 from wasi_tool.cli.run import run
 from wasi_tool.threads import WAIT_POLICIES, set_wait_policy
 
+# click's classes as typer uses them (typer >= 0.21 vendors its own click: a context or
+# formatter from the click package would not be the one its commands run)
+_ClickContext = TyperCommand.context_class
 
-class _PlainHelpFormatter(click.HelpFormatter):
+
+class _PlainHelpFormatter(_ClickContext.formatter_class):  # type: ignore[name-defined]
     """click's own help layout. Typer escapes "[required]" and "[default: ...]" for rich even
     when rich does not render them; the escape is taken back here."""
 
@@ -34,7 +37,7 @@ class _PlainHelpFormatter(click.HelpFormatter):
         )
 
 
-class _Context(click.Context):
+class _Context(_ClickContext):  # type: ignore[misc,valid-type]
     formatter_class = _PlainHelpFormatter
 
 
