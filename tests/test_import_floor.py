@@ -7,17 +7,14 @@ unless the run uses them, and no scikit-learn for the built-in digits data.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.child import run_child
+
 # What a training run of a timm model on the digits data must not import.
 NOT_FOR_TRAINING = (
     "onnx",
@@ -39,21 +36,7 @@ def _probe(code: str, cwd: Path) -> Any:
         f"def loaded():\n    return sorted(m for m in {WATCHED!r} if m in sys.modules)\n"
         f"{code}\n"
     )
-    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    # This checkout's wasi_tool. One thread: on a busy 2-core box the tiny run's SVDs and steps
-    # take ~10x longer with two threads contending.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(script, cwd)
 
 
 def test_the_probe_sees_a_heavy_import(tmp_path: Path) -> None:

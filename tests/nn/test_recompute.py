@@ -4,20 +4,14 @@ region's inputs and replay its forward in backward, without torch.utils.checkpoi
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from tests.child import run_child
 from wasi_tool.errors import WasiToolError
 from wasi_tool.nn.recompute import recompute_, run_recomputed
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _mlp() -> nn.Module:
@@ -121,12 +115,6 @@ def test_a_recompute_step_imports_no_dynamo() -> None:
         "use_reentrant=False).sum().backward()\n"
         "print(json.dumps([ours, 'torch._dynamo' in sys.modules]))\n"
     )
-    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ours, torchs = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours, torchs = run_child(code)
     assert not ours
     assert torchs  # the control

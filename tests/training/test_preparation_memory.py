@@ -8,19 +8,15 @@ reaches, gradients included), never in time.
 from __future__ import annotations
 
 import gc
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from tests.child import run_child
 from wasi_tool.nn.factored import FactoredLinear
 from wasi_tool.nn.subspace import WASILinear
 
-REPO = Path(__file__).resolve().parents[2]
 WIDTH, DEPTH = 256, 6
 
 
@@ -121,15 +117,4 @@ def test_a_checkpoint_run_and_its_memory_probe_do_not_import_dynamo(tmp_path: Pa
 
 
 def _child(code: str) -> object:
-    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(code)
