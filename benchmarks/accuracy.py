@@ -200,6 +200,7 @@ def finetune(
         "seed": seed,
         "test_accuracy": m["final"]["test_accuracy"],
         "accuracy_by_epoch": [e["test_accuracy"] for e in m["epochs"]],
+        "epochs": len(m["epochs"]),
         "median_step_ms": m["measured"]["median_step_seconds"] * 1e3,
         "peak_rss_bytes": m["measured"]["peak_rss_bytes"],
         "saved_bytes_per_step": saved,
