@@ -113,6 +113,9 @@ METHODS: dict[str, list[str]] = {
     ],
     "asi + attn, at wasi's memory": ["--method", "asi", "--memory-mode", "attn"],
     "asi-fixed + attn, at wasi's memory": ["--method", "asi-fixed", "--memory-mode", "attn"],
+    "wasi-fixed + attn, at wasi's memory": [
+        *("--method", "wasi-fixed", "--eps", "0.8", "--memory-mode", "attn"),
+    ],
     "bsr+wasi + attn, at wasi's memory": [
         *("--method", "bsr+wasi", "--eps", "0.8", "--memory-mode", "attn"),
     ],
@@ -147,6 +150,7 @@ FULL_METHODS = [
     "lora-fa + attn, at wasi's memory",
     "asi + attn, at wasi's memory",
     "asi-fixed + attn, at wasi's memory",
+    "wasi-fixed + attn, at wasi's memory",
     "bsr+wasi + attn, at wasi's memory",
     MEZO_WALL,
 ]
