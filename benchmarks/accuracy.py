@@ -108,6 +108,9 @@ METHODS: dict[str, list[str]] = {
     "lora + mlp, at wasi's memory": [
         *("--method", "lora", "--lora-alpha", "16", "--memory-mode", "mlp"),
     ],
+    "lora, memory-exact + mlp, at wasi's memory": [
+        *("--method", "lora", "--lora-alpha", "16", "--lora-recompute", "--memory-mode", "mlp"),
+    ],
     "lora-fa + attn, at wasi's memory": [
         *("--method", "lora-fa", "--lora-alpha", "16", "--memory-mode", "attn"),
     ],
@@ -147,6 +150,7 @@ FULL_METHODS = [
     "wasi eps 0.8, calibrated, attn",
     "wasi eps 0.8, calibrated, attn, act budget 1.5x",
     "lora + mlp, at wasi's memory",
+    "lora, memory-exact + mlp, at wasi's memory",
     "lora-fa + attn, at wasi's memory",
     "asi + attn, at wasi's memory",
     "asi-fixed + attn, at wasi's memory",
