@@ -10,17 +10,29 @@ step's FLOPs (wasi_tool.ops.accounting.layer_step_flops: 2 per multiply-add, sub
 and core included) over this machine's sgemm rate (a 2048^3 matmul, measured before and after
 the layers, the faster kept); the measured time is then given as a multiple of that floor.
 
+``--reference PATH`` adds the WASI paper's own layer (``main/custom_op/linear/linear_WASI.py``
+of a local clone of github.com/Le-TrungNguyen/ICLR2026-WASI) to the same alternation: weight
+rank K and the same activation ranks, its dense W updated by torch.optim.SGD as its trainer
+does (its forward re-projects W onto rank K each step). Its random starts are created on the
+CPU instead of CUDA (``set_random``), its SVD keeps K values instead of an explained-variance
+threshold (``SVD_var``); nothing else of it is changed.
+
     python benchmarks/layer_step.py --json layer_step.json
+    python benchmarks/layer_step.py --reference ../ICLR2026-WASI --json layer_step.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,7 +81,56 @@ def sgemm_gflops() -> float:
     return 2 * 2048**3 / statistics.median(times) / 1e9
 
 
-def measure(in_f: int, out_f: int, warmup: int, repeats: int) -> dict[str, float | int | str]:
+def load_reference(repo: Path) -> Any:
+    """The reference code's linear_WASI module, its CUDA-only random start and its
+    threshold-only SVD rank replaced as the module docstring says."""
+    root = repo / "main"
+    if not (root / "custom_op" / "linear" / "linear_WASI.py").is_file():
+        raise SystemExit(f"{repo} is not a clone of ICLR2026-WASI (no main/custom_op/linear/)")
+    sys.path.insert(0, str(root))
+    mod = importlib.import_module("custom_op.linear.linear_WASI")
+    for name in ("power_iteration", "hosvd_power_iteration"):
+        rank_mod: Any = importlib.import_module(f"custom_op.compression.rank.{name}")
+        original = rank_mod.set_random
+
+        def on_cpu(
+            shape: Any, random_seed: int = 233, device: Any = None, _f: Any = original
+        ) -> Any:
+            return _f(shape, random_seed, device="cpu")
+
+        rank_mod.set_random = on_cpu
+    return mod
+
+
+def reference_commit(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+    except OSError:
+        out = None
+    if out is not None and out.returncode == 0:
+        return out.stdout.strip()
+    pinned = repo / "COMMIT"  # an exported tree (git archive) with its commit written beside
+    return pinned.read_text().strip() if pinned.is_file() else None
+
+
+def reference_layer(mod: Any, dense: nn.Linear, k: int, act_ranks: tuple[int, ...]) -> nn.Module:
+    """The reference Linear_WASI around a copy of ``dense``, its SVD truncated at rank k."""
+    svd_var = mod.SVD_var
+
+    def at_rank_k(weight: torch.Tensor, var: Any, use_k: bool = False, device: Any = None) -> Any:
+        return svd_var(weight, k, use_k=True)
+
+    mod.SVD_var = at_rank_k
+    copy = nn.Linear(dense.in_features, dense.out_features)
+    copy.load_state_dict(dense.state_dict())
+    return mod.wrap_linearWASI(copy, list(act_ranks), 1.0).train()
+
+
+def measure(
+    in_f: int, out_f: int, warmup: int, repeats: int, reference: Any = None
+) -> dict[str, float | int | str]:
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f)
     k = min(in_f, out_f) // 4
@@ -93,16 +154,37 @@ def measure(in_f: int, out_f: int, warmup: int, repeats: int) -> dict[str, float
         wasi(x.detach().requires_grad_()).backward(dy)
         opt_w.step()
 
+    steps = {"vanilla": step_dense, "wasi": step_wasi}
+    if reference is not None:
+        ref = reference_layer(reference, dense, k, act_ranks)
+        opt_r = torch.optim.SGD(
+            [p for p in ref.parameters() if p.requires_grad], lr=0.01, weight_decay=1e-4
+        )
+
+        def step_reference() -> None:
+            opt_r.zero_grad(set_to_none=True)
+            ref(x.detach().requires_grad_()).backward(dy)
+            opt_r.step()
+
+        steps["reference"] = step_reference
     for _ in range(warmup):
-        step_dense()
-        step_wasi()
-    times: dict[str, list[float]] = {"vanilla": [], "wasi": []}
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):  # alternate, so drift on a shared machine hits both alike
-        for name, fn in (("vanilla", step_dense), ("wasi", step_wasi)):
+        for name, fn in steps.items():
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
     t_v, t_w = statistics.median(times["vanilla"]), statistics.median(times["wasi"])
+    extra: dict[str, float | int | str] = {}
+    if reference is not None:
+        t_r = statistics.median(times["reference"])
+        extra = {
+            "reference_ms": round(t_r * 1e3, 2),
+            "reference_vs_vanilla": round(t_v / t_r, 3),
+            "wasi_vs_reference": round(t_r / t_w, 3),
+        }
 
     sb_v = saved_bytes(dense, x.detach().requires_grad_())
     opt_w.zero_grad()
@@ -132,6 +214,7 @@ def measure(in_f: int, out_f: int, warmup: int, repeats: int) -> dict[str, float
         "wasi_flops": flops_w,
         "vanilla_gflops_per_s": round(flops_v / t_v / 1e9, 1),
         "wasi_gflops_per_s": round(flops_w / t_w / 1e9, 1),
+        **extra,
     }
 
 
@@ -148,10 +231,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="a local clone of github.com/Le-TrungNguyen/ICLR2026-WASI: time its layer too",
+    )
     args = parser.parse_args()
 
+    reference = load_reference(args.reference) if args.reference is not None else None
     before = sgemm_gflops()
-    rows = [measure(i, o, args.warmup, args.repeats) for i, o in SHAPES]
+    rows = [measure(i, o, args.warmup, args.repeats, reference) for i, o in SHAPES]
     gemm = max(before, sgemm_gflops())
     for r in rows:
         add_floor(r, gemm)
@@ -163,6 +253,12 @@ def main() -> None:
             f"({r['wasi_saved_bytes']} vs formula {r['wasi_saved_bytes_formula']})  "
             f"weights+grads {ratio(r['weight_mem_ratio'], 'size')}"
         )
+        if "reference_ms" in r:
+            print(
+                f"{'':>10}  reference (paper's code) {r['reference_ms']:7.1f} ms: "
+                f"{r['reference_vs_vanilla']:.2f}x vanilla's speed; wasi "
+                f"{pace(float(r['wasi_vs_reference']))} than it"
+            )
     summary = {
         "speedup": min(float(r["speedup"]) for r in rows),
         "saved_bytes_ratio": min(float(r["saved_bytes_ratio"]) for r in rows),
@@ -177,6 +273,10 @@ def main() -> None:
     for key, goal in goals.items():
         verdict = "met" if summary[key] >= goal else "missed"
         print(f"target {key} >= {goal}x: {summary[key]:.2f}x -> {verdict}")
+    if reference is not None:
+        summary["wasi_vs_reference"] = min(float(r["wasi_vs_reference"]) for r in rows)
+        worst = pace(summary["wasi_vs_reference"])
+        print(f"worst of the two shapes: wasi {worst} than the reference")
     if args.json:
         payload = {
             "benchmark": "layer_step",
@@ -188,6 +288,9 @@ def main() -> None:
             "sgemm_gflops": round(gemm, 1),
             "torch": torch.__version__,
             "platform": platform.platform(),
+            "reference_commit": (
+                reference_commit(args.reference) if args.reference is not None else None
+            ),
             "rows": rows,
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
