@@ -12,7 +12,9 @@ measures, for every setting:
              batch 64, random init), wasi (mlp, factored at eps 0.8, calibrated activation ranks)
              vs vanilla, through wasi_tool.training.loop.train_step
 
-Settings: OMP_WAIT_POLICY unset vs PASSIVE, 0 / 1 / 2 busy background processes (each a pure
+Settings: OMP_WAIT_POLICY unset vs PASSIVE (``--policies``: also ACTIVE, or spinN: the policy
+unset with GNU OpenMP's GOMP_SPINCOUNT=N, idle threads spinning N times before they sleep),
+0 / 1 / 2 busy background processes (each a pure
 Python spin loop that stops itself after --busy-seconds; started before and killed after the
 measurement by this script), and, under load, torch threads = all cores vs cores - 1. Each
 setting runs in a fresh subprocess (the wait policy is read when torch starts its OpenMP pool),
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-POLICIES = ("unset", "PASSIVE")
+POLICIES = ("unset", "PASSIVE", "ACTIVE")
 LAYERS = {  # name -> (B, N, in, out)
     "vit-b32 fc1": (64, 50, 768, 3072),
     "vit-b32 fc2": (64, 50, 3072, 768),
@@ -155,7 +157,10 @@ def stop_busy(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def run_setting(setting: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    if setting["policy"] != "unset":
+    env.pop("GOMP_SPINCOUNT", None)
+    if setting["policy"].startswith("spin"):  # unset policy, GNU OpenMP's spin count bounded
+        env["GOMP_SPINCOUNT"] = setting["policy"].removeprefix("spin")
+    elif setting["policy"] != "unset":
         env["OMP_WAIT_POLICY"] = setting["policy"]
     if setting["threads"] is not None:
         env["OMP_NUM_THREADS"] = str(setting["threads"])
@@ -186,10 +191,12 @@ def run_setting(setting: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "spec": spec}
 
 
-def settings(cores: int, loads: list[int], fewer_at: list[int]) -> list[dict[str, Any]]:
+def settings(
+    cores: int, loads: list[int], fewer_at: list[int], policies: list[str]
+) -> list[dict[str, Any]]:
     out = []
     for busy in loads:
-        for policy in POLICIES:
+        for policy in policies:
             out.append({"policy": policy, "busy": busy, "threads": None})
             if busy in fewer_at and cores > 1:
                 out.append({"policy": policy, "busy": busy, "threads": cores - 1})
@@ -232,7 +239,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--policies", default=",".join(POLICIES), help="wait policies to run")
+    parser.add_argument(
+        "--policies",
+        default="unset,PASSIVE",
+        help="wait policies to run: unset, PASSIVE, ACTIVE, or spinN (policy unset, "
+        "GOMP_SPINCOUNT=N: idle threads spin N times, then sleep)",
+    )
     parser.add_argument("--loads", default="0,1,2", help="busy background processes per setting")
     parser.add_argument(
         "--fewer-threads-at", default="1,2", help="loads at which cores - 1 threads run too"
@@ -252,8 +264,11 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     fewer = [int(v) for v in args.fewer_threads_at.split(",") if v]
-    todo = settings(cores, [int(v) for v in args.loads.split(",")], fewer)
-    todo = [s for s in todo if s["policy"] in args.policies.split(",")]
+    policies = [v for v in args.policies.split(",") if v]
+    for v in policies:
+        if v not in POLICIES and not (v.startswith("spin") and v[4:].isdigit()):
+            raise SystemExit(f"unknown policy {v!r}: unset, PASSIVE, ACTIVE or spinN")
+    todo = settings(cores, [int(v) for v in args.loads.split(",")], fewer, policies)
     load_before, start = uptime(), time.time()
     print(f"{cores} cores; load average before: {load_before}; {len(todo)} settings")
     runs: dict[str, list[dict[str, Any]]] = {key(s): [] for s in todo}
