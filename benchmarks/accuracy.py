@@ -122,8 +122,8 @@ METHODS: dict[str, list[str]] = {
     "bsr+wasi + attn, at wasi's memory": [
         *("--method", "bsr+wasi", "--eps", "0.8", "--memory-mode", "attn"),
     ],
-    # MeZO trained for as long as ISO_BASE's wasi run of the seed took (its median step times
-    # the steps), in whole epochs: the epochs come from the two runs' median steps
+    # MeZO trained for as long as ISO_BASE's wasi run of the seed took (the seconds of its
+    # epochs), in whole epochs of MeZO's measured epoch time
     MEZO_WALL: ["--method", "mezo", "--lr", "3e-4", "--lr-min", "3e-5", "--clip", "0"],
 }
 ISO = ", at wasi's memory"
@@ -168,6 +168,27 @@ def pretrained(runs: Path, full: bool = False) -> Path:
         print("pretraining:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     return art
+
+
+def mezo_epoch_seconds(row: dict[str, Any]) -> float:
+    """Mean seconds of a run's epochs (training and its test pass)."""
+    return float(row["train_seconds"]) / max(1, len(row["accuracy_by_epoch"]))
+
+
+def mezo_runs(default: dict[str, Any], runs: Path, seed: int) -> list[dict[str, Any]]:
+    """MeZO's default run of the seed and, when one exists, an earlier wall-time run's epochs."""
+    found = [default]
+    out = runs / "accuracy_full" / f"{MEZO_WALL.replace(' ', '-').replace(',', '')}-s{seed}"
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        epochs = json.loads(metrics.read_text())["epochs"]
+        found.append(
+            {
+                "train_seconds": sum(float(e.get("seconds", 0.0)) for e in epochs),
+                "accuracy_by_epoch": [e["test_accuracy"] for e in epochs],
+            }
+        )
+    return found
 
 
 def finetune(
@@ -238,6 +259,9 @@ def finetune(
         else None,
         "weight_ranks_sum": sum(m.get("weight_ranks", {}).values()),
         "wall_seconds": round(time.perf_counter() - start, 1),  # ~0 when reused
+        # the run's own time in its epochs (training and each epoch's test pass), kept with
+        # the run so that a reused run still has it
+        "train_seconds": round(sum(float(e.get("seconds", 0.0)) for e in m["epochs"]), 1),
         "command": " ".join(cmd),
         "out": str(out),
         "match_memory": m.get("match_memory"),
@@ -392,8 +416,13 @@ def full(args: argparse.Namespace) -> None:
                 mezo = done.get("mezo")
                 if wasi is None or mezo is None:
                     continue
-                wasi_seconds = wasi["median_step_ms"] * epochs
-                run_epochs = max(1, round(wasi_seconds / mezo["median_step_ms"]))
+                # epochs' own seconds, not median steps: MeZO's step is two forwards and a
+                # regenerated perturbation, so its median step times the steps undercounts
+                # its epoch (0.70x of wasi's time at 5 epochs by the median rule, 2026-12-07)
+                # (load only slows a run: the fastest mean epoch of this seed's MeZO runs,
+                # an earlier run at wasi's wall time among them, is the best estimate)
+                mezo_epoch = min(mezo_epoch_seconds(r) for r in mezo_runs(mezo, args.runs, seed))
+                run_epochs = max(1, round(wasi["train_seconds"] / mezo_epoch))
             if name.startswith("auto"):
                 if vanilla is None:  # its budget comes from vanilla's run of the seed
                     continue
