@@ -3,6 +3,7 @@ import torch
 
 from wasi_tool.ops.tucker import (
     compress_order,
+    lowrank_weight_and_bias_grad,
     lowrank_weight_grad_factors,
     mode_gram_apply,
     mode_product,
@@ -120,3 +121,17 @@ def test_orth_is_orthonormal_and_deterministic() -> None:
     torch.testing.assert_close(q.T @ q, torch.eye(4, dtype=torch.float64))
     torch.testing.assert_close(orth(x), q)
     assert (torch.diagonal(q.T @ x) > 0).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_weight_and_bias_grad_from_one_gemm(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    bases = [random_basis(d, max(1, d - 1), gen, torch.float64) for d in shape]
+    core, bases = tucker_compress(t, bases)
+    dy = torch.randn(*shape[:-1], 7, dtype=torch.float64, generator=gen)
+    p, u, db = lowrank_weight_and_bias_grad(dy, core, bases)
+    p_ref, u_ref = lowrank_weight_grad_factors(dy, core, bases)
+    torch.testing.assert_close(p, p_ref)
+    assert u is u_ref or torch.equal(u, u_ref)
+    torch.testing.assert_close(db, dy.reshape(-1, 7).sum(0))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from wasi_tool.ops.residual import residual_grad_factors, residual_weight_grad
-from wasi_tool.ops.tucker import lowrank_weight_grad_factors
+from wasi_tool.ops.tucker import lowrank_weight_and_bias_grad, lowrank_weight_grad_factors
 
 
 @dataclass
@@ -95,9 +95,16 @@ class WASIFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         left, right, core, *bases = ctx.saved_tensors
         grad_x = _factored_input_grad(grad_out, left, right) if ctx.needs_input_grad[0] else None
-        grad_b = _bias_grad(grad_out) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        need_b = ctx.has_bias and ctx.needs_input_grad[3]
+        grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            ctx.sink.add(*lowrank_weight_grad_factors(grad_out, core, bases))
+            if need_b:  # the bias gradient as one more column of P's GEMM
+                p, u, grad_b = lowrank_weight_and_bias_grad(grad_out, core, bases)
+                ctx.sink.add(p, u)
+            else:
+                ctx.sink.add(*lowrank_weight_grad_factors(grad_out, core, bases))
+        elif need_b:
+            grad_b = _bias_grad(grad_out)
         return (grad_x, None, None, grad_b, None, None, *([None] * len(bases)))
 
 
@@ -149,11 +156,16 @@ class ASIFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, core, *bases = ctx.saved_tensors
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        grad_w = None
+        grad_w = grad_b = None
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
-            p, u = lowrank_weight_grad_factors(grad_out, core, bases)
+            if need_b:  # the bias gradient as one more column of P's GEMM
+                p, u, grad_b = lowrank_weight_and_bias_grad(grad_out, core, bases)
+            else:
+                p, u = lowrank_weight_grad_factors(grad_out, core, bases)
             grad_w = p @ u.T
-        grad_b = _bias_grad(grad_out) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        elif need_b:
+            grad_b = _bias_grad(grad_out)
         return (grad_x, grad_w, grad_b, None, *([None] * len(bases)))
 
 
@@ -183,10 +195,17 @@ class WASIResidualFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         left, right, rows, index, core, *bases = ctx.saved_tensors
         grad_x = _factored_input_grad(grad_out, left, right) if ctx.needs_input_grad[0] else None
-        grad_b = _bias_grad(grad_out) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        need_b = ctx.has_bias and ctx.needs_input_grad[3]
+        grad_b = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            ctx.sink.add(*lowrank_weight_grad_factors(grad_out, core, bases))
+            if need_b:
+                p, u, grad_b = lowrank_weight_and_bias_grad(grad_out, core, bases)
+                ctx.sink.add(p, u)
+            else:
+                ctx.sink.add(*lowrank_weight_grad_factors(grad_out, core, bases))
             ctx.sink.add(*residual_grad_factors(grad_out, rows, index), orthonormal=False)
+        elif need_b:
+            grad_b = _bias_grad(grad_out)
         return (grad_x, None, None, grad_b, None, None, None, None, *([None] * len(bases)))
 
 
@@ -213,9 +232,14 @@ class ASIResidualFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         weight, rows, index, core, *bases = ctx.saved_tensors
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
-        grad_w = None
+        grad_w = grad_b = None
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
-            p, u = lowrank_weight_grad_factors(grad_out, core, bases)
+            if need_b:
+                p, u, grad_b = lowrank_weight_and_bias_grad(grad_out, core, bases)
+            else:
+                p, u = lowrank_weight_grad_factors(grad_out, core, bases)
             grad_w = p @ u.T + residual_weight_grad(grad_out, rows, index)
-        grad_b = _bias_grad(grad_out) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        elif need_b:
+            grad_b = _bias_grad(grad_out)
         return (grad_x, grad_w, grad_b, None, None, None, *([None] * len(bases)))

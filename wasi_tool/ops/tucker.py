@@ -154,3 +154,20 @@ def lowrank_weight_grad_factors(
     r = m.shape[-1]
     p = grad_out.reshape(-1, grad_out.shape[-1]).T @ m.reshape(-1, r)
     return p, bases[-1]
+
+
+def lowrank_weight_and_bias_grad(
+    grad_out: torch.Tensor, core: torch.Tensor, bases: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lowrank_weight_grad_factors`` and the bias gradient sum(dY) from one GEMM:
+    dY_flat^T [M_flat 1] (O x (r + 1)), whose last column is the bias gradient. It saves the
+    separate pass over dY (O x BN reads) that the sum would make. Returns (P, U_last, db);
+    P and db are views of that one O x (r + 1) result."""
+    m = tucker_expand(core, [*bases[:-1], None])
+    r = m.shape[-1]
+    flat = grad_out.reshape(-1, grad_out.shape[-1])
+    ext = m.new_empty(flat.shape[0], r + 1)
+    ext[:, :r] = m.reshape(-1, r)
+    ext[:, r] = 1.0
+    pe = flat.T @ ext
+    return pe[:, :r], bases[-1], pe[:, r]
