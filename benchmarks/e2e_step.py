@@ -14,8 +14,9 @@ ranks (B/4, N/4, 32). Methods and their models:
     bsr+wasi           all 72 factored; bsr with WASI on the linears of its trained blocks
     lora               dense, frozen; peft LoRA r=8 on all 72 block linears + head
     ... + block/mlp/attn   the same with --memory-mode: recompute that region in backward
-                           (workers on jemalloc, else tcmalloc: wasi_tool/allocator.py)
-    vanilla (jemalloc / tcmalloc), wasi (all) + block (glibc / tcmalloc)   the allocator apart
+                           (workers on tcmalloc, else jemalloc: wasi_tool/allocator.py)
+    vanilla (jemalloc / tcmalloc), wasi (all) + block (glibc / tcmalloc / jemalloc)   the
+                           allocator apart
 
 Per run: the median step, the worker's own peak RSS (VmHWM), the library floor (resident with
 the model loaded, less its weights), the bytes saved for backward per step, and the live-tensor
@@ -66,6 +67,7 @@ RUNS: dict[str, tuple[str, str, str, str]] = {
     "vanilla (jemalloc)": ("dense", "vanilla", "all", "off"),
     "wasi (all) + block (glibc)": ("all", "wasi", "all", "block"),
     "wasi (all) + block (tcmalloc)": ("all", "wasi", "all", "block"),
+    "wasi (all) + block (jemalloc)": ("all", "wasi", "all", "block"),
 }
 # runs whose workers' allocator is not "auto" (jemalloc with a memory mode, else the system's)
 ALLOCATOR = {
@@ -73,6 +75,7 @@ ALLOCATOR = {
     "wasi (all) + block (glibc)": "system",
     "wasi (all) + block (tcmalloc)": "tcmalloc",
     "vanilla (jemalloc)": "jemalloc",
+    "wasi (all) + block (jemalloc)": "jemalloc",
 }
 
 

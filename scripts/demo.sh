@@ -6,9 +6,9 @@
 #   bash scripts/demo.sh --allocator  # only say which allocator the demo would run on
 #
 # Memory-saving stages run best on an allocator that hands freed pages back (docs/memory.md,
-# "Resident memory that follows live memory"): jemalloc (pages unused for a second go back),
-# else tcmalloc, when installed, as wasi_tool/allocator.py orders them. Without either the demo
-# runs on glibc and says so in one line, with the command that installs jemalloc.
+# "Resident memory that follows live memory"): tcmalloc, else jemalloc (pages unused for a
+# second go back), when installed, as wasi_tool/allocator.py orders them. Without either the
+# demo runs on glibc and says so in one line, with the command that installs tcmalloc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +29,7 @@ find_allocator_library() {  # $1: a library file name; prints its path, or nothi
   done
 }
 
-# Sets LD_PRELOAD (and jemalloc's MALLOC_CONF) for what follows and prints one line naming the
+# Sets LD_PRELOAD (and jemalloc's MALLOC_CONF when it is the one) for what follows and prints one line naming the
 # allocator: never an error, the demo runs on glibc when neither library is installed.
 choose_allocator() {
   local jemalloc tcmalloc
@@ -39,16 +39,16 @@ choose_allocator() {
   esac
   jemalloc=$(find_allocator_library libjemalloc.so.2)
   tcmalloc=$(find_allocator_library libtcmalloc_minimal.so.4)
-  if [ -n "$jemalloc" ]; then
+  if [ -n "$tcmalloc" ]; then
+    export LD_PRELOAD="$tcmalloc${LD_PRELOAD:+ $LD_PRELOAD}"
+    echo "== allocator: tcmalloc ($tcmalloc, preloaded)"
+  elif [ -n "$jemalloc" ]; then
     export LD_PRELOAD="$jemalloc${LD_PRELOAD:+ $LD_PRELOAD}"
     export MALLOC_CONF="${MALLOC_CONF:-dirty_decay_ms:1000,muzzy_decay_ms:0}"
     echo "== allocator: jemalloc ($jemalloc, preloaded; MALLOC_CONF=$MALLOC_CONF)"
-  elif [ -n "$tcmalloc" ]; then
-    export LD_PRELOAD="$tcmalloc${LD_PRELOAD:+ $LD_PRELOAD}"
-    echo "== allocator: tcmalloc ($tcmalloc, preloaded)"
   else
-    echo "== allocator: glibc (neither jemalloc nor tcmalloc is installed; memory-saving runs" \
-      "hold more resident memory on glibc: sudo apt-get install libjemalloc2)"
+    echo "== allocator: glibc (neither tcmalloc nor jemalloc is installed; memory-saving runs" \
+      "hold more resident memory on glibc: sudo apt-get install libtcmalloc-minimal4)"
   fi
 }
 

@@ -1,4 +1,4 @@
-"""scripts/demo.sh says which allocator the demo runs on (jemalloc, else tcmalloc, else glibc
+"""scripts/demo.sh says which allocator the demo runs on (tcmalloc, else jemalloc, else glibc
 with the install command), without running the demo: `demo.sh --allocator` runs only that
 choice, over library directories the test makes. And the demo report names the allocators."""
 
@@ -42,26 +42,28 @@ def test_without_jemalloc_or_tcmalloc_one_line_names_glibc_and_the_install(tmp_p
     lines = _choice(tmp_path / "lib")
     assert len(lines) == 1, lines
     assert "allocator: glibc" in lines[0]
-    assert "apt-get install libjemalloc2" in lines[0]
+    assert "apt-get install libtcmalloc-minimal4" in lines[0]
     assert "error" not in lines[0].lower()
 
 
-def test_jemalloc_is_preferred_then_tcmalloc(tmp_path: Path) -> None:
+def test_tcmalloc_is_preferred_then_jemalloc(tmp_path: Path) -> None:
     both = _choice(tmp_path / "both", "libjemalloc.so.2", "libtcmalloc_minimal.so.4")
     assert both == [
-        f"== allocator: jemalloc ({tmp_path / 'both' / 'libjemalloc.so.2'}, preloaded; "
-        "MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0)"
+        f"== allocator: tcmalloc ({tmp_path / 'both' / 'libtcmalloc_minimal.so.4'}, preloaded)"
     ]
-    tc = _choice(tmp_path / "tc", "libtcmalloc_minimal.so.4")
-    assert tc == [
-        f"== allocator: tcmalloc ({tmp_path / 'tc' / 'libtcmalloc_minimal.so.4'}, preloaded)"
+    je = _choice(tmp_path / "je", "libjemalloc.so.2")
+    assert je == [
+        f"== allocator: jemalloc ({tmp_path / 'je' / 'libjemalloc.so.2'}, preloaded; "
+        "MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0)"
     ]
 
 
 def test_an_allocator_the_user_preloaded_is_kept_and_named(tmp_path: Path) -> None:
     # a name only: the stand-in path does not exist, so the loader just warns on stderr
-    lines = _choice(tmp_path / "lib", "libjemalloc.so.2", ld_preload="/nowhere/libtcmalloc.so.4")
-    assert lines == ["== allocator: tcmalloc (already in LD_PRELOAD)"]
+    lines = _choice(
+        tmp_path / "lib", "libtcmalloc_minimal.so.4", ld_preload="/nowhere/libjemalloc.so.2"
+    )
+    assert lines == ["== allocator: jemalloc (already in LD_PRELOAD)"]
 
 
 def test_the_demo_chooses_the_allocator_before_it_runs() -> None:
@@ -69,7 +71,7 @@ def test_the_demo_chooses_the_allocator_before_it_runs() -> None:
     assert body.index("choose_allocator") < body.index("wasi-tool run pipelines/demo.toml")
 
 
-def test_the_report_names_the_allocators_and_how_to_get_jemalloc() -> None:
+def test_the_report_names_the_allocators_and_how_to_get_tcmalloc() -> None:
     assert _allocator_line(["jemalloc", "jemalloc"]) == [
         "Allocator: every row ran on jemalloc.",
         "",
@@ -78,6 +80,6 @@ def test_the_report_names_the_allocators_and_how_to_get_jemalloc() -> None:
         ["glibc, 64 KiB mmap threshold", "system", "glibc, 64 KiB mmap threshold"]
     )[0]
     assert mixed.startswith("Allocators: glibc, 64 KiB mmap threshold (2 rows), system (1 row).")
-    assert "apt-get install libjemalloc2" in mixed
+    assert "apt-get install libtcmalloc-minimal4" in mixed
     assert _allocator_line([None])[0].startswith("Allocator: every row ran on unknown.")
     assert _allocator_line([]) == []

@@ -8,12 +8,15 @@ from the heap, whose freed space stays resident: a ViT-B/32 step whose live tens
 Ways out, measured on that step (wasi, all 72 linears, memory mode ``block``; BENCHMARKS.md,
 e2e_allocator; vanilla on glibc 4.7 s a step, 2.04 GB above its floor, in the same run):
 
+- tcmalloc (gperftools) with its own settings: 0.53 GB, 3.3 s. "auto"'s first choice since
+  2026-12-08: on an AMD EPYC machine, in one run, the same step took 4.57 s on tcmalloc against
+  6.06 s on jemalloc (vanilla on glibc 7.11 s), at 0.39 vs 0.37 GB above the floor; jemalloc
+  that never returns pages took 4.51 s at 0.41 GB, so its decay's purging costs most of the
+  difference. ``TCMALLOC_AGGRESSIVE_DECOMMIT=true`` holds less but made the step 1.5x slower.
 - jemalloc loaded with ``LD_PRELOAD`` and ``MALLOC_CONF=dirty_decay_ms:1000,muzzy_decay_ms:0``
   (freed pages go back to the system after a second unused): 0.48 GB above the floor, 3.5 s
   a step. Returning them at once (decay 0) holds 0.465 GB but made the step 6.4 s: every new
-  tensor's pages fault in again. This is "auto"'s first choice.
-- tcmalloc (gperftools) with its own settings: 0.53 GB, 3.3 s. The second choice.
-  ``TCMALLOC_AGGRESSIVE_DECOMMIT=true`` holds less but made the step 1.5x slower.
+  tensor's pages fault in again. The second choice.
 - Both must be loaded before the process starts, so the training bench starts its workers with
   one; ``finetune`` runs on one when the user starts wasi-tool with it (README: "Resident
   memory that follows live memory"; scripts/demo.sh does).
@@ -56,8 +59,8 @@ _SETTINGS: dict[str, dict[str, str]] = {
     "tcmalloc": {},
     "jemalloc": {"MALLOC_CONF": JEMALLOC_CONF},
 }
-# "auto"'s order: the smaller peak at a step as fast as vanilla's first
-AUTO_ORDER = ("jemalloc", "tcmalloc")
+# "auto"'s order: the faster step at about the same peak first (module docstring)
+AUTO_ORDER = ("tcmalloc", "jemalloc")
 
 
 def check_allocator(choice: str) -> None:
@@ -96,7 +99,7 @@ def worker_env(choice: str, memory_saving: bool) -> tuple[dict[str, str], str]:
     allocator it names; beside them the OpenMP wait policy the worker's torch starts with
     (wasi_tool.threads.wait_policy_env: the user's OMP_WAIT_POLICY, else the tool's default).
 
-    "auto" picks jemalloc (else tcmalloc) when the run saves memory (a memory mode or a budget)
+    "auto" picks tcmalloc (else jemalloc) when the run saves memory (a memory mode or a budget)
     and one is installed, and the system allocator otherwise; a named allocator that is not
     installed is an error.
     """

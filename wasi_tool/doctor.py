@@ -521,9 +521,9 @@ def diagnose(
                 f"{', '.join(found)} installed: finetune and bench --train start their "
                 "workers on it when saving memory"
                 if found
-                else "neither jemalloc nor tcmalloc is installed: training runs on glibc's "
+                else "neither tcmalloc nor jemalloc is installed: training runs on glibc's "
                 "malloc, whose freed heap stays resident",
-                None if found else "apt install libjemalloc2",
+                None if found else "apt install libtcmalloc-minimal4",
             )
         )
 

@@ -69,7 +69,7 @@ class TrainBenchConfig(StageConfig, MemorySettings, ActivationRanks, TrainSettin
         settings_from: where act_ranks_by_layer came from (the tables print it).
         steps: timed training steps.
         warmup: warm-up steps before the timed ones.
-        allocator: the workers' allocator: auto (jemalloc, else tcmalloc, when saving memory
+        allocator: the workers' allocator: auto (tcmalloc, else jemalloc, when saving memory
             and installed), system, tcmalloc or jemalloc (wasi_tool/allocator.py).
         threads: torch's threads in each worker (None: one per core).
     """

@@ -722,7 +722,7 @@ SETTINGS: dict[str, dict[str, tuple[str, str]]] = {
         ),
         "allocator": (
             "str",
-            "the workers' allocator: auto (jemalloc, else tcmalloc, when saving memory "
+            "the workers' allocator: auto (tcmalloc, else jemalloc, when saving memory "
             "and installed), system, tcmalloc or jemalloc (wasi_tool/allocator.py).",
         ),
         "threads": (

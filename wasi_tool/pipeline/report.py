@@ -479,8 +479,9 @@ def _allocator_line(names: list[str | None]) -> list[str]:
         text = "Allocators: " + ", ".join(each) + "."
     if any(n.startswith(("glibc", "system")) for n in counts):
         text += (
-            " glibc keeps freed memory resident, so its peaks sit higher than on jemalloc or "
-            "tcmalloc (apt-get install libjemalloc2; scripts/demo.sh preloads it when installed)."
+            " glibc keeps freed memory resident, so its peaks sit higher than on tcmalloc or "
+            "jemalloc (apt-get install libtcmalloc-minimal4; scripts/demo.sh preloads it when "
+            "installed)."
         )
     return [text, ""]
 
