@@ -175,20 +175,15 @@ def mezo_epoch_seconds(row: dict[str, Any]) -> float:
     return float(row["train_seconds"]) / max(1, len(row["accuracy_by_epoch"]))
 
 
-def mezo_runs(default: dict[str, Any], runs: Path, seed: int) -> list[dict[str, Any]]:
-    """MeZO's default run of the seed and, when one exists, an earlier wall-time run's epochs."""
-    found = [default]
+def mezo_wall_epochs(wasi: dict[str, Any], mezo: dict[str, Any], runs: Path, seed: int) -> int:
+    """Epochs for MeZO at wasi's wall time: a finished run of it keeps the epochs it was given
+    (so that it is reused, whatever the load says now); otherwise wasi's epoch seconds over
+    MeZO's mean epoch in its default run."""
     out = runs / "accuracy_full" / f"{MEZO_WALL.replace(' ', '-').replace(',', '')}-s{seed}"
     metrics = out / "metrics.json"
     if metrics.is_file():
-        epochs = json.loads(metrics.read_text())["epochs"]
-        found.append(
-            {
-                "train_seconds": sum(float(e.get("seconds", 0.0)) for e in epochs),
-                "accuracy_by_epoch": [e["test_accuracy"] for e in epochs],
-            }
-        )
-    return found
+        return len(json.loads(metrics.read_text())["epochs"])
+    return max(1, round(float(wasi["train_seconds"]) / mezo_epoch_seconds(mezo)))
 
 
 def finetune(
@@ -419,10 +414,7 @@ def full(args: argparse.Namespace) -> None:
                 # epochs' own seconds, not median steps: MeZO's step is two forwards and a
                 # regenerated perturbation, so its median step times the steps undercounts
                 # its epoch (0.70x of wasi's time at 5 epochs by the median rule, 2026-12-07)
-                # (load only slows a run: the fastest mean epoch of this seed's MeZO runs,
-                # an earlier run at wasi's wall time among them, is the best estimate)
-                mezo_epoch = min(mezo_epoch_seconds(r) for r in mezo_runs(mezo, args.runs, seed))
-                run_epochs = max(1, round(wasi["train_seconds"] / mezo_epoch))
+                run_epochs = mezo_wall_epochs(wasi, mezo, args.runs, seed)
             if name.startswith("auto"):
                 if vanilla is None:  # its budget comes from vanilla's run of the seed
                     continue
