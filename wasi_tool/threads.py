@@ -37,7 +37,7 @@ def use_threads(threads: int | None) -> int:
 # ``import torch``: the CLI sets it first thing, and the processes it starts inherit it
 # (the training bench's workers get it from wasi_tool.allocator.worker_env).
 WAIT_POLICIES = ("auto", "passive", "active")
-# "auto": measured by benchmarks/contention.py (BENCHMARKS.md, "A busy CPU")
+# "auto": measured by benchmarks/contention.py (BENCHMARKS.md, "contention")
 AUTO_WAIT_POLICY = "PASSIVE"
 WAIT_POLICY_VAR = "OMP_WAIT_POLICY"
 
