@@ -333,3 +333,29 @@ def test_bench_runs_locally_and_writes_json(tmp_path: Path, tiny_onnx: Callable[
     import json
 
     assert json.loads(out.read_text())["profile"]["name"] == "pi5"
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_bench_seq_len_reaches_the_training_bench_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--seq-len spelled out with --train sets the training bench's tokens per input (it was
+    the inference bench's only, and a training bench of 8 x 128 silently ran 8 x 16)."""
+    import wasi_tool.bench.train as train_bench
+
+    seen: list[Any] = []
+
+    def capture(config: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(config)
+        raise _Stop
+
+    monkeypatch.setattr(train_bench, "run_train_bench", capture)
+    for extra, expected in ((["--seq-len", "24"], 24), ([], None)):
+        with pytest.raises(_Stop):
+            runner.invoke(
+                app,
+                ["bench", "--train", "--random-init", *TINY_FLAGS, *extra],
+                catch_exceptions=False,
+            )
+        assert seen[-1].seq_len == expected

@@ -75,8 +75,13 @@ def bench(
         InferenceBenchConfig, "repeats"
     ),
     seq_len: Annotated[
-        int, typer.Option(help="Tokens per input of a text model (inference bench).")
-    ] = default(InferenceBenchConfig, "seq_len"),
+        int | None,
+        typer.Option(
+            help=f"Tokens per input of a text model: the inference bench's ({_I.seq_len}) and, "
+            "with --train, the training bench's (default: the model's own example length).",
+            show_default=False,
+        ),
+    ] = None,
     train: Annotated[
         bool,
         typer.Option(
@@ -118,6 +123,8 @@ def bench(
         target = SSHTarget.parse(ssh, ssh_key, known_hosts, python=remote_python) if ssh else None
         if train or random_init:
             given = flat_settings("TrainBenchConfig", settings)
+            if seq_len is not None:  # spelled out on the command line: the training bench's too
+                given = {**given, "seq_len": seq_len}
             result = _train(
                 model, vs, method, batch_size, warmup, act_ranks, arch, num_classes, img_size,
                 random_init, threads, given, target,
@@ -133,7 +140,7 @@ def bench(
                 batch_size=batch_size or _I.batch_size,
                 warmup=_I.warmup if warmup is None else warmup,
                 repeats=repeats,
-                seq_len=seq_len,
+                seq_len=_I.seq_len if seq_len is None else seq_len,
             )
             with common.status("benchmarking..."):
                 result = run_inference_bench(
