@@ -14,9 +14,9 @@ ranks (B/4, N/4, 32). Methods and their models:
     bsr+wasi           all 72 factored; bsr with WASI on the linears of its trained blocks
     lora               dense, frozen; peft LoRA r=8 on all 72 block linears + head
     ... + block/mlp/attn   the same with --memory-mode: recompute that region in backward
-                           (workers on tcmalloc, else jemalloc: wasi_tool/allocator.py)
-    vanilla (jemalloc / tcmalloc), wasi (all) + block (glibc / tcmalloc / jemalloc)   the
-                           allocator apart
+    vanilla (glibc / jemalloc / tcmalloc), wasi (all) + block (glibc / tcmalloc / jemalloc)
+                           the allocator apart (every other run's workers are on tcmalloc,
+                           else jemalloc: wasi_tool/allocator.py)
 
 Per run: the median step, the worker's own peak RSS (VmHWM), the library floor (resident with
 the model loaded, less its weights), the bytes saved for backward per step, and the live-tensor
@@ -61,16 +61,19 @@ RUNS: dict[str, tuple[str, str, str, str]] = {
     "wasi (all) + attn": ("all", "wasi", "all", "attn"),
     "bsr+wasi + block": ("all", "bsr+wasi", "all", "block"),
     "lora + block": ("dense", "lora", "all", "block"),
-    # the allocator apart: vanilla on jemalloc / tcmalloc too, and the memory mode on tcmalloc
-    # and on glibc (fixed mmap threshold) for a machine without jemalloc
+    # the allocator apart: vanilla on glibc / jemalloc / tcmalloc, and the memory mode on
+    # tcmalloc and on glibc (fixed mmap threshold) for a machine without either
+    "vanilla (glibc)": ("dense", "vanilla", "all", "off"),
     "vanilla (tcmalloc)": ("dense", "vanilla", "all", "off"),
     "vanilla (jemalloc)": ("dense", "vanilla", "all", "off"),
     "wasi (all) + block (glibc)": ("all", "wasi", "all", "block"),
     "wasi (all) + block (tcmalloc)": ("all", "wasi", "all", "block"),
     "wasi (all) + block (jemalloc)": ("all", "wasi", "all", "block"),
 }
-# runs whose workers' allocator is not "auto" (jemalloc with a memory mode, else the system's)
+# runs whose workers' allocator is not "auto" (tcmalloc, else jemalloc, for every run since
+# 2026-12-08; before, only for runs with a memory mode)
 ALLOCATOR = {
+    "vanilla (glibc)": "system",
     "vanilla (tcmalloc)": "tcmalloc",
     "wasi (all) + block (glibc)": "system",
     "wasi (all) + block (tcmalloc)": "tcmalloc",

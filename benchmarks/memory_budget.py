@@ -42,7 +42,7 @@ WORKER = "wasi_tool.bench.train_worker"
 def run_outside(cfg: TrainBenchConfig) -> tuple[StepMeasurement, int]:
     """The bench's worker for ``cfg`` under GNU time: its measurement and its peak resident
     size read from outside (bytes)."""
-    env, _ = worker_env(cfg.allocator, cfg.saves_memory)
+    env, _ = worker_env(cfg.allocator)
     payload = json.dumps({**cfg.to_dict(), "method": cfg.method})
     proc = subprocess.run(
         [*(str(GNU_TIME), "-f", "maxrss_kib %M"), sys.executable, "-m", WORKER, payload],

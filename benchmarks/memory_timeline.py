@@ -259,7 +259,7 @@ def main() -> None:
                 src = ModelSource(random_init=True, arch=ARCH)
                 vit = run_compress(src, CompressConfig(targets="all", rank_ratio=0.25), work / "m")
             ckpt = str(vit.out) if case == "vit-budget" else str(tinyllama_dir(work))
-            env, name = worker_env("auto", case == "vit-budget")
+            env, name = worker_env("auto")
             cmd = [sys.executable, __file__, "--worker", case, "--checkpoint", ckpt]
             cmd += ["--budget", args.budget]
             print(f"{case}: fresh worker on {name}", file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ W = {"OMP_WAIT_POLICY": AUTO_WAIT_POLICY}
 
 
 @linux
-def test_auto_preloads_an_installed_allocator_only_when_saving_memory(tmp_path, monkeypatch):
+def test_auto_preloads_an_installed_allocator_for_every_worker(tmp_path, monkeypatch):
     monkeypatch.setattr("wasi_tool.allocator._DIRS", ())  # only the libraries made here
     lib = tmp_path / "libtcmalloc_minimal.so.4"
     lib.write_bytes(b"")
@@ -28,22 +28,25 @@ def test_auto_preloads_an_installed_allocator_only_when_saving_memory(tmp_path, 
     monkeypatch.setenv("LD_PRELOAD", "/x/libother.so")
     monkeypatch.delenv("MALLOC_CONF", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    env, name = worker_env("auto", memory_saving=True)
+    env, name = worker_env("auto")
     assert name == "tcmalloc"
     assert env == {**W, "LD_PRELOAD": f"{lib} /x/libother.so"}  # the user's preload is kept
-    assert worker_env("auto", memory_saving=False) == (W, "system")
-    assert worker_env("system", memory_saving=True) == (W, "system")
+    # vanilla or a run without a memory mode too (bench --train's workers): the same preload
+    vanilla = TrainBenchConfig(arch="vit_tiny_patch16_224", random_init=True, method="vanilla")
+    assert not vanilla.saves_memory
+    assert worker_env(vanilla.allocator) == (env, "tcmalloc")
+    assert worker_env("system") == (W, "system")
     # with both installed, tcmalloc comes first (the faster step at about the same peak)
     jemalloc = tmp_path / "libjemalloc.so.2"
     jemalloc.write_bytes(b"")
-    assert worker_env("auto", memory_saving=True)[1] == "tcmalloc"
+    assert worker_env("auto")[1] == "tcmalloc"
     # jemalloc alone, or named: with its measured decay
     lib.unlink()
-    env, name = worker_env("auto", memory_saving=True)
+    env, name = worker_env("auto")
     assert name == "jemalloc"
     assert env == {**W, "LD_PRELOAD": f"{jemalloc} /x/libother.so", "MALLOC_CONF": JEMALLOC_CONF}
     monkeypatch.setenv("MALLOC_CONF", "narenas:1")  # the user's own settings win
-    assert "MALLOC_CONF" not in worker_env("jemalloc", memory_saving=True)[0]
+    assert "MALLOC_CONF" not in worker_env("jemalloc")[0]
 
 
 def test_a_named_allocator_that_is_missing_is_one_clear_error(tmp_path, monkeypatch):
@@ -52,15 +55,15 @@ def test_a_named_allocator_that_is_missing_is_one_clear_error(tmp_path, monkeypa
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert find_library("jemalloc") is None
     with pytest.raises(WasiToolError, match="apt install libjemalloc2"):
-        worker_env("jemalloc", memory_saving=True)
-    assert worker_env("auto", memory_saving=True) == (W, "system")
+        worker_env("jemalloc")
+    assert worker_env("auto") == (W, "system")
     with pytest.raises(WasiToolError, match="allocator must be one of"):
         TrainBenchConfig(arch="vit_tiny_patch16_224", random_init=True, allocator="mimalloc")
 
 
 @linux
 def test_the_worker_environment_really_runs_on_the_allocator():
-    env, name = worker_env("auto", True)  # jemalloc, tcmalloc, or glibc when neither is there
+    env, name = worker_env("auto")  # tcmalloc, jemalloc, or glibc when neither is there
     code = (
         "import json; from wasi_tool.allocator import in_use, follow_live_memory;"
         "print(json.dumps([in_use(), follow_live_memory()]))"

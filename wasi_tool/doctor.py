@@ -518,8 +518,8 @@ def diagnose(
             Finding(
                 "ok" if found else "note",
                 "allocator",
-                f"{', '.join(found)} installed: finetune and bench --train start their "
-                "workers on it when saving memory"
+                f"{', '.join(found)} installed: bench --train starts its workers on it "
+                "(finetune runs on it when started with it, as scripts/demo.sh does)"
                 if found
                 else "neither tcmalloc nor jemalloc is installed: training runs on glibc's "
                 "malloc, whose freed heap stays resident",

@@ -5,8 +5,8 @@ warm-up then timed steps (forward, backward, update), and prints one JSON object
 step time, the peak RSS of its own process (VmHWM, which an exec starts afresh), the library
 floor (resident size with the model loaded, less its weights), the bytes saved for backward per
 step, and the high-water mark of live tensors in one more step (a dispatch-mode meter).
-A run that saves memory (a memory mode or a budget) starts its workers on tcmalloc when it is
-installed (``allocator``, wasi_tool/allocator.py), so their resident memory follows live memory.
+Its workers start on tcmalloc, else jemalloc, when one is installed (``allocator``,
+wasi_tool/allocator.py), every method alike, so their resident memory follows live memory.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ class TrainBenchConfig(StageConfig, MemorySettings, ActivationRanks, TrainSettin
         settings_from: where act_ranks_by_layer came from (the tables print it).
         steps: timed training steps.
         warmup: warm-up steps before the timed ones.
-        allocator: the workers' allocator: auto (tcmalloc, else jemalloc, when saving memory
-            and installed), system, tcmalloc or jemalloc (wasi_tool/allocator.py).
+        allocator: the workers' allocator: auto (tcmalloc, else jemalloc, when installed),
+            system, tcmalloc or jemalloc (wasi_tool/allocator.py).
         threads: torch's threads in each worker (None: one per core).
     """
 
@@ -445,7 +445,7 @@ def run_train_bench(
         raise WasiToolError("no method to benchmark")
     for m in methods:
         config.method_config(m)  # bad settings fail here, before any process starts
-    env, _ = worker_env(config.allocator, config.saves_memory)
+    env, _ = worker_env(config.allocator)
     results: dict[str, StepMeasurement] = {}
     todo = list(dict.fromkeys(methods))
     for i, m in enumerate(todo, 1):

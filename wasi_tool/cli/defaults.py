@@ -722,8 +722,8 @@ SETTINGS: dict[str, dict[str, tuple[str, str]]] = {
         ),
         "allocator": (
             "str",
-            "the workers' allocator: auto (tcmalloc, else jemalloc, when saving memory "
-            "and installed), system, tcmalloc or jemalloc (wasi_tool/allocator.py).",
+            "the workers' allocator: auto (tcmalloc, else jemalloc, when installed), "
+            "system, tcmalloc or jemalloc (wasi_tool/allocator.py).",
         ),
         "threads": (
             "int | None",
