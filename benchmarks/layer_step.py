@@ -9,6 +9,9 @@ gradients (for WASI the pending gradient factors P, U instead of a .grad). FLOP 
 step's FLOPs (wasi_tool.ops.accounting.layer_step_flops: 2 per multiply-add, subspace iterations
 and core included) over this machine's sgemm rate (a 2048^3 matmul, measured before and after
 the layers, the faster kept); the measured time is then given as a multiple of that floor.
+The process runs on the allocator the training bench's workers get (``--allocator auto``:
+tcmalloc, else jemalloc; glibc's freed heap made the WASI step 1.2x slower at fc1, 103 vs 84 ms,
+2026-12-08); the JSON records it and the OpenMP wait policy.
 
 ``--reference PATH`` adds the WASI paper's own layer (``main/custom_op/linear/linear_WASI.py``
 of a local clone of github.com/Le-TrungNguyen/ICLR2026-WASI) to the same alternation: weight
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wasi_tool.allocator import ALLOCATORS, in_use, worker_env
 from wasi_tool.measure import SavedBytesMeter, pace
 from wasi_tool.methods.optim import SubspaceSGD
 from wasi_tool.nn import FactoredLinear, WASILinear
@@ -237,7 +242,19 @@ def main() -> None:
         default=None,
         help="a local clone of github.com/Le-TrungNguyen/ICLR2026-WASI: time its layer too",
     )
+    parser.add_argument(
+        "--allocator",
+        default="auto",
+        choices=ALLOCATORS,
+        help="the allocator this process runs on, as the training bench's workers (auto: "
+        "tcmalloc, else jemalloc, when installed); the script restarts itself on it. The "
+        "OpenMP wait policy stays the shell's (benchmarks/contention.py varies it)",
+    )
     args = parser.parse_args()
+    env, name = worker_env(args.allocator)
+    if name != "system" and in_use() != name:
+        preload = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **preload})
 
     reference = load_reference(args.reference) if args.reference is not None else None
     before = sgemm_gflops()
@@ -285,6 +302,8 @@ def main() -> None:
             "batch": B,
             "tokens": N,
             "threads": torch.get_num_threads(),
+            "allocator": in_use(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "sgemm_gflops": round(gemm, 1),
             "torch": torch.__version__,
             "platform": platform.platform(),

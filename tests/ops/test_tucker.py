@@ -123,6 +123,34 @@ def test_orth_is_orthonormal_and_deterministic() -> None:
     assert (torch.diagonal(q.T @ x) > 0).all()
 
 
+def test_orth_of_float32_is_the_thin_qr_up_to_cond_1e5() -> None:
+    """Q from the float64 Cholesky (R's inverse applied as a GEMM) is the thin QR of the stored
+    float32 matrix, computed by Householder in float64, to float32 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    q0, _ = torch.linalg.qr(torch.randn(300, 40, dtype=torch.float64, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=gen))
+    x = ((q0 * torch.logspace(0, -5, 40, dtype=torch.float64)) @ v.T).float()
+    q = orth(x)
+    assert q.dtype == torch.float32
+    ref, r = torch.linalg.qr(x.double())
+    ref = ref * torch.sign(torch.diagonal(r))
+    torch.testing.assert_close(q.double(), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        q.double().T @ q.double(), torch.eye(40, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+
+
+def test_orth_of_rank_deficient_or_non_finite_input_falls_back() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 6, generator=gen)
+    x[:, 3] = x[:, 1]  # rank 5: no Cholesky factor, Householder QR instead
+    q = orth(x)
+    torch.testing.assert_close(q.T @ q, torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q @ (q.T @ x), x, atol=1e-4, rtol=0)
+    x[0, 0] = float("nan")
+    assert not bool(torch.isfinite(orth(x)).all())  # never a finite basis of a NaN matrix
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_weight_and_bias_grad_from_one_gemm(shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(5)

@@ -56,17 +56,25 @@ def orth(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis Q of the columns of a tall ``x`` (D x r), with Q^T x upper triangular
     and a positive diagonal (the unique thin QR), so the result is deterministic.
 
-    Cholesky QR with the Gram matrix in float64 (one GEMM, a Cholesky and a triangular solve)
-    is 2-7x faster here than Householder QR on the shapes WASI uses; float64 keeps it accurate
-    up to cond(x) ~ 1e6. A Gram matrix that is not positive definite (rank-deficient x) falls
-    back to Householder QR.
+    Cholesky QR in float64: the Gram matrix (one GEMM), its Cholesky factor R (r x r), R's
+    inverse (r x r) and Q = x R^-1 as one more GEMM. 2-7x faster here than Householder QR on the
+    shapes WASI uses; float64 keeps it accurate up to cond(x) ~ 1e6. The inverse applied as a
+    GEMM instead of a triangular solve over the D x r matrix (as until 2026-12-08) gives the same
+    Q to float64 rounding and is 1.4x faster at ViT-B/32's fc1 (3072 x 192: 8.3 vs 11.6 ms).
+    A Gram matrix that is not positive definite (rank-deficient x), or a Q whose squared
+    Frobenius norm is not its column count (non-finite, or not orthonormal), falls back to
+    Householder QR.
     """
     xd = x.to(torch.float64)
+    cols = x.shape[1]
     r, info = torch.linalg.cholesky_ex(xd.T @ xd, upper=True)
     if int(info) == 0:
-        q = torch.linalg.solve_triangular(r, xd, upper=True, left=False)
-        if bool(torch.isfinite(q).all()):
-            return q.to(x.dtype)
+        eye = torch.eye(cols, dtype=torch.float64, device=x.device)
+        q = (xd @ torch.linalg.solve_triangular(r, eye, upper=True)).to(x.dtype)
+        # ||Q||_F^2 = r for orthonormal columns; NaN and inf fail the test too (one reduction,
+        # against the four kernels of isfinite().all() over the D x r matrix)
+        if abs(float(torch.linalg.vector_norm(q, dtype=torch.float64)) ** 2 - cols) <= 1e-3 * cols:
+            return q
     q, r = torch.linalg.qr(x)
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1
@@ -152,7 +160,7 @@ def lowrank_weight_grad_factors(
     """
     m = tucker_expand(core, [*bases[:-1], None])
     r = m.shape[-1]
-    p = grad_out.reshape(-1, grad_out.shape[-1]).T @ m.reshape(-1, r)
+    p = _narrow_t_times(m.reshape(-1, r), grad_out.reshape(-1, grad_out.shape[-1]))
     return p, bases[-1]
 
 
@@ -169,5 +177,13 @@ def lowrank_weight_and_bias_grad(
     ext = m.new_empty(flat.shape[0], r + 1)
     ext[:, :r] = m.reshape(-1, r)
     ext[:, r] = 1.0
-    pe = flat.T @ ext
+    pe = _narrow_t_times(ext, flat)
     return pe[:, :r], bases[-1], pe[:, r]
+
+
+def _narrow_t_times(narrow: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    """wide^T narrow (O x r) for a tall, narrow (BN x r) and a wide (BN x O) matrix, computed as
+    (narrow^T wide)^T: the same sums, returned as a transposed view. With r ~ 32 the product
+    streams the BN x O matrix and is bound by memory; in this order BLAS reads it faster
+    (ViT-B/32 fc1, 3200 x 3072 against 33 columns: 7.3 vs 9.3 ms)."""
+    return (narrow.T @ wide).T
