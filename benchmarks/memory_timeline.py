@@ -173,6 +173,11 @@ def worker(case: str, checkpoint: str | None, budget: str | None) -> dict[str, A
     allocator = follow_live_memory() if cfg.saves_memory else in_use()
     torch.manual_seed(cfg.seed)
     tl.mark("import wasi_tool (bench worker's modules)")
+    if case == "vit-budget":  # the model's own library: the import floor is measured with it
+        from wasi_tool.models.timm_import import import_timm
+
+        import_timm()
+        tl.mark("import timm (the import floor)")
     src = ModelSource(
         checkpoint=Path(cfg.checkpoint) if cfg.checkpoint else None,
         random_init=cfg.random_init,
@@ -184,6 +189,7 @@ def worker(case: str, checkpoint: str | None, budget: str | None) -> dict[str, A
     floor = library_floor(model)
     tl.mark("library_floor read")
     x, y = bench._synthetic_batch(loaded, cfg)
+    batch_bytes = sum(t.numel() * t.element_size() for t in (x, y))
     settings = cfg.method_config()
     rule = None if settings.act_ranks is not None else "shape"
     with contextlib.ExitStack() as stack:
@@ -210,9 +216,29 @@ def worker(case: str, checkpoint: str | None, budget: str | None) -> dict[str, A
         opt.step()
         tl.mark(f"step {step}: update")
     plan = session.plan.to_dict() if session.plan else None
+    by_phase = {r["phase"]: r for r in tl.rows}
+    start = by_phase["optimiser built (session ready)"]
+    imported = by_phase.get("import timm (the import floor)")
+    floors: dict[str, Any] = {}
+    if imported is not None:  # issue 34: the floor as training starts vs the import floor
+        at_start = start["rss"] - start.get("weights", 0)
+        floors = {
+            "import_floor_bytes": imported["rss"],
+            "floor_at_training_start_bytes": at_start,
+            "above_import_floor_bytes": at_start - imported["rss"],
+            "input_batch_bytes": batch_bytes,
+        }
+        print(
+            f"floor at the start of training (resident less the weights) "
+            f"{at_start / 1e9:.3f} GB, import floor {imported['rss'] / 1e9:.3f} GB: "
+            f"+{(at_start - imported['rss']) / 1e9:.3f} GB (of which the input batch "
+            f"{batch_bytes / 1e9:.3f} GB)",
+            file=sys.stderr,
+        )
     return {
         "case": case,
         "allocator": allocator,
+        **floors,
         "floor_rss_bytes": floor,
         "plan": plan,
         "seconds": round(time.perf_counter() - t0, 1),

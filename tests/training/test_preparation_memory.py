@@ -120,5 +120,31 @@ def test_a_checkpoint_run_and_its_memory_probe_do_not_import_dynamo(tmp_path: Pa
     )
 
 
+def test_loading_a_factored_artifact_imports_no_sympy(tmp_path: Path) -> None:
+    """The factored layers of an artifact are built on the meta device directly, not by
+    skip_init, whose meta-device empty_like runs a Python reference that imports torch.fx's
+    symbolic shapes and sympy (484 modules, 0.04 GB resident at ViT-B/32's load). The control
+    shows the check can fail."""
+    from wasi_tool.models.loading import ModelSource
+    from wasi_tool.stages import CompressConfig, run_compress
+
+    src = ModelSource(arch="vit_tiny_patch16_224", img_size=32, random_init=True, num_classes=4)
+    out = run_compress(src, CompressConfig(targets="mlp", rank_ratio=0.25), tmp_path / "m").out
+    code = (
+        "import json, sys\n"
+        "from wasi_tool.models.loading import ModelSource, load_model\n"
+        f"load_model(ModelSource(checkpoint={str(out)!r}))\n"
+        "print(json.dumps('sympy' in sys.modules))\n"
+    )
+    assert _child(code) is False
+    control = (
+        "import json, sys, torch\n"
+        "from wasi_tool.nn import FactoredLinear\n"
+        "torch.nn.utils.skip_init(FactoredLinear, 8, 16, 4, device='meta')\n"
+        "print(json.dumps('sympy' in sys.modules))\n"
+    )
+    assert _child(control) is True
+
+
 def _child(code: str) -> object:
     return run_child(code)

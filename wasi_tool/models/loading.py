@@ -299,10 +299,16 @@ def _from_wasi_weights(
             model = family.rebuild(arch, kwargs)
         for name, (out_f, in_f, rank, bias) in shapes.items():
             try:
-                # skip_init: the weights come from the file, a random init would be wasted work
-                layer = torch.nn.utils.skip_init(
-                    FactoredLinear, in_f, out_f, rank, bias=bias, device=device
-                )
+                # the weights come from the file, a random init would be wasted work: on the
+                # meta device _NoMetaInit skips it; elsewhere skip_init does. (skip_init on the
+                # meta device runs empty_like's meta kernel, a Python reference that imports
+                # torch.fx's symbolic shapes and sympy: 484 modules, 0.04 GB resident.)
+                if device == "meta":
+                    layer = FactoredLinear(in_f, out_f, rank, bias=bias, device=device)
+                else:
+                    layer = torch.nn.utils.skip_init(
+                        FactoredLinear, in_f, out_f, rank, bias=bias, device=device
+                    )
                 set_submodule(model, name, layer)
             except (AttributeError, ValueError) as exc:
                 raise WasiToolError(
