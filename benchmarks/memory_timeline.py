@@ -94,6 +94,7 @@ class Timeline:
             "file": st["RssFile"] + st.get("RssShmem", 0),
             "dynamo_imported": "torch._dynamo" in sys.modules,
             "transformers_imported": "transformers" in sys.modules,
+            "sympy_imported": "sympy" in sys.modules,
         }
         if self.with_live:
             import torch

@@ -35,8 +35,11 @@ def test_impossible_budget_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1
-    assert "cannot be met (plans fit 95% of it): the least this run can reach is" in lines[0]
-    assert "library floor" in lines[0]
+    assert (
+        "cannot be met (plans fit 95% of it on glibc): the least this run can reach is"
+        in (lines[0])
+    )
+    assert "library floor" in lines[0] and "so the least budget it plans for is" in lines[0]
     assert not (tmp_path / "o").exists()
 
 
@@ -55,6 +58,32 @@ def test_budget_plans_and_records_prediction(tmp_path: Path) -> None:
     assert saved[-1] < saved[0]  # block recompute keeps the least
     assert plan["measured_peak_bytes"] == metrics.measured.peak_rss_bytes
     assert 0.5 < plan["measured_over_predicted"] < 1.5
+
+
+def test_the_margin_follows_the_allocator(
+    tiny_model, images, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A budget whose 95% holds the plan but whose 86% does not: met on glibc, refused on
+    tcmalloc (it keeps freed memory resident beyond the live tensors the plan counts)."""
+    import torch
+
+    from wasi_tool.training import plan as planner
+    from wasi_tool.training.prepare import prepare_for_training
+
+    monkeypatch.setattr(planner, "peak_rss_bytes", lambda: 0)  # the step alone decides
+    assert planner.margin("glibc") == planner.MARGIN == 0.05
+    assert planner.margin("tcmalloc") == 0.14 and planner.margin("jemalloc") == 0.06
+    model = tiny_model()
+    cfg = FinetuneConfig(method="wasi", act_ranks=[4, 3, 16], targets="mlp", memory_budget="1GB")
+    prepare_for_training(model, cfg, lambda t: ({n: (4, 3, 16) for n in t}, None))
+    x, y = images(16), torch.arange(16) % 10
+    block = planner.plan_memory(model, x, y, 10**12, floor=0, modes=("block",)).chosen
+    budget = int(block.peak / 0.9)  # 0.95 of it holds the plan, 0.86 does not
+    monkeypatch.setattr(planner, "in_use", lambda: "glibc")
+    assert planner.plan_memory(model, x, y, budget, floor=0, modes=("block",)).chosen.peak <= budget
+    monkeypatch.setattr(planner, "in_use", lambda: "tcmalloc")
+    with pytest.raises(WasiToolError, match=r"plans fit 86% of it on tcmalloc"):
+        planner.plan_memory(model, x, y, budget, floor=0, modes=("block",))
 
 
 def test_allowed_lossy_storage_is_tried_after_each_exact_mode(
