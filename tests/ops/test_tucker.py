@@ -138,6 +138,12 @@ def test_orth_of_float32_is_the_thin_qr_up_to_cond_1e5() -> None:
     torch.testing.assert_close(
         q.double().T @ q.double(), torch.eye(40, dtype=torch.float64), atol=1e-6, rtol=0
     )
+    # a bfloat16 input (a user's autocast) keeps its dtype: the check is made in float64
+    low = orth(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    ref_low, r_low = torch.linalg.qr(x.bfloat16().double())
+    ref_low = ref_low * torch.sign(torch.diagonal(r_low))
+    torch.testing.assert_close(low.double(), ref_low, atol=1e-2, rtol=0)
 
 
 def test_orth_of_rank_deficient_or_non_finite_input_falls_back() -> None:

@@ -70,11 +70,12 @@ def orth(x: torch.Tensor) -> torch.Tensor:
     r, info = torch.linalg.cholesky_ex(xd.T @ xd, upper=True)
     if int(info) == 0:
         eye = torch.eye(cols, dtype=torch.float64, device=x.device)
-        q = (xd @ torch.linalg.solve_triangular(r, eye, upper=True)).to(x.dtype)
+        q = xd @ torch.linalg.solve_triangular(r, eye, upper=True)
         # ||Q||_F^2 = r for orthonormal columns; NaN and inf fail the test too (one reduction,
-        # against the four kernels of isfinite().all() over the D x r matrix)
-        if abs(float(torch.linalg.vector_norm(q, dtype=torch.float64)) ** 2 - cols) <= 1e-3 * cols:
-            return q
+        # against the four kernels of isfinite().all() over the D x r matrix), in float64
+        # whatever x's dtype (a bfloat16 Q is orthonormal to its own rounding only)
+        if abs(float(torch.linalg.vector_norm(q)) ** 2 - cols) <= 1e-3 * cols:
+            return q.to(x.dtype)
     q, r = torch.linalg.qr(x)
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1
