@@ -252,9 +252,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     env, name = worker_env(args.allocator)
-    if name != "system" and in_use() != name:
+    if name != "system" and in_use() != name and "LAYER_STEP_RESTARTED" not in os.environ:
         preload = {k: v for k, v in env.items() if k != "OMP_WAIT_POLICY"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **preload})
+        restart = {**os.environ, **preload, "LAYER_STEP_RESTARTED": "1"}  # once, at most
+        os.execve(sys.executable, [sys.executable, *sys.argv], restart)
 
     reference = load_reference(args.reference) if args.reference is not None else None
     before = sgemm_gflops()
